@@ -1,0 +1,122 @@
+"""Backends and how one is chosen.
+
+Every operator has implementations registered per backend name:
+  "reference"  pure PyTorch, written for clarity (materializes what the math defines); any device
+  "spectral"   rolling conv only: the exact channel-FFT algorithm (DESIGN.md §1); any device
+  "cpu"        the compiled C++ kernels (torch.ops.medconv.*) on CPU tensors
+  "cuda"       the compiled CUDA kernels on CUDA tensors
+  "triton"     Triton kernels on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)
+
+`backend="auto"` asks the operator for its ordered candidates (a rule derived from the
+benchmark, written down in the operator's module) and takes the first one that is available
+and supports the input. The environment variable MEDCONV_BACKEND overrides the automatic
+choice wherever that backend supports the input (elsewhere auto proceeds as usual).
+An explicitly requested backend that cannot run the input raises an error saying why.
+"""
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("reference", "spectral", "cpu", "cuda", "triton")
+
+
+def _triton_status() -> Tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the install
+        return False, "triton is not importable (%s)" % e
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True, "triton %s in interpreter mode (TRITON_INTERPRET=1): runs on CPU tensors" % triton.__version__
+    if torch.cuda.is_available():
+        return True, "triton %s on %s" % (triton.__version__, torch.cuda.get_device_name())
+    return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)"
+
+
+_STATUS_CACHE: Dict[str, Dict[str, Tuple[bool, str]]] = {}
+
+
+def available_backends() -> Dict[str, Tuple[bool, str]]:
+    """{name: (available, reason)} for every backend on this machine."""
+    key = os.environ.get("TRITON_INTERPRET", "0")  # the only input that changes at run time
+    if key not in _STATUS_CACHE:
+        _STATUS_CACHE[key] = _probe_backends()
+    return dict(_STATUS_CACHE[key])
+
+
+def _probe_backends() -> Dict[str, Tuple[bool, str]]:
+    out = {
+        "reference": (True, "pure PyTorch, always available"),
+        "spectral": (True, "pure PyTorch channel-FFT algorithm, always available"),
+    }
+    if _ext.has_compiled_ops():
+        out["cpu"] = (True, "compiled C++ kernels (medconv_ext._C)")
+    else:
+        out["cpu"] = (False, _ext.EXT_ERROR)
+    if not _ext.has_compiled_ops():
+        out["cuda"] = (False, _ext.EXT_ERROR)
+    elif not _ext.has_cuda_kernels():
+        out["cuda"] = (False, "medconv_ext._C was built without CUDA kernels (no nvcc or MEDCONV_CPU_ONLY=1 at build time)")
+    elif not torch.cuda.is_available():
+        out["cuda"] = (False, "CUDA kernels are compiled in, but no CUDA device is visible")
+    else:
+        out["cuda"] = (True, "compiled CUDA kernels on %s" % torch.cuda.get_device_name())
+    out["triton"] = _triton_status()
+    return out
+
+
+@dataclass
+class Impl:
+    fn: Callable
+    # supports(device, dtype, **ctx) -> None when the input is supported, else the reason
+    supports: Callable[..., Optional[str]]
+
+
+_IMPLS: Dict[str, Dict[str, Impl]] = {}
+
+
+def register_impl(op: str, backend: str, fn: Callable, supports: Callable[..., Optional[str]]) -> None:
+    if backend not in BACKENDS:
+        raise ValueError("unknown backend %r (known: %s)" % (backend, ", ".join(BACKENDS)))
+    _IMPLS.setdefault(op, {})[backend] = Impl(fn, supports)
+
+
+def _why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, ctx) -> Optional[str]:
+    impl = _IMPLS.get(op, {}).get(backend)
+    if impl is None:
+        return "%s has no %r implementation" % (op, backend)
+    ok, reason = available_backends()[backend]
+    if not ok:
+        return "backend %r is not available: %s" % (backend, reason)
+    return impl.supports(device, dtype, **ctx)
+
+
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype,
+            auto_candidates: Sequence[str], ctx=None) -> Tuple[str, Callable]:
+    """The backend name and implementation that runs `op` on this input."""
+    ctx = ctx or {}
+    if not isinstance(backend, str):
+        raise TypeError("backend must be a string, got %r" % (backend,))
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError("%s: unknown backend %r; choose one of %s or 'auto'" % (op, backend, ", ".join(BACKENDS)))
+        why = _why_not(op, backend, device, dtype, ctx)
+        if why is not None:
+            raise RuntimeError("%s: backend %r cannot run this input: %s" % (op, backend, why))
+        return backend, _IMPLS[op][backend].fn
+    env = os.environ.get("MEDCONV_BACKEND", "").strip()
+    if env and env != "auto":
+        if env not in BACKENDS:
+            raise ValueError("MEDCONV_BACKEND=%r is not a backend; choose one of %s" % (env, ", ".join(BACKENDS)))
+        if _why_not(op, env, device, dtype, ctx) is None:
+            return env, _IMPLS[op][env].fn
+    reasons = []
+    for name in list(auto_candidates) + ["reference"]:
+        why = _why_not(op, name, device, dtype, ctx)
+        if why is None:
+            return name, _IMPLS[op][name].fn
+        reasons.append("%s: %s" % (name, why))
+    raise RuntimeError("%s: no backend can run this input (%s)" % (op, "; ".join(reasons)))

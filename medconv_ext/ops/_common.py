@@ -1,0 +1,66 @@
+"""Argument checks shared by the operators: once, in Python, with clear messages."""
+from typing import List, Sequence, Tuple, Union
+
+import torch
+
+IntOrSeq = Union[int, Sequence[int]]
+
+
+def ntuple(value: IntOrSeq, dims: int, name: str, op: str) -> List[int]:
+    """Expand an int or a sequence of `dims` ints; bools and floats are refused."""
+    if isinstance(value, bool):
+        raise TypeError("%s: %s must be an int or a sequence of %d ints, got %r" % (op, name, dims, value))
+    if isinstance(value, int):
+        return [value] * dims
+    try:
+        vals = list(value)
+    except TypeError:
+        raise TypeError("%s: %s must be an int or a sequence of %d ints, got %r" % (op, name, dims, value)) from None
+    if len(vals) == 1:
+        vals = vals * dims
+    if len(vals) != dims or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        raise ValueError("%s: %s must be an int or a sequence of %d ints, got %r" % (op, name, dims, value))
+    return [int(v) for v in vals]
+
+
+def check_rank(t: torch.Tensor, rank: int, name: str, layout: str, op: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError("%s: %s must be a torch.Tensor, got %s" % (op, name, type(t).__name__))
+    if t.dim() != rank:
+        raise ValueError("%s: %s must have %d dims %s, got shape %s" % (op, name, rank, layout, tuple(t.shape)))
+
+
+def check_same_dtype_device(op: str, **tensors) -> Tuple[torch.dtype, torch.device]:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    name0, t0 = items[0]
+    if not t0.is_floating_point():
+        raise TypeError("%s: %s must be a floating-point tensor, got dtype %s" % (op, name0, t0.dtype))
+    for k, v in items[1:]:
+        if v.dtype != t0.dtype:
+            raise TypeError("%s: %s has dtype %s but %s has dtype %s; they must match" % (op, k, v.dtype, name0, t0.dtype))
+        if v.device != t0.device:
+            raise ValueError("%s: %s is on %s but %s is on %s; they must be on the same device" % (op, k, v.device, name0, t0.device))
+    return t0.dtype, t0.device
+
+
+def check_positive(vals: Sequence[int], name: str, op: str, minimum: int = 1) -> None:
+    if any(v < minimum for v in vals):
+        raise ValueError("%s: %s must be >= %d, got %s" % (op, name, minimum, list(vals)))
+
+
+def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def conv_transpose_out_size(size: int, k: int, s: int, p: int, op_: int, d: int) -> int:
+    return (size - 1) * s - 2 * p + d * (k - 1) + op_ + 1
+
+
+def check_kernel_fits(spatial: Sequence[int], ksize: Sequence[int], padding: Sequence[int],
+                      dilation: Sequence[int], op: str) -> None:
+    for i, (n, k, p, d) in enumerate(zip(spatial, ksize, padding, dilation)):
+        if n + 2 * p < d * (k - 1) + 1:
+            raise ValueError(
+                "%s: the kernel (size %d, dilation %d: extent %d) is larger than the padded input "
+                "along spatial dim %d (size %d + 2*padding %d = %d)" % (op, k, d, d * (k - 1) + 1, i, n, p, n + 2 * p, n + 2 * p)
+            )

@@ -1,0 +1,251 @@
+"""Rolling convolution: functional API, argument checks, backend choice, and the
+torch.library registrations (fake kernels, autograd) of the compiled ops.
+
+Definition (DESIGN.md §1): base `weight` (n_base, C_in, *k); output channel o = r * n_base + b
+(0 <= r < n_rolls) is base b rolled by r along its channel axis:
+    W[o, c] = weight[b, (c - r) mod C_in]
+Transposed: base (C_in, n_base, *k), W_t[c, o] = weight[(c - r) mod C_in, b], then an ordinary
+transposed convolution with W_t.
+"""
+from typing import List, Optional
+
+import torch
+
+from .. import _ext
+from ..backends import register_impl, resolve
+from ..reference import rolling_conv as _ref
+from ._common import (
+    check_kernel_fits,
+    check_positive,
+    check_rank,
+    check_same_dtype_device,
+    conv_out_size,
+    conv_transpose_out_size,
+    ntuple,
+)
+
+OP = "rolling_conv"
+OP_T = "rolling_conv_transpose"
+_LAYOUT = {2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
+_W_LAYOUT = {2: "(n_base, C_in, kH, kW)", 3: "(n_base, C_in, kD, kH, kW)"}
+_WT_LAYOUT = {2: "(C_in, n_base, kH, kW)", 3: "(C_in, n_base, kD, kH, kW)"}
+
+
+# --------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------
+def _check_common(name, x, weight, bias, dims, stride, padding, dilation, n_rolls, transposed):
+    check_rank(x, dims + 2, "x", _LAYOUT[dims], name)
+    check_rank(weight, dims + 2, "weight", (_WT_LAYOUT if transposed else _W_LAYOUT)[dims], name)
+    if bias is not None:
+        check_rank(bias, 1, "bias", "(C_out,)", name)
+    check_same_dtype_device(name, x=x, weight=weight, bias=bias)
+    stride = ntuple(stride, dims, "stride", name)
+    padding = ntuple(padding, dims, "padding", name)
+    dilation = ntuple(dilation, dims, "dilation", name)
+    check_positive(stride, "stride", name)
+    check_positive(dilation, "dilation", name)
+    check_positive(padding, "padding", name, minimum=0)
+    c_in = x.shape[1]
+    if transposed:
+        w_cin, n_base = weight.shape[0], weight.shape[1]
+    else:
+        n_base, w_cin = weight.shape[0], weight.shape[1]
+    if w_cin != c_in:
+        raise ValueError("%s: x has C_in=%d channels but weight %s has C_in=%d (weight shape %s)"
+                         % (name, c_in, (_WT_LAYOUT if transposed else _W_LAYOUT)[dims], w_cin, tuple(weight.shape)))
+    if c_in < 1 or n_base < 1 or any(k < 1 for k in weight.shape[2:]):
+        raise ValueError("%s: weight must have C_in >= 1, n_base >= 1 and kernel sizes >= 1, got shape %s"
+                         % (name, tuple(weight.shape)))
+    if n_rolls is None:
+        n_rolls = c_in
+    if isinstance(n_rolls, bool) or not isinstance(n_rolls, int):
+        raise TypeError("%s: n_rolls must be an int, got %r" % (name, n_rolls))
+    if not 1 <= n_rolls <= c_in:
+        raise ValueError("%s: n_rolls must satisfy 1 <= n_rolls <= C_in=%d, got %d" % (name, c_in, n_rolls))
+    c_out = n_rolls * n_base
+    if bias is not None and bias.shape[0] != c_out:
+        raise ValueError("%s: bias must have n_rolls * n_base = %d * %d = %d values (one per output channel), got %d"
+                         % (name, n_rolls, n_base, c_out, bias.shape[0]))
+    return stride, padding, dilation, n_rolls, c_out
+
+
+def _choose(op, x, weight, backend, transposed):
+    return resolve(op, backend, x.device, x.dtype, _auto_candidates(x, weight, transposed),
+                   ctx={"transposed": transposed, "x_shape": tuple(x.shape), "w_shape": tuple(weight.shape)})
+
+
+# --------------------------------------------------------------------------------------
+# backend choice for backend="auto" (rule derived from bench/bench_rolling_conv.py)
+# --------------------------------------------------------------------------------------
+def _auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> List[str]:
+    """Ordered backends to try for backend="auto"; "reference" is always the last resort."""
+    if x.device.type == "cuda":
+        return ["cuda", "triton", "spectral"]
+    return ["cpu", "spectral"]
+
+
+# --------------------------------------------------------------------------------------
+# public functional API
+# --------------------------------------------------------------------------------------
+def _rolling_conv_nd(dims, x, weight, bias, stride, padding, dilation, n_rolls, backend):
+    name = "rolling_conv%dd" % dims
+    stride, padding, dilation, n_rolls, _ = _check_common(
+        name, x, weight, bias, dims, stride, padding, dilation, n_rolls, transposed=False)
+    check_kernel_fits(x.shape[2:], weight.shape[2:], padding, dilation, name)
+    _, fn = _choose(OP, x, weight, backend, transposed=False)
+    return fn(x, weight, bias, stride, padding, dilation, n_rolls)
+
+
+def _rolling_conv_transpose_nd(dims, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend):
+    name = "rolling_conv_transpose%dd" % dims
+    stride, padding, dilation, n_rolls, _ = _check_common(
+        name, x, weight, bias, dims, stride, padding, dilation, n_rolls, transposed=True)
+    output_padding = ntuple(output_padding, dims, "output_padding", name)
+    check_positive(output_padding, "output_padding", name, minimum=0)
+    for op_, s, d in zip(output_padding, stride, dilation):
+        if op_ >= max(s, d):
+            raise ValueError("%s: output_padding must be smaller than stride or dilation, got output_padding=%s, "
+                             "stride=%s, dilation=%s" % (name, output_padding, stride, dilation))
+    out = [conv_transpose_out_size(n, k, s, p, o, d)
+           for n, k, s, p, o, d in zip(x.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation)]
+    if any(o < 1 for o in out):
+        raise ValueError("%s: the output would be empty (computed spatial size %s); reduce padding" % (name, out))
+    _, fn = _choose(OP_T, x, weight, backend, transposed=True)
+    return fn(x, weight, bias, stride, padding, output_padding, dilation, n_rolls)
+
+
+def rolling_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, n_rolls=None, backend="auto"):
+    """2D rolling convolution. x (N, C_in, H, W), weight = base (n_base, C_in, kH, kW),
+    bias (n_rolls * n_base,) or None. Returns (N, n_rolls * n_base, H_out, W_out); output
+    channel r * n_base + b is base b rolled by r along its channel axis. n_rolls defaults to C_in."""
+    return _rolling_conv_nd(2, x, weight, bias, stride, padding, dilation, n_rolls, backend)
+
+
+def rolling_conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, n_rolls=None, backend="auto"):
+    """3D rolling convolution; as rolling_conv2d with x (N, C_in, D, H, W), weight (n_base, C_in, kD, kH, kW)."""
+    return _rolling_conv_nd(3, x, weight, bias, stride, padding, dilation, n_rolls, backend)
+
+
+def rolling_conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, n_rolls=None,
+                             backend="auto", dilation=1):
+    """2D transposed rolling convolution. x (N, C_in, H, W), weight = base (C_in, n_base, kH, kW);
+    W_t[c, r * n_base + b] = weight[(c - r) mod C_in, b], then conv_transpose2d with W_t."""
+    return _rolling_conv_transpose_nd(2, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend)
+
+
+def rolling_conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_padding=0, n_rolls=None,
+                             backend="auto", dilation=1):
+    """3D transposed rolling convolution; as rolling_conv_transpose2d with one more spatial axis."""
+    return _rolling_conv_transpose_nd(3, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend)
+
+
+# --------------------------------------------------------------------------------------
+# backend "reference": pure PyTorch, materialized bank
+# --------------------------------------------------------------------------------------
+def _supports_any(device, dtype, **ctx) -> Optional[str]:
+    return None
+
+
+register_impl(OP, "reference", _ref.rolling_conv, _supports_any)
+register_impl(OP_T, "reference", _ref.rolling_conv_transpose, _supports_any)
+
+
+# --------------------------------------------------------------------------------------
+# backends "cpu" / "cuda": the compiled ops torch.ops.medconv.rolling_conv*
+# --------------------------------------------------------------------------------------
+def _supports_compiled(device_type, dtypes):
+    def supports(device, dtype, **ctx) -> Optional[str]:
+        if device.type != device_type:
+            return "it runs on %s tensors, the input is on %s" % (device_type, device)
+        if dtype not in dtypes:
+            return "dtype %s is not supported (supported: %s)" % (dtype, ", ".join(str(d) for d in dtypes))
+        return None
+    return supports
+
+
+def _compiled_conv(x, weight, bias, stride, padding, dilation, n_rolls):
+    return torch.ops.medconv.rolling_conv(x, weight, bias, stride, padding, dilation, n_rolls)
+
+
+def _compiled_conv_t(x, weight, bias, stride, padding, output_padding, dilation, n_rolls):
+    return torch.ops.medconv.rolling_conv_transpose(x, weight, bias, stride, padding, output_padding, dilation, n_rolls)
+
+
+CPU_DTYPES = (torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+if _ext.has_compiled_ops():
+    register_impl(OP, "cpu", _compiled_conv, _supports_compiled("cpu", CPU_DTYPES))
+    register_impl(OP_T, "cpu", _compiled_conv_t, _supports_compiled("cpu", CPU_DTYPES))
+    register_impl(OP, "cuda", _compiled_conv, _supports_compiled("cuda", CUDA_DTYPES))
+    register_impl(OP_T, "cuda", _compiled_conv_t, _supports_compiled("cuda", CUDA_DTYPES))
+
+    # ---- fake kernels (shapes only), so the ops trace under torch.compile ----
+    @torch.library.register_fake("medconv::rolling_conv")
+    def _(x, weight, bias, stride, padding, dilation, n_rolls):
+        out = [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+        return x.new_empty((x.shape[0], n_rolls * weight.shape[0], *out))
+
+    @torch.library.register_fake("medconv::rolling_conv_grad_input")
+    def _(grad_out, weight, input_size, stride, padding, dilation, n_rolls):
+        return grad_out.new_empty(input_size)
+
+    @torch.library.register_fake("medconv::rolling_conv_grad_weight")
+    def _(grad_out, x, weight_size, stride, padding, dilation, n_rolls):
+        return grad_out.new_empty(weight_size)
+
+    @torch.library.register_fake("medconv::rolling_conv_transpose")
+    def _(x, weight, bias, stride, padding, output_padding, dilation, n_rolls):
+        out = [conv_transpose_out_size(n, k, s, p, o, d) for n, k, s, p, o, d in
+               zip(x.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation)]
+        return x.new_empty((x.shape[0], n_rolls * weight.shape[1], *out))
+
+    @torch.library.register_fake("medconv::rolling_conv_transpose_grad_input")
+    def _(grad_out, weight, input_size, stride, padding, dilation, n_rolls):
+        return grad_out.new_empty(input_size)
+
+    @torch.library.register_fake("medconv::rolling_conv_transpose_grad_weight")
+    def _(grad_out, x, weight_size, stride, padding, dilation, n_rolls):
+        return grad_out.new_empty(weight_size)
+
+    # ---- autograd: gradients by the compiled grad kernels (paper eq. 7 and 8) ----
+    def _setup_conv(ctx, inputs, output):
+        x, weight, bias, stride, padding, dilation, n_rolls = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.params = (stride, padding, dilation, n_rolls)
+
+    def _backward_conv(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, n_rolls = ctx.params
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.medconv.rolling_conv_grad_input(grad, weight, list(x.shape), stride, padding, dilation, n_rolls)
+        if ctx.needs_input_grad[1]:
+            gw = torch.ops.medconv.rolling_conv_grad_weight(grad, x, list(weight.shape), stride, padding, dilation, n_rolls)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
+        return gx, gw, gb, None, None, None, None
+
+    torch.library.register_autograd("medconv::rolling_conv", _backward_conv, setup_context=_setup_conv)
+
+    def _setup_conv_t(ctx, inputs, output):
+        x, weight, bias, stride, padding, output_padding, dilation, n_rolls = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.params = (stride, padding, dilation, n_rolls)
+
+    def _backward_conv_t(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, n_rolls = ctx.params
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.medconv.rolling_conv_transpose_grad_input(grad, weight, list(x.shape), stride, padding, dilation, n_rolls)
+        if ctx.needs_input_grad[1]:
+            gw = torch.ops.medconv.rolling_conv_transpose_grad_weight(grad, x, list(weight.shape), stride, padding, dilation, n_rolls)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
+        return gx, gw, gb, None, None, None, None, None
+
+    torch.library.register_autograd("medconv::rolling_conv_transpose", _backward_conv_t, setup_context=_setup_conv_t)

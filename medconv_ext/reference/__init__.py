@@ -1,0 +1,1 @@
+"""Pure-PyTorch references, written for clarity, never for speed."""

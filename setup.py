@@ -1,0 +1,175 @@
+"""Build medconv_ext._C: C++ CPU kernels always, CUDA kernels when they can be built.
+
+Build switches (environment variables, printed at build time):
+  MEDCONV_CPU_ONLY=1     never build the CUDA sources
+  FORCE_CUDA=1           build the CUDA sources even when no GPU is visible (needs nvcc and a
+                         CUDA-enabled torch); without it they are built only when a GPU is visible
+  CUDA_HOME              CUDA toolkit root (the folder whose bin/ has nvcc and lib64/ libcudart);
+                         found automatically when unset, even behind an nvcc wrapper script
+  TORCH_CUDA_ARCH_LIST   CUDA architectures (default: the visible GPUs, else "9.0")
+  MEDCONV_DEBUG=1        -O0 -g, no -DNDEBUG
+  MAX_JOBS               parallel compile jobs (ninja)
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+
+def _env_flag(name):
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_cuda_root(path):
+    if not path or not os.path.isfile(os.path.join(path, "bin", "nvcc")):
+        return False
+    libs = glob.glob(os.path.join(path, "lib64", "libcudart.so*")) + glob.glob(
+        os.path.join(path, "targets", "*", "lib", "libcudart.so*")
+    )
+    return bool(libs)
+
+
+def _find_cuda_home():
+    """The real toolkit root. The first `nvcc` on PATH may be a wrapper script whose
+    parent folder has no lib64/libcudart, which makes the link fail with -lcudart missing."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_cuda_root(os.environ.get(var)):
+            return os.environ[var]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        try:  # a wrapper script: look for the path it execs
+            with open(real, "r", errors="ignore") as f:
+                head = f.read(4096)
+            for tok in head.replace('"', " ").split():
+                if tok.endswith("/bin/nvcc"):
+                    candidates.append(os.path.dirname(os.path.dirname(tok)))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        if _is_cuda_root(c):
+            return c
+    return None
+
+
+CPU_ONLY = _env_flag("MEDCONV_CPU_ONLY")
+FORCE_CUDA = _env_flag("FORCE_CUDA")
+DEBUG = _env_flag("MEDCONV_DEBUG")
+if not CPU_ONLY:
+    _cuda_home = _find_cuda_home()
+    if _cuda_home:
+        # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+        os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _nvidia_include_dirs():
+    """Torch's CUDA headers include cusparse.h / cublas*.h; pip's CUDA builds of torch ship
+    them in site-packages/nvidia/cu*/include rather than in the toolkit."""
+    dirs = []
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+
+        for base in list(nvidia.__path__):
+            for inc in sorted(glob.glob(os.path.join(base, "cu*", "include"))):
+                if os.path.isfile(os.path.join(inc, "cusparse.h")):
+                    dirs.append(inc)
+    except ImportError:
+        pass
+    return dirs
+
+
+def _decide_cuda():
+    if CPU_ONLY:
+        return False, "MEDCONV_CPU_ONLY=1"
+    if torch.version.cuda is None:
+        return False, "torch %s is not a CUDA build" % torch.__version__
+    if CUDA_HOME is None or not _is_cuda_root(CUDA_HOME):
+        return False, "no CUDA toolkit found (set CUDA_HOME to the folder with bin/nvcc)"
+    if torch.cuda.is_available():
+        return True, "GPU visible"
+    if FORCE_CUDA:
+        return True, "FORCE_CUDA=1 (no GPU visible)"
+    return False, "no GPU visible and FORCE_CUDA is not set"
+
+
+WITH_CUDA, CUDA_REASON = _decide_cuda()
+if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join("%d.%d" % c for c in caps)
+    else:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+
+cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+
+opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+cxx_flags = opt + ["-fopenmp"]  # the C++ standard is the one torch's BuildExtension sets
+nvcc_flags = opt + ["-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-fopenmp"]
+define_macros = []
+if not DEBUG:
+    define_macros.append(("NDEBUG", None))
+include_dirs = [os.path.join(ROOT, "csrc")]
+
+if WITH_CUDA:
+    include_dirs += _nvidia_include_dirs()
+    define_macros.append(("MEDCONV_WITH_CUDA", None))
+    ext = CUDAExtension(
+        "medconv_ext._C",
+        cpp_sources + cuda_sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
+    )
+else:
+    ext = CppExtension(
+        "medconv_ext._C",
+        cpp_sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+def _print_config():
+    print("medconv_ext build configuration:", file=sys.stderr)
+    print("  torch            %s (CUDA %s)" % (torch.__version__, torch.version.cuda), file=sys.stderr)
+    print("  CUDA kernels     %s (%s)" % ("yes" if WITH_CUDA else "no", CUDA_REASON), file=sys.stderr)
+    if WITH_CUDA:
+        print("  CUDA_HOME        %s" % CUDA_HOME, file=sys.stderr)
+        print("  arch list        %s" % os.environ.get("TORCH_CUDA_ARCH_LIST"), file=sys.stderr)
+    print("  sources          %s" % " ".join(ext.sources), file=sys.stderr)
+    print("  debug            %s, MAX_JOBS=%s" % (DEBUG, os.environ.get("MAX_JOBS", "auto")), file=sys.stderr)
+
+_print_config()
+
+setup(
+    name="medconv_ext",
+    version="0.1.0",
+    description="Fast, exact rolling convolution and involution operators for lightweight medical-imaging CNNs",
+    packages=find_packages(include=["medconv_ext", "medconv_ext.*"]) + ["medconv_ext.triton_kernels"],
+    # The top-level folder triton_kernels/ is installed as medconv_ext.triton_kernels: the
+    # top-level name `triton_kernels` belongs to an unrelated PyPI package.
+    package_dir={"medconv_ext.triton_kernels": "triton_kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy"],
+    zip_safe=False,
+)
