@@ -34,6 +34,7 @@ test: build
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest tests -ra $(PYTEST_ARGS)
 
 bench: build
+	$(PYTHON) -m pip install -q --no-deps -r requirements-bench.txt
 	PYTHONPATH=$(CURDIR) $(PYTHON) bench/run_all.py $(BENCH_ARGS)
 
 wheel: setup
