@@ -9,7 +9,7 @@ bfloat16; backends cuda and triton against unfold and `naive_per_output` (from
 bench/naive_involution.py when that file exists).
 Modes: "fwd" (no autograd) and "fwd+bwd" (forward, then backward to x and weight).
 
-    python bench/bench_involution.py [--quick] [--device cpu|cuda|all] [--out CSV] [--no-plot]
+    python bench/bench_involution.py [--quick] [--device cpu|cuda|all] [--only TEXT] [--out CSV] [--no-plot]
 
 CSV: bench/results/<device>/involution.csv (columns of bench/harness.py plus the ratios to
 unfold), a plot beside it (involution.png).
@@ -32,6 +32,23 @@ from medconv_ext.ops.involution import involution2d, involution3d  # noqa: E402
 
 OP = "involution"
 EXTRA = ["speedup_vs_unfold", "mem_ratio_vs_unfold"]
+
+
+# ---------------------------------------------------------------- CPU peak memory
+def exact_cpu_peaks():
+    """Make glibc serve every allocation of 64 KiB or more with its own mmap (and unmap it on
+    free). Otherwise a buffer can reuse heap pages that an earlier call freed but that are
+    still resident, and the resident-set peak of harness.measure_peak_mb misses it (0 MB for a
+    6 MB output). Costs fresh page faults on such allocations, for every impl alike."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 64 * 1024) == 1 and libc.mallopt(m_trim_threshold, 64 * 1024) == 1
+        return bool(ok)
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 # ---------------------------------------------------------------- shapes
@@ -229,6 +246,7 @@ def main(argv=None):
                     help="cpu: the CPU list; cuda: the GPU list; all (default): CPU list, plus GPU list if CUDA is present")
     ap.add_argument("--out", default=None, help="CSV path (default bench/results/<device>/involution.csv); "
                     "with --device all and a GPU the GPU CSV gets the suffix _cuda")
+    ap.add_argument("--only", default=None, help="keep only shapes whose label contains this text, e.g. 'C=64 S=56 K=7'")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -245,9 +263,13 @@ def main(argv=None):
             print("--device cuda: no CUDA device visible")
             return 1
         runs.append(("cuda", smoke_shapes() if args.smoke else gpu_shapes(args.quick), [torch.float32, torch.bfloat16]))
+    if args.only:
+        runs = [(d, [sh for sh in shapes if args.only in shape_str(sh)], dt) for d, shapes, dt in runs]
     written = []
     for dev_name, shapes, dtypes in runs:
         device = torch.device(dev_name)
+        if dev_name == "cpu" and not exact_cpu_peaks():
+            print("  (note: not glibc; CPU peak memory may miss buffers that reuse freed heap pages)")
         print("involution on %s (%s)" % (harness.device_name(device), ", ".join(str(d) for d in dtypes)), flush=True)
         results = harness.Results("involution", device, EXTRA)
         run_list(results, shapes, device, dtypes, reps)
