@@ -34,6 +34,7 @@ from .ops.rolling_conv import (  # noqa: E402,F401
     rolling_conv_transpose2d,
     rolling_conv_transpose3d,
 )
+from .ops.involution import involution2d, involution3d  # noqa: E402,F401
 from . import nn  # noqa: E402,F401
 
 __version__ = "0.1.0"

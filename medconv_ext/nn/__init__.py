@@ -6,3 +6,4 @@ from .rolling_conv import (  # noqa: F401
     RollingConvTranspose3d,
     rolling_layout,
 )
+from .involution import Involution2d, Involution3d  # noqa: F401,E402
