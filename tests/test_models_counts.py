@@ -117,3 +117,16 @@ def test_medic_counts_and_shapes():
     assert small(torch.randn(3, 1, 28, 28)).shape == (3, 4)
     with pytest.raises(ValueError, match="expected input"):
         small(torch.randn(3, 1, 32, 32))
+
+
+def test_roll_loop_and_set_backend_keep_the_function():
+    model = M.rolling_qsmnet(features=2).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+        loop = M.to_roll_loop(model)
+        assert sum(type(m).__name__ == "RollLoopConv" for m in loop.modules()) == 17 + 4
+        assert ((loop(x) - want).abs().max() <= 1e-5 * want.abs().max())
+        ref = M.set_backend(model, "reference")
+        assert all(m.backend == "reference" for m in ref.modules() if hasattr(m, "n_rolls"))
+        assert ((ref(x) - want).abs().max() <= 1e-5 * want.abs().max())

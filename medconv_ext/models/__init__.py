@@ -18,6 +18,7 @@ from .unet import (  # noqa: F401
 from .resnet import ResNet, resnet18, rolling_resnet18  # noqa: F401
 from .rollify import RollifyReport, RollifyRow, project_to_rolling, rollify  # noqa: F401
 from .published import from_published, to_roll_loop  # noqa: F401
+from ._util import set_backend  # noqa: F401
 from .medic import MedICClassifier, MedICSegmenter, medic_cls, medic_seg  # noqa: F401
 
 try:  # provided by the exact-tiling work (medconv_ext/models/valid_srnet.py); absent until it is merged
