@@ -213,3 +213,28 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys):
         assert cli_main(["report", *args, "--out", str(out)]) == 2
         assert msg in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_published_checkpoint_expands_rolling_bases():
+    from conftest import DATA_DIR
+
+    path = os.path.join(DATA_DIR, "segment.pth")
+    if not os.path.isfile(path):
+        pytest.skip("published checkpoints not present (%s)" % DATA_DIR)
+    from medconv_ext.models import from_published
+
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    f, meta = A.extract_filters(sd)
+    model = from_published(path)
+    convs = [(n, m) for n, m in model.named_modules() if (hasattr(m, "expanded_weight") and not m._transposed)
+             or (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))]
+    assert f.shape[0] == sum(m.out_channels * m.in_channels for _, m in convs)
+    # weight_20 is a double roll of a 64-channel base: 128 x 64 kernels, each a rolled base slice
+    base = sd["weight_20"].double()
+    name = [n for n, m in convs if tuple(m.weight.shape) == tuple(base.shape)][0]
+    rows = np.nonzero(meta["layer"] == name)[0]
+    assert len(rows) == 128 * 64
+    for j in (0, 1, 777, 8191):
+        o, c = meta["out"][rows[j]], meta["in"][rows[j]]
+        r, b = divmod(int(o), 2)
+        np.testing.assert_array_equal(f[rows[j]], base[b, (c - r) % 64].reshape(-1).numpy())

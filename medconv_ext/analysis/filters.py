@@ -59,11 +59,13 @@ def conv_weights(model_or_state_dict, include_transposed: bool = False) -> List[
         return out
     sd = _unwrap_state_dict(model_or_state_dict)
     if _is_published_rolling_layout(sd):
+        from ..models import from_published  # the model knows which layers roll and how far
+
         try:
-            from ..models import from_published_state_dict
-        except ImportError as e:  # pragma: no cover - models are part of the package
-            raise AnalysisError("the published Rolling-Filters layout needs medconv_ext.models (%s)" % e) from e
-        return conv_weights(from_published_state_dict(sd), include_transposed)
+            model = from_published(sd)
+        except ValueError as e:
+            raise AnalysisError("unknown checkpoint layout: %s" % e) from None
+        return conv_weights(model, include_transposed)
     for name, t in sd.items():
         if not (t.is_floating_point() and t.dim() in (4, 5) and "weight" in name.split(".")[-1]):
             continue
