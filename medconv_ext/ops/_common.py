@@ -62,5 +62,5 @@ def check_kernel_fits(spatial: Sequence[int], ksize: Sequence[int], padding: Seq
         if n + 2 * p < d * (k - 1) + 1:
             raise ValueError(
                 "%s: the kernel (size %d, dilation %d: extent %d) is larger than the padded input "
-                "along spatial dim %d (size %d + 2*padding %d = %d)" % (op, k, d, d * (k - 1) + 1, i, n, p, n + 2 * p, n + 2 * p)
+                "along spatial dim %d (size %d + 2*padding %d = %d)" % (op, k, d, d * (k - 1) + 1, i, n, p, n + 2 * p)
             )
