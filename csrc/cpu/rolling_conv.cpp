@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -235,9 +236,13 @@ struct CorrArgs {
 // One tile of R output channels over one output row (n, o0, o1), VW pixels at a time.
 // red_ch[k]: buffer channel of reduction step k; red_w[k]: offset in E of its weights, the
 // weight of tile element i being E[red_w[k] + tap * 2C + i].
-template <typename T, int R, int VW, bool UNIT>
+// GCC/Clang vector extensions keep the accumulator tile in registers (plain arrays indexed
+// in loops were spilled to the stack); NV vectors of VB bytes = VW pixels per row.
+template <typename T, int R, int NV, int VB, bool UNIT>
 MEDCONV_INLINE void corr_tile(const CorrArgs<T>& a, i64 n, i64 o0, i64 o1, i64 nred, const i64* red_ch,
                               const i64* red_w, const i64* out_ch) {
+  typedef T V __attribute__((vector_size(VB)));
+  constexpr int NL = VB / sizeof(T), VW = NV * NL;
   const i64 L2 = a.L[2], plane = a.L[1] * L2, chs = a.L[0] * plane, tstride = 2 * a.C;
   const i64 k0 = a.k[0], k1 = a.k[1], k2 = a.k[2];
   const i64 s2 = a.s[2], d0 = a.d[0], d1 = a.d[1], d2 = a.d[2];
@@ -249,9 +254,11 @@ MEDCONV_INLINE void corr_tile(const CorrArgs<T>& a, i64 n, i64 o0, i64 o1, i64 n
     bias[i] = a.bias ? a.bias[out_ch[i]] : T(0);
   }
   for (i64 w0 = 0; w0 < a.O[2]; w0 += VW) {
-    T acc[R][VW];
+    V acc[R][NV];
+#pragma GCC unroll 16
     for (int i = 0; i < R; ++i)
-      for (int j = 0; j < VW; ++j) acc[i][j] = T(0);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[i][v] = V{};
     const T* xw = xn + w0 * s2;
     for (i64 kr = 0; kr < nred; ++kr) {
       const T* xc = xw + red_ch[kr] * chs;
@@ -263,24 +270,36 @@ MEDCONV_INLINE void corr_tile(const CorrArgs<T>& a, i64 n, i64 o0, i64 o1, i64 n
           for (i64 kw = 0; kw < k2; ++kw) {
             const T* xp = xr + kw * d2;
             const T* wt = wr + kw * tstride;
-            T xv[VW];
-            for (int j = 0; j < VW; ++j) xv[j] = UNIT ? xp[j] : xp[j * s2];
+            V xv[NV];
+#pragma GCC unroll 16
+            for (int v = 0; v < NV; ++v) {
+              if (UNIT) {
+                std::memcpy(&xv[v], xp + v * NL, VB);
+              } else {
+#pragma GCC unroll 16
+                for (int l = 0; l < NL; ++l) xv[v][l] = xp[(v * NL + l) * s2];
+              }
+            }
+#pragma GCC unroll 16
             for (int i = 0; i < R; ++i) {
               const T wv = wt[i];
-#pragma omp simd
-              for (int j = 0; j < VW; ++j) acc[i][j] += wv * xv[j];
+#pragma GCC unroll 16
+              for (int v = 0; v < NV; ++v) acc[i][v] += wv * xv[v];
             }
           }
         }
       }
     }
     const i64 nv = std::min<i64>(VW, a.O[2] - w0);
-    for (int i = 0; i < R; ++i)
-      for (i64 j = 0; j < nv; ++j) outp[i][w0 + j] = acc[i][j] + bias[i];
+    for (int i = 0; i < R; ++i) {
+      T tmp[VW];
+      std::memcpy(tmp, acc[i], sizeof(tmp));
+      for (i64 j = 0; j < nv; ++j) outp[i][w0 + j] = tmp[j] + bias[i];
+    }
   }
 }
 
-template <typename T, int VW, bool UNIT>
+template <typename T, int NV, int VB, bool UNIT>
 MEDCONV_INLINE void corr_row_impl(const CorrArgs<T>& a, i64 row, std::vector<i64>& scratch) {
   const i64 o1 = row % a.O[1], o0 = (row / a.O[1]) % a.O[0], n = row / (a.O[0] * a.O[1]);
   const i64 T_ = a.k[0] * a.k[1] * a.k[2], C = a.C, nb = a.nb;
@@ -301,10 +320,10 @@ MEDCONV_INLINE void corr_row_impl(const CorrArgs<T>& a, i64 row, std::vector<i64
           red_w[c] = b * T_ * 2 * C + (c - r0 - R + 1 + C);
         }
         switch (R) {
-          case 4: corr_tile<T, 4, VW, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
-          case 3: corr_tile<T, 3, VW, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
-          case 2: corr_tile<T, 2, VW, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
-          default: corr_tile<T, 1, VW, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
+          case 4: corr_tile<T, 4, NV, VB, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
+          case 3: corr_tile<T, 3, NV, VB, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
+          case 2: corr_tile<T, 2, NV, VB, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
+          default: corr_tile<T, 1, NV, VB, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
         }
       }
     }
@@ -320,10 +339,10 @@ MEDCONV_INLINE void corr_row_impl(const CorrArgs<T>& a, i64 row, std::vector<i64
           red_w[r * nb + b] = b * T_ * 2 * C + (c0 - r + C);
         }
       switch (R) {
-        case 4: corr_tile<T, 4, VW, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
-        case 3: corr_tile<T, 3, VW, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
-        case 2: corr_tile<T, 2, VW, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
-        default: corr_tile<T, 1, VW, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
+        case 4: corr_tile<T, 4, NV, VB, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
+        case 3: corr_tile<T, 3, NV, VB, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
+        case 2: corr_tile<T, 2, NV, VB, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
+        default: corr_tile<T, 1, NV, VB, UNIT>(a, n, o0, o1, nred, red_ch, red_w, out_ch); break;
       }
     }
   }
@@ -333,10 +352,9 @@ MEDCONV_INLINE void corr_row_impl(const CorrArgs<T>& a, i64 row, std::vector<i64
 template <typename T>
 void corr_rows_default(const CorrArgs<T>& a, i64 begin, i64 end) {
   std::vector<i64> scratch;
-  constexpr int VW = 16 / sizeof(T) * 2;
   for (i64 row = begin; row < end; ++row) {
-    if (a.s[2] == 1) corr_row_impl<T, VW, true>(a, row, scratch);
-    else corr_row_impl<T, VW, false>(a, row, scratch);
+    if (a.s[2] == 1) corr_row_impl<T, 2, 16, true>(a, row, scratch);
+    else corr_row_impl<T, 2, 16, false>(a, row, scratch);
   }
 }
 
@@ -344,10 +362,9 @@ void corr_rows_default(const CorrArgs<T>& a, i64 begin, i64 end) {
 template <typename T>
 __attribute__((target("avx2,fma"))) void corr_rows_avx2(const CorrArgs<T>& a, i64 begin, i64 end) {
   std::vector<i64> scratch;
-  constexpr int VW = 32 / sizeof(T) * 2;
   for (i64 row = begin; row < end; ++row) {
-    if (a.s[2] == 1) corr_row_impl<T, VW, true>(a, row, scratch);
-    else corr_row_impl<T, VW, false>(a, row, scratch);
+    if (a.s[2] == 1) corr_row_impl<T, 2, 32, true>(a, row, scratch);
+    else corr_row_impl<T, 2, 32, false>(a, row, scratch);
   }
 }
 
@@ -374,8 +391,11 @@ void run_corr(const CorrArgs<T>& a, i64 N) {
 }
 
 // ------------------------------------------------------------------------------------------
-// kernel 2: weight gradient (paper eq. 7), gather form, one (b, m) per work item
+// kernel 2: weight gradient (paper eq. 7), gather form
 // ------------------------------------------------------------------------------------------
+// dw[b, m, t] = sum_{r, n, p} A[n, ia, p] * B[n, ib, p*s + t*d]   with q = r*nb + b, c = (m + r) mod C,
+// conv: (ia, ib) = (q, c); transposed: (ia, ib) = (c, q). One work item = (b, tile of R consecutive m,
+// tap t): acc[R][VW] lanes accumulate over (r, n, p) in registers, then a fixed-order lane sum.
 template <typename T>
 struct GwArgs {
   const T* A;  // (N, CA, P0, P1, P2): grad_out (conv) or x (transposed)
@@ -386,70 +406,148 @@ struct GwArgs {
   A3 L;
   i64 N, C, nb, n_rolls;
   bool transposed;
+  // flat: stride 1 in the last two dims and A stored with rows of length L2 (zero beyond P2):
+  // then A[p1, pw] and B[p1 + kh*d, pw + kw*d] are both contiguous over (p1, pw) together, one
+  // long vector loop per plane instead of one short loop per row (the zero columns of A cancel
+  // the products that wrap into the next row of B).
+  bool flat;
   A3 k, s, d;
   T* out;  // (nb, C, taps)
 };
 
-template <typename T, bool UNIT>
-MEDCONV_INLINE void gw_item_impl(const GwArgs<T>& a, i64 item, std::vector<double>& acc) {
-  const i64 b = item / a.C, m = item % a.C;
-  const i64 T_ = a.k[0] * a.k[1] * a.k[2];
-  acc.assign((size_t)T_, 0.0);
+// NV vectors of NL lanes from src[j * stride] (contiguous when UNIT or stride == 1).
+template <typename T, typename V, int NV, int NL, bool UNIT>
+MEDCONV_INLINE void vload(V* dst, const T* src, i64 stride) {
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    if (UNIT || stride == 1) {
+      std::memcpy(&dst[v], src + v * NL, sizeof(V));
+    } else {
+      dst[v] = V{};
+#pragma GCC unroll 16
+      for (int l = 0; l < NL; ++l) dst[v][l] = src[(v * NL + l) * stride];
+    }
+  }
+}
+
+template <typename T, int R, int NV, int VB, bool UNIT, bool TRANS>
+MEDCONV_INLINE void gw_tile(const GwArgs<T>& a, i64 b, i64 m0, i64 t) {
+  typedef T V __attribute__((vector_size(VB)));
+  constexpr int NL = VB / sizeof(T), VW = NV * NL;
+  const i64 k1 = a.k[1], k2 = a.k[2];
+  const i64 kw = t % k2, kh = (t / k2) % k1, kd = t / (k2 * k1);
   const i64 Pl = a.P[1] * a.P[2], Pc = a.P[0] * Pl;
   const i64 L2 = a.L[2], Ll = a.L[1] * L2, Lc = a.L[0] * Ll;
   const i64 P2 = a.P[2], s2 = a.s[2];
+  const i64 tap_off = kd * a.d[0] * Ll + kh * a.d[1] * L2 + kw * a.d[2];
+  const i64 nfull = P2 / VW * VW;
+  double accd[R];
+  for (int i = 0; i < R; ++i) accd[i] = 0.0;
   for (i64 r = 0; r < a.n_rolls; ++r) {
-    const i64 q = r * a.nb + b, c = (m + r) % a.C;
-    const i64 ia = a.transposed ? c : q, ib = a.transposed ? q : c;
+    const i64 q = r * a.nb + b;
     for (i64 n = 0; n < a.N; ++n) {
-      const T* An = a.A + (n * a.CA + ia) * Pc;
-      const T* Bn = a.B + (n * a.CB + ib) * Lc;
-      for (i64 p0 = 0; p0 < a.P[0]; ++p0)
-        for (i64 p1 = 0; p1 < a.P[1]; ++p1) {
-          const T* arow = An + p0 * Pl + p1 * P2;
-          const T* bb = Bn + p0 * a.s[0] * Ll + p1 * a.s[1] * L2;
-          i64 t = 0;
-          for (i64 kd = 0; kd < a.k[0]; ++kd)
-            for (i64 kh = 0; kh < a.k[1]; ++kh) {
-              const T* brow = bb + kd * a.d[0] * Ll + kh * a.d[1] * L2;
-              for (i64 kw = 0; kw < a.k[2]; ++kw, ++t) {
-                const T* bp = brow + kw * a.d[2];
-                T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-                for (i64 pw = 0; pw < P2; ++pw) sum += arow[pw] * (UNIT ? bp[pw] : bp[pw * s2]);
-                acc[(size_t)t] += (double)sum;
-              }
+      // per (r, n): lanes in T, then flushed into double so long sums keep their precision
+      V acc[R][NV];
+#pragma GCC unroll 16
+      for (int i = 0; i < R; ++i)
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+      T tail[R];
+      for (int i = 0; i < R; ++i) tail[i] = T(0);
+      const T* Ai[R];
+      const T* Bi[R];
+      for (int i = 0; i < R; ++i) {
+        const i64 c = (m0 + i + r) % a.C;
+        Ai[i] = a.A + (n * a.CA + (TRANS ? c : q)) * Pc;
+        Bi[i] = a.B + (n * a.CB + (TRANS ? q : c)) * Lc + tap_off;
+      }
+      // rows: (ao, bo, span) = offsets of a contiguous run in A and B and its length
+      const bool flat = a.flat;
+      const i64 nrow = flat ? a.P[0] : a.P[0] * a.P[1];
+      const i64 span = flat ? a.P[1] * P2 : P2;
+      const i64 nfull_ = flat ? span / VW * VW : nfull;
+      for (i64 row = 0; row < nrow; ++row) {
+        const i64 p0 = flat ? row : row / a.P[1], p1 = flat ? 0 : row % a.P[1];
+        const i64 ao = p0 * Pl + p1 * P2, bo = p0 * a.s[0] * Ll + p1 * a.s[1] * L2;
+        i64 pw = 0;
+        for (; pw < nfull_; pw += VW) {
+          V sh[NV], ot[NV];
+          if (!TRANS) {  // A row (grad_out) shared by the tile
+            vload<T, V, NV, NL, UNIT>(sh, Ai[0] + ao + pw, 1);
+#pragma GCC unroll 16
+            for (int i = 0; i < R; ++i) {
+              vload<T, V, NV, NL, UNIT>(ot, Bi[i] + bo + pw * s2, s2);
+#pragma GCC unroll 16
+              for (int v = 0; v < NV; ++v) acc[i][v] += sh[v] * ot[v];
             }
+          } else {  // B row (grad_out) shared by the tile
+            vload<T, V, NV, NL, UNIT>(sh, Bi[0] + bo + pw * s2, s2);
+#pragma GCC unroll 16
+            for (int i = 0; i < R; ++i) {
+              vload<T, V, NV, NL, UNIT>(ot, Ai[i] + ao + pw, 1);
+#pragma GCC unroll 16
+              for (int v = 0; v < NV; ++v) acc[i][v] += sh[v] * ot[v];
+            }
+          }
         }
+        for (; pw < span; ++pw)  // tail pixels
+          for (int i = 0; i < R; ++i) tail[i] += Ai[i][ao + pw] * Bi[i][bo + pw * s2];
+      }
+      for (int i = 0; i < R; ++i) {
+        T lanes[VW];
+        std::memcpy(lanes, acc[i], sizeof(lanes));
+        T sum = tail[i];
+        for (int j = 0; j < VW; ++j) sum += lanes[j];
+        accd[i] += (double)sum;
+      }
     }
   }
-  T* o = a.out + (b * a.C + m) * T_;
-  for (i64 t = 0; t < T_; ++t) o[t] = (T)acc[(size_t)t];
+  const i64 T_ = a.k[0] * k1 * k2;
+  for (int i = 0; i < R; ++i) a.out[(b * a.C + m0 + i) * T_ + t] = (T)accd[i];
+}
+
+template <typename T, int NV, int VB, bool UNIT, bool TRANS>
+MEDCONV_INLINE void gw_item_impl(const GwArgs<T>& a, i64 item) {
+  const i64 T_ = a.k[0] * a.k[1] * a.k[2], ntiles = (a.C + RT - 1) / RT;
+  const i64 t = item % T_, tile = (item / T_) % ntiles, b = item / (T_ * ntiles);
+  const i64 m0 = tile * RT;
+  switch ((int)std::min<i64>(RT, a.C - m0)) {
+    case 4: gw_tile<T, 4, NV, VB, UNIT, TRANS>(a, b, m0, t); break;
+    case 3: gw_tile<T, 3, NV, VB, UNIT, TRANS>(a, b, m0, t); break;
+    case 2: gw_tile<T, 2, NV, VB, UNIT, TRANS>(a, b, m0, t); break;
+    default: gw_tile<T, 1, NV, VB, UNIT, TRANS>(a, b, m0, t); break;
+  }
+}
+
+template <typename T, int NV, int VB>
+MEDCONV_INLINE void gw_items(const GwArgs<T>& a, i64 begin, i64 end) {
+  for (i64 it = begin; it < end; ++it) {
+    if (a.s[2] == 1) {
+      if (a.transposed) gw_item_impl<T, NV, VB, true, true>(a, it);
+      else gw_item_impl<T, NV, VB, true, false>(a, it);
+    } else {
+      if (a.transposed) gw_item_impl<T, NV, VB, false, true>(a, it);
+      else gw_item_impl<T, NV, VB, false, false>(a, it);
+    }
+  }
 }
 
 template <typename T>
 void gw_items_default(const GwArgs<T>& a, i64 begin, i64 end) {
-  std::vector<double> acc;
-  for (i64 it = begin; it < end; ++it) {
-    if (a.s[2] == 1) gw_item_impl<T, true>(a, it, acc);
-    else gw_item_impl<T, false>(a, it, acc);
-  }
+  gw_items<T, 2, 16>(a, begin, end);
 }
 
 #ifdef MEDCONV_X86_DISPATCH
 template <typename T>
 __attribute__((target("avx2,fma"))) void gw_items_avx2(const GwArgs<T>& a, i64 begin, i64 end) {
-  std::vector<double> acc;
-  for (i64 it = begin; it < end; ++it) {
-    if (a.s[2] == 1) gw_item_impl<T, true>(a, it, acc);
-    else gw_item_impl<T, false>(a, it, acc);
-  }
+  gw_items<T, 2, 32>(a, begin, end);
 }
 #endif
 
 template <typename T>
 void run_gw(const GwArgs<T>& a) {
-  at::parallel_for(0, a.nb * a.C, 1, [&](i64 begin, i64 end) {
+  const i64 items = a.nb * ((a.C + RT - 1) / RT) * a.k[0] * a.k[1] * a.k[2];
+  at::parallel_for(0, items, 1, [&](i64 begin, i64 end) {
 #ifdef MEDCONV_X86_DISPATCH
     if (cpu_has_avx2()) {
       gw_items_avx2<T>(a, begin, end);
@@ -573,6 +671,7 @@ at::Tensor gw_op(const at::Tensor& A, const at::Tensor& Bsrc, const Geom& g, boo
     L[i] = (P[i] - 1) * g.s[i] + g.d[i] * (g.k[i] - 1) + 1;
     off[i] = -g.p[i];
   }
+  const bool flat = g.s[1] == 1 && g.s[2] == 1 && P[1] > 1;
   const i64 T_ = g.taps();
   at::Tensor out = at::empty({g.nb, g.C, T_}, A5.options());
   AT_DISPATCH_FLOATING_TYPES(A5.scalar_type(), "rolling_conv_grad_weight_cpu", [&] {
@@ -580,11 +679,18 @@ at::Tensor gw_op(const at::Tensor& A, const at::Tensor& Bsrc, const Geom& g, boo
       out.zero_();
       return;
     }
-    at::Tensor buf = make_buffer<scalar_t>(B5, L, off, su, slack_for(g.s));
+    // flat runs read up to (k2 - 1) * d2 past the last row of B
+    at::Tensor buf = make_buffer<scalar_t>(B5, L, off, su, slack_for(g.s) + (g.k[2] - 1) * g.d[2]);
+    at::Tensor abuf = A5;
+    A3 PA = P;
+    if (flat) {  // A with rows of length L2, zero beyond P2 (see GwArgs::flat)
+      PA[2] = L[2];
+      abuf = make_buffer<scalar_t>(A5, PA, A3{0, 0, 0}, su, 0);
+    }
     GwArgs<scalar_t> a;
-    a.A = A5.data_ptr<scalar_t>();
+    a.A = abuf.data_ptr<scalar_t>();
     a.CA = A5.size(1);
-    a.P = P;
+    a.P = PA;
     a.B = buf.data_ptr<scalar_t>();
     a.CB = B5.size(1);
     a.L = L;
@@ -593,6 +699,7 @@ at::Tensor gw_op(const at::Tensor& A, const at::Tensor& Bsrc, const Geom& g, boo
     a.nb = g.nb;
     a.n_rolls = g.n_rolls;
     a.transposed = transposed;
+    a.flat = flat;
     a.k = g.k;
     a.s = g.s;
     a.d = g.d;
