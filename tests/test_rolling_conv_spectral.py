@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import medconv_ext
+from medconv_ext.ops import rolling_conv_spectral as spectral
 from medconv_ext.reference import rolling_conv as ref
 
 F32_TOL = 2e-5  # max |err| / max |ref|, float32 in and out
@@ -66,9 +67,17 @@ IDS = ["%dd-N%d-C%d-B%d-R%d-k%d-s%d-p%d-d%d" % (c[0], c[1], c[2], c[3], c[4], c[
        for c in CASES]
 
 
+@pytest.fixture(params=["gemm", "fft"])
+def transform(request, monkeypatch):
+    """The channel DFT runs as a GEMM for C_in <= GEMM_MAX_C and as an rFFT above: test both."""
+    if request.param == "fft":
+        monkeypatch.setattr(spectral, "GEMM_MAX_C", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_forward_and_grads_float64(case, transposed):
+def test_forward_and_grads_float64(case, transposed, transform):
     dims, n, c_in, n_base, n_rolls, size, k, s, p, d, op_ = case
     if not transposed:
         op_ = 0
@@ -87,7 +96,7 @@ def test_forward_and_grads_float64(case, transposed):
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
 @pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[7]], ids=[IDS[2], IDS[3], IDS[7]])
-def test_float32_vs_float64_reference(case, transposed):
+def test_float32_vs_float64_reference(case, transposed, transform):
     dims, n, c_in, n_base, n_rolls, size, k, s, p, d, op_ = case
     if not transposed:
         op_ = 0
@@ -107,7 +116,7 @@ def test_float32_vs_float64_reference(case, transposed):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
-def test_16bit_computed_in_float32(dtype, transposed):
+def test_16bit_computed_in_float32(dtype, transposed, transform):
     # C_in = 64 and 3x3 taps: 576 products per output. Accumulating them in 16 bits would give
     # errors far above the output rounding that the tolerance allows.
     c_in, n_rolls = 64, 32
@@ -138,12 +147,23 @@ def test_layouts_noncontiguous_channels_last_and_empty_batch():
     assert y.is_contiguous(memory_format=torch.channels_last)  # as torch's conv does
     assert _rel_err(y, ref.rolling_conv(xc, w, None, [1, 1], [1, 1], [1, 1], 6)) < 1e-12
     y = medconv_ext.rolling_conv2d(torch.randn(1, 6, 7, 5, dtype=torch.float64), w, backend="spectral")
-    assert y.is_contiguous()
+    assert y.is_contiguous(memory_format=torch.channels_last)  # its natural layout, see _finish
+    y3 = medconv_ext.rolling_conv3d(torch.randn(2, 6, 4, 5, 3), w.float()[..., None], backend="spectral")
+    assert y3.is_contiguous(memory_format=torch.channels_last_3d)
     y = medconv_ext.rolling_conv2d(torch.randn(0, 6, 7, 5, dtype=torch.float64), w, padding=1, backend="spectral")
     assert y.shape == (0, 6, 7, 5)
     y = medconv_ext.rolling_conv_transpose2d(torch.randn(0, 6, 4, 5), w.transpose(0, 1).float(), stride=2,
                                              backend="spectral")
     assert y.shape == (0, 6, 9, 11)
+
+
+def test_large_c_default_paths():
+    # C_in above GEMM_MAX_C takes the rFFT path by default; odd C_in has no Nyquist bin.
+    for c_in in (spectral.GEMM_MAX_C + 1, spectral.GEMM_MAX_C + 2):
+        x = torch.randn(1, c_in, 5, 4, dtype=torch.float64)
+        w = torch.randn(1, c_in, 3, 3, dtype=torch.float64)
+        y = medconv_ext.rolling_conv2d(x, w, padding=1, n_rolls=c_in - 1, backend="spectral")
+        assert _rel_err(y, ref.rolling_conv(x, w, None, [1, 1], [1, 1], [1, 1], c_in - 1)) < 1e-12
 
 
 def test_deterministic():
