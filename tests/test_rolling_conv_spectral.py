@@ -195,3 +195,16 @@ def test_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(yc, ye)
     for a, e in zip(gc, ge):
         torch.testing.assert_close(a, e)
+
+
+def test_cpu_auto_rule():
+    from medconv_ext.ops.rolling_conv import _cpu_auto_candidates as rule
+    w2 = lambda c, k=3: torch.randn(1, c, k, k)  # noqa: E731
+    assert rule(torch.randn(1, 512, 4, 4), w2(512), False) == ["spectral"]
+    assert rule(torch.randn(1, 32, 4, 4), w2(32), False) == ["reference"]
+    assert rule(torch.randn(1, 512, 4, 4), w2(512, 1), False) == ["reference"]  # 1x1: no gain
+    x = torch.randn(1, 64, 4, 4, requires_grad=True)
+    assert rule(x, w2(64), False) == ["reference"]  # training: higher threshold
+    with torch.no_grad():
+        assert rule(x, w2(64), False) == ["spectral"]
+    assert rule(torch.randn(1, 16, 4, 4, 4), torch.randn(1, 16, 5, 5, 5), False) == ["spectral"]
