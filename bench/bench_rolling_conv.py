@@ -122,7 +122,24 @@ def _make_fn(impl: str, mode: str, dims: int, tensors: Dict[str, torch.Tensor], 
     return run_bwd
 
 
-def bench_case(res: harness.Results, shape, device, dtype, modes, budget_s: float, skipped: Dict[str, str]):
+def time_thread_ms(fn, warmup: int = 2, min_reps: int = 5, max_reps: int = 50, budget_s: float = 0.5) -> float:
+    """Median CPU time of the calling thread (ms): insensitive to other processes competing for the
+    cores, meaningful with --threads 1 only (other threads' work is not counted)."""
+    import statistics
+    import time
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        t0 = time.thread_time()
+        fn()
+        times.append((time.thread_time() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_case(res: harness.Results, shape, device, dtype, modes, budget_s: float, skipped: Dict[str, str],
+               timer: str = "wall"):
     dims, n, c, s, k = shape
     pad = k // 2
     sh = shape_str(*shape)
@@ -157,7 +174,10 @@ def bench_case(res: harness.Results, shape, device, dtype, modes, budget_s: floa
             if impl not in ("dense", "depthwise_separable") and mode == "fwd":
                 y = fn()
                 err = ((y.double() - ref_out).abs().max() / ref_out.abs().max()).item()
-            ms = harness.time_ms(fn, device, budget_s=budget_s)
+            if timer == "thread":
+                ms = time_thread_ms(fn, budget_s=budget_s)
+            else:
+                ms = harness.time_ms(fn, device, budget_s=budget_s)
             mem = harness.measure_peak_mb(fn, device)
             res.add(op=OP, impl=impl, dtype=str(dtype).replace("torch.", ""), mode=mode, shape=sh,
                     median_ms=ms, peak_mem_mb=mem, max_rel_err=err)
@@ -230,7 +250,7 @@ def plot(rows: List[dict], impls: List[str], path: str) -> Optional[str]:
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
         ax.set_xticks(range(len(shapes)))
-        ax.set_xticklabels([s.replace(" ", "\n", 1) for s in shapes], fontsize=7)
+        ax.set_xticklabels([s.replace("N=", "\nN=", 1) for s in shapes], fontsize=7, rotation=25, ha="right")
         ax.set_ylabel("speed-up over dense\n(dense ms / impl ms)")
         ax.set_title("rolling_conv, %s, %s, %s" % (dt, mode, rows[0]["device"]), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
@@ -250,6 +270,10 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="all", choices=["fwd", "fwdbwd", "all"])
     p.add_argument("--budget", type=float, default=0.5, help="seconds of repeats per measurement (>= 5 repeats)")
     p.add_argument("--shape", action="append", type=parse_shape, help="custom case, e.g. '3d N=1 C=128 S=16 k=5'")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--timer", default="wall", choices=["wall", "thread"],
+                   help="wall: median wall time (the default, what the targets mean); thread: median CPU time "
+                        "of the main thread, for a CPU shared with other jobs, only with --threads 1")
     p.add_argument("--out-dir", default=None, help="where to write the CSV and plot (default bench/results/<device>)")
     a = p.parse_args(argv)
 
@@ -261,21 +285,25 @@ def main(argv=None) -> int:
         if d not in DTYPES:
             p.error("--dtype: unknown %r (choose from %s)" % (d, ", ".join(DTYPES)))
     modes = ["fwd", "fwdbwd"] if a.mode == "all" else [a.mode]
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+    if a.timer == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        p.error("--timer thread needs --device cpu and --threads 1")
     shapes = a.shape or (QUICK_SHAPES if a.quick else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES))
     if device.type == "cuda":
         # Exact fp32 for every impl alike (no TF32), so the comparison is between algorithms.
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
 
-    print("rolling_conv benchmark on %s, torch %s, %d threads" % (harness.device_name(device), torch.__version__,
-                                                                  torch.get_num_threads()))
+    print("rolling_conv benchmark on %s, torch %s, %d threads, %s timer" % (
+        harness.device_name(device), torch.__version__, torch.get_num_threads(), a.timer))
     for name, (ok, why) in medconv_ext.available_backends().items():
         print("  backend %-9s %s  %s" % (name, "yes" if ok else "no ", why))
     res = harness.Results("rolling_conv", device, extra_columns=["vs_roll_loop", "vs_dense", "max_rel_err"])
     skipped: Dict[str, str] = {}
     for dt in dtype_names:
         for shape in shapes:
-            bench_case(res, shape, device, DTYPES[dt], modes, a.budget, skipped)
+            bench_case(res, shape, device, DTYPES[dt], modes, a.budget, skipped, a.timer)
     for name, why in skipped.items():
         print("not timed: %s (%s)" % (name, why))
 
@@ -289,7 +317,8 @@ def main(argv=None) -> int:
     if targets:
         print("\nTargets (issue 2; meaningful on the 2-core CPU at full size):")
         print("\n".join("  " + t for t in targets))
-    out_dir = a.out_dir or harness.results_dir(device)
+    out_dir = a.out_dir or os.path.join(harness.ROOT, "bench", "results",
+                                        harness.device_slug(device) + ("-threadtime" if a.timer == "thread" else ""))
     os.makedirs(out_dir, exist_ok=True)
     res.write_csv(os.path.join(out_dir, "rolling_conv.csv"))
     plot(res.rows, impls, os.path.join(out_dir, "rolling_conv.png"))
