@@ -56,14 +56,14 @@ CASES = [
     (2, 2, 1, 1, 1, (7, 5), 3, 1, 1, 1, 0),     # C_in = 1: only the DC bin
     (2, 1, 2, 2, 2, (6, 7), 3, 1, 0, 1, 0),     # C_in = 2: DC + Nyquist, two bases
     (2, 2, 5, 1, 5, (9, 8), 3, 2, 1, 1, 1),     # odd C_in, stride 2, full roll
-    (2, 1, 6, 3, 2, (11, 9), 3, 1, 2, 2, 0),    # n_base 3, partial roll, dilation 2
+    (2, 1, 6, 3, 2, (11, 9), 3, 1, 2, 2, 1),    # n_base 3, partial roll, dilation 2 (> stride: output_padding 1)
     (2, 2, 7, 1, 3, (8, 9), 4, 2, 3, 1, 1),     # even kernel, big padding, partial roll
     (2, 3, 8, 1, 4, (5, 6), 1, 1, 0, 1, 0),     # 1x1 kernel, half roll
     (3, 1, 3, 1, 3, (5, 6, 4), 3, 1, 1, 1, 0),
     (3, 2, 4, 2, 3, (7, 5, 6), 3, 2, 1, 1, 1),  # 3D stride 2, n_base 2, partial roll
-    (3, 1, 5, 1, 5, (6, 5, 7), 3, 1, 2, 2, 0),  # 3D dilation 2
+    (3, 1, 5, 1, 5, (6, 5, 7), 3, 1, 2, 2, 1),  # 3D dilation 2, output_padding 1 with stride 1
 ]
-IDS = ["%dd-N%d-C%d-B%d-R%d-k%d-s%d-p%d-d%d" % (c[0], c[1], c[2], c[3], c[4], c[6], c[7], c[8], c[9])
+IDS = ["%dd-N%d-C%d-B%d-R%d-k%d-s%d-p%d-d%d-op%d" % (c[0], c[1], c[2], c[3], c[4], c[6], c[7], c[8], c[9], c[10])
        for c in CASES]
 
 

@@ -110,11 +110,20 @@ class _DepthwiseConvCPU(torch.autograd.Function):
         g = g.contiguous(memory_format=_cl_format(g.dim() - 2))
         gu = gw = None
         if transposed:
-            # <convT(u, w), g> = <u, conv(g, w)>
+            # <convT(u, w), g> = <u, conv(g, w)>. With output_padding >= stride (allowed when
+            # dilation > stride) conv(g, w) has floor(output_padding / stride) more positions than u
+            # per axis; they belong to no input: crop them from the input gradient, and give them a
+            # zero "grad_output" in the weight gradient.
+            dims = g.dim() - 2
+            conv_g = _CONV[dims](g, w, None, stride, padding, dilation, g.shape[1])
             if ctx.needs_input_grad[0]:
-                gu = _CONV[g.dim() - 2](g, w, None, stride, padding, dilation, g.shape[1])
+                gu = conv_g[(slice(None), slice(None)) + tuple(slice(0, n) for n in u.shape[2:])]
             if ctx.needs_input_grad[1]:
-                gw = _conv_weight_grad(u, g, w, stride, padding, dilation)
+                extra = []
+                for n_conv, n_u in zip(reversed(conv_g.shape[2:]), reversed(u.shape[2:])):
+                    extra.extend([0, n_conv - n_u])
+                u_full = F.pad(u, extra) if any(extra) else u
+                gw = _conv_weight_grad(u_full, g, w, stride, padding, dilation)
         else:
             if ctx.needs_input_grad[0]:
                 gu = _conv_adjoint(g, w, list(u.shape[2:]), stride, padding, dilation)
