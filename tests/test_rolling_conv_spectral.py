@@ -166,6 +166,19 @@ def test_large_c_default_paths():
         assert _rel_err(y, ref.rolling_conv(x, w, None, [1, 1], [1, 1], [1, 1], c_in - 1)) < 1e-12
 
 
+def test_inference_mode_then_training():
+    # The channel-DFT matrix is cached; one first made under inference_mode must still serve autograd.
+    c_in = 11  # a size no other test uses, so the cache starts empty for it
+    x = torch.randn(1, c_in, 5, 5, requires_grad=True)
+    w = torch.randn(1, c_in, 3, 3, requires_grad=True)
+    with torch.inference_mode():
+        y0 = medconv_ext.rolling_conv2d(x.detach(), w.detach(), padding=1, backend="spectral")
+    y = medconv_ext.rolling_conv2d(x, w, padding=1, backend="spectral")
+    y.sum().backward()
+    assert x.grad is not None and w.grad is not None
+    torch.testing.assert_close(y.detach(), y0)
+
+
 def test_deterministic():
     x = torch.randn(2, 16, 9, 8)
     w = torch.randn(1, 16, 3, 3)

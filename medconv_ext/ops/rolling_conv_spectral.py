@@ -177,7 +177,10 @@ def _dft4(c_in: int, device, dtype) -> torch.Tensor:
     key = (c_in, str(device), dtype)
     m = _DFT_CACHE.get(key)
     if m is None:
-        m = _DFT_CACHE[key] = _dft4_matrix(c_in, device, dtype)
+        # A matrix made under torch.inference_mode() would be an inference tensor, which autograd
+        # refuses to save for backward in a later training call: make the cached one a normal tensor.
+        with torch.inference_mode(False):
+            m = _DFT_CACHE[key] = _dft4_matrix(c_in, device, dtype)
     return m
 
 
