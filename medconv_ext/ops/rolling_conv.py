@@ -82,7 +82,40 @@ def _auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool) ->
     """Ordered backends to try for backend="auto"; "reference" is always the last resort."""
     if x.device.type == "cuda":
         return ["cuda", "triton", "spectral"]
-    return ["cpu", "spectral"]
+    return _cpu_auto_candidates(x, weight, transposed)
+
+
+# CPU rule, from bench/bench_rolling_conv.py shapes (N=1, single roll, stride 1, "same" padding),
+# float32, measured as thread CPU time with 1 thread (the 2-core machine was shared by 8 engineers,
+# load average 9-12, so wall-clock medians were unusable for decisions). spectral / reference time:
+#   2D 3x3    C=32 128^2   fwd 1.81  fwd+bwd 1.06      3D 5^3  C=16 32^3   fwd 0.62  fwd+bwd 2.08
+#             C=64 96^2        0.76          0.99              C=32 24^3       0.31          1.02
+#             C=128 64^2       0.71          0.58              C=64 16^3       0.23          0.46
+#             C=256 48^2       0.51          0.56              C=128 16^3      0.10          0.27
+#             C=512 32^2       0.21          0.23              C=256 8^3       0.06
+# (spectral / dense conv: 2D C=512 0.30 fwd; 3D C=128 0.11 fwd.) The spectral cost per pixel grows
+# like C_in * taps, the bank's like C_in^2 * taps, so spectral wins from some C_in on; its backward
+# (depthwise weight gradient) is relatively dearer, hence higher thresholds when gradients are needed.
+# The compiled "cpu" kernel (direct, index-shifted weights) measured 2.6-6.5x slower than "reference"
+# (bank + oneDNN conv) on 2D C=32/128 and 3D C=16/64, forward and forward+backward, so it is not an
+# automatic choice on the CPU; backend="cpu" still selects it. Kernels with few taps (1x1, the 2x2
+# up-sampling of the published nets) keep the reference: the spectral transforms cost as much as the
+# conv itself there. Transposed layers use the same thresholds (not measured separately).
+_CPU_SPECTRAL_MIN_C = {(2, False): 64, (2, True): 128, (3, False): 16, (3, True): 64}
+_CPU_SPECTRAL_MIN_TAPS = {2: 9, 3: 27}
+
+
+def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> List[str]:
+    dims = weight.dim() - 2
+    c_in = x.shape[1]
+    taps = 1
+    for k in weight.shape[2:]:
+        taps *= int(k)
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    min_c = _CPU_SPECTRAL_MIN_C.get((dims, training))
+    if min_c is not None and c_in >= min_c and taps >= _CPU_SPECTRAL_MIN_TAPS[dims]:
+        return ["spectral"]
+    return ["reference"]
 
 
 # --------------------------------------------------------------------------------------

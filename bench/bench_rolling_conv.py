@@ -1,0 +1,329 @@
+"""Rolling-convolution microbenchmark (issue 2): every available medconv backend against the
+published approach and the dense layer it replaces.
+
+Cases: 2D 3x3 with C in {32, 64, 128, 256, 512} and 3D 5x5x5 with C in {16, 32, 64, 128, 256},
+single roll (n_base = 1, C_out = C_in), stride 1, "same" padding; N and S chosen per C so that a
+case takes ~1-100 ms on the 2-core CPU. Modes: "fwd" (under torch.no_grad, inference) and
+"fwdbwd" (forward + gradients of input and weights, training).
+
+Impls:
+  reference, cpu, spectral, auto [, cuda, triton on CUDA]   medconv_ext.rolling_conv{2,3}d(backend=...)
+  roll_loop            the published approach: a Python loop of torch.roll + torch.cat builds the
+                       bank on every call, then the dense conv
+  dense                a dense conv of the same shape (C x C x k weights), what rolling replaces
+  depthwise_separable  depthwise kxk + pointwise 1x1, same in/out channels
+
+Output: a line per measurement, ratio tables (time of each impl / time of roll_loop and / dense:
+below 1 is faster), bench/results/<device>/rolling_conv.csv (harness columns + vs_roll_loop,
+vs_dense, max_rel_err) and rolling_conv.png (speed-up over dense per shape and impl).
+
+    python bench/bench_rolling_conv.py [--quick] [--device cpu|cuda] [--dtype float32,bfloat16]
+                                       [--mode fwd|fwdbwd|all] [--budget SECONDS]
+"""
+import argparse
+import os
+import re
+import sys
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import harness  # noqa: E402  (puts the repository root on sys.path)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import medconv_ext  # noqa: E402
+from medconv_ext import backends  # noqa: E402
+
+OP = "rolling_conv"
+CONV = {2: F.conv2d, 3: F.conv3d}
+ROLLING = {2: medconv_ext.rolling_conv2d, 3: medconv_ext.rolling_conv3d}
+
+# (dims, N, C, S, k). Sizes so that the dense conv takes ~1-100 ms forward on the 2-core CPU.
+# The two cases the issue's targets name: 2D C=512 at 32^2 and 3D C=128 at 16^3.
+CPU_SHAPES = [
+    (2, 1, 32, 128, 3), (2, 1, 64, 96, 3), (2, 1, 128, 64, 3), (2, 1, 256, 48, 3), (2, 1, 512, 32, 3),
+    (3, 1, 16, 32, 5), (3, 1, 32, 24, 5), (3, 1, 64, 16, 5), (3, 1, 128, 16, 5), (3, 1, 256, 8, 5),
+]
+# On a GPU the same cases with a batch large enough to fill the device.
+CUDA_SHAPES = [(d, 8 * n, c, s, k) for d, n, c, s, k in CPU_SHAPES]
+QUICK_SHAPES = [(2, 1, 64, 32, 3), (2, 1, 512, 32, 3), (3, 1, 16, 16, 5), (3, 1, 128, 16, 5)]
+TARGETS = {  # (shape, minimum forward speed-up of "auto" over dense) from issue 2, CPU float32
+    "2d N=1 C=512 S=32 k=3": 3.0,
+    "3d N=1 C=128 S=16 k=5": 5.0,
+}
+BASELINES = ["roll_loop", "dense", "depthwise_separable"]
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+def shape_str(dims, n, c, s, k) -> str:
+    return "%dd N=%d C=%d S=%d k=%d" % (dims, n, c, s, k)
+
+
+def parse_shape(text: str):
+    m = re.fullmatch(r"\s*([23])d\s+N=(\d+)\s+C=(\d+)\s+S=(\d+)\s+k=(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError("shape must look like '3d N=1 C=128 S=16 k=5', got %r" % text)
+    return tuple(int(v) for v in m.groups())
+
+
+def roll_loop(x, w, pad):
+    """The published construction, rebuilt on every call: roll the base by +1 along its channel
+    axis C-1 times, concatenate along the output axis, convolve."""
+    bank, cur = [w], w
+    for _ in range(1, x.shape[1]):
+        cur = torch.roll(cur, shifts=1, dims=1)
+        bank.append(cur)
+    return CONV[x.dim() - 2](x, torch.cat(bank, 0), None, 1, pad)
+
+
+def medconv_impls(device: torch.device, dtype: torch.dtype, shape) -> Dict[str, Optional[str]]:
+    """{backend: None if it can run this case, else why not} for the medconv backends to time."""
+    dims, n, c, s, k = shape
+    names = ["reference", "spectral", "cpu"] if device.type == "cpu" else ["reference", "spectral", "cuda", "triton"]
+    x_shape, w_shape = (n, c) + (s,) * dims, (1, c) + (k,) * dims
+    out = {}
+    for name in names:
+        try:
+            backends.resolve(OP, name, device, dtype, [], ctx={"transposed": False, "x_shape": x_shape,
+                                                              "w_shape": w_shape})
+            out[name] = None
+        except (RuntimeError, ValueError) as e:
+            out[name] = str(e)
+    out["auto"] = None
+    return out
+
+
+def _make_fn(impl: str, mode: str, dims: int, tensors: Dict[str, torch.Tensor], pad: int, grad_out: torch.Tensor):
+    x = tensors["x"]
+    if impl == "roll_loop":
+        params = [x, tensors["w"]]
+        fwd = lambda: roll_loop(x, tensors["w"], pad)  # noqa: E731
+    elif impl == "dense":
+        params = [x, tensors["w_dense"]]
+        fwd = lambda: CONV[dims](x, tensors["w_dense"], None, 1, pad)  # noqa: E731
+    elif impl == "depthwise_separable":
+        params = [x, tensors["w_dw"], tensors["w_pw"]]
+        fwd = lambda: CONV[dims](CONV[dims](x, tensors["w_dw"], None, 1, pad, 1, x.shape[1]), tensors["w_pw"])  # noqa: E731
+    else:
+        params = [x, tensors["w"]]
+        fwd = lambda: ROLLING[dims](x, tensors["w"], None, padding=pad, backend=impl)  # noqa: E731
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fwd()
+        return run
+
+    def run_bwd():
+        y = fwd()
+        return torch.autograd.grad(y, params, grad_out)
+    return run_bwd
+
+
+def time_thread_ms(fn, warmup: int = 2, min_reps: int = 5, max_reps: int = 50, budget_s: float = 0.5) -> float:
+    """Median CPU time of the calling thread (ms): insensitive to other processes competing for the
+    cores, meaningful with --threads 1 only (other threads' work is not counted)."""
+    import statistics
+    import time
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        t0 = time.thread_time()
+        fn()
+        times.append((time.thread_time() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_case(res: harness.Results, shape, device, dtype, modes, budget_s: float, skipped: Dict[str, str],
+               timer: str = "wall"):
+    dims, n, c, s, k = shape
+    pad = k // 2
+    sh = shape_str(*shape)
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*size, scale=1.0):
+        return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    fan = c * k ** dims
+    tensors = {
+        "x": rnd(n, c, *([s] * dims)),
+        "w": rnd(1, c, *([k] * dims), scale=fan ** -0.5),
+        "w_dense": rnd(c, c, *([k] * dims), scale=fan ** -0.5),
+        "w_dw": rnd(c, 1, *([k] * dims), scale=k ** (-dims / 2)),
+        "w_pw": rnd(c, c, *([1] * dims), scale=c ** -0.5),
+    }
+    grad_out = rnd(n, c, *([s] * dims))
+    impls = medconv_impls(device, dtype, shape)
+    for name, why in impls.items():
+        if why is not None:
+            skipped.setdefault(name, why)
+    names = [m for m, why in impls.items() if why is None] + BASELINES
+    # Correctness guard: a backend that computes garbage must not produce a benchmark number.
+    with torch.no_grad():
+        ref_out = ROLLING[dims](tensors["x"].double(), tensors["w"].double(), None, padding=pad, backend="reference")
+    for mode in modes:
+        for t in tensors.values():
+            t.requires_grad_(mode == "fwdbwd")
+        for impl in names:
+            fn = _make_fn(impl, mode, dims, tensors, pad, grad_out)
+            err = ""
+            if impl not in ("dense", "depthwise_separable") and mode == "fwd":
+                y = fn()
+                err = ((y.double() - ref_out).abs().max() / ref_out.abs().max()).item()
+            if timer == "thread":
+                ms = time_thread_ms(fn, budget_s=budget_s)
+            else:
+                ms = harness.time_ms(fn, device, budget_s=budget_s)
+            mem = harness.measure_peak_mb(fn, device)
+            res.add(op=OP, impl=impl, dtype=str(dtype).replace("torch.", ""), mode=mode, shape=sh,
+                    median_ms=ms, peak_mem_mb=mem, max_rel_err=err)
+
+
+def _by_key(rows):
+    out: Dict[tuple, Dict[str, dict]] = {}
+    for r in rows:
+        out.setdefault((r["dtype"], r["mode"], r["shape"]), {})[r["impl"]] = r
+    return out
+
+
+def add_ratios(rows: List[dict]) -> None:
+    for by_impl in _by_key(rows).values():
+        for base, col in (("roll_loop", "vs_roll_loop"), ("dense", "vs_dense")):
+            b = by_impl.get(base)
+            for r in by_impl.values():
+                r[col] = r["median_ms"] / b["median_ms"] if b and b["median_ms"] > 0 else float("nan")
+
+
+def print_tables(rows: List[dict], impls: List[str]) -> None:
+    for base in ("roll_loop", "dense"):
+        print("\nTime ratio: impl / %s  (below 1 = faster than %s)" % (base, base))
+        head = "%-9s %-7s %-24s" % ("dtype", "mode", "shape") + "".join("%12s" % i[:11] for i in impls)
+        print(head)
+        print("-" * len(head))
+        for (dt, mode, sh), by_impl in _by_key(rows).items():
+            if base not in by_impl:
+                continue
+            b = by_impl[base]["median_ms"]
+            cells = "".join("%12s" % ("%.3f" % (by_impl[i]["median_ms"] / b) if i in by_impl else "-") for i in impls)
+            print("%-9s %-7s %-24s" % (dt, mode, sh) + cells)
+
+
+def check_targets(rows: List[dict]) -> List[str]:
+    """Issue 2's CPU targets, as lines of text (PASS/MISS)."""
+    lines = []
+    for (dt, mode, sh), by_impl in _by_key(rows).items():
+        if "auto" in by_impl and "roll_loop" in by_impl:
+            ratio = by_impl["roll_loop"]["median_ms"] / by_impl["auto"]["median_ms"]
+            lines.append("%s auto vs roll_loop  %-7s %-24s %6.2fx faster" % ("PASS" if ratio >= 1 else "MISS", mode, sh, ratio))
+        if mode == "fwd" and dt == "float32" and sh in TARGETS and "auto" in by_impl and "dense" in by_impl:
+            ratio = by_impl["dense"]["median_ms"] / by_impl["auto"]["median_ms"]
+            lines.append("%s auto vs dense      %-7s %-24s %6.2fx faster (target >= %.0fx)"
+                         % ("PASS" if ratio >= TARGETS[sh] else "MISS", mode, sh, ratio, TARGETS[sh]))
+    return lines
+
+
+def plot(rows: List[dict], impls: List[str], path: str) -> Optional[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # matplotlib is a bench requirement; the numbers are in the CSV anyway
+        print("no plot (%s)" % e)
+        return None
+    keys = sorted({(r["dtype"], r["mode"]) for r in rows})
+    fig, axes = plt.subplots(len(keys), 1, figsize=(12, 3.6 * len(keys)), squeeze=False)
+    groups = _by_key(rows)
+    for ax, (dt, mode) in zip(axes[:, 0], keys):
+        shapes = [sh for (d, m, sh) in groups if d == dt and m == mode]
+        for j, impl in enumerate(i for i in impls if i != "dense"):
+            xs, ys = [], []
+            for i, sh in enumerate(shapes):
+                g = groups[(dt, mode, sh)]
+                if impl in g and "dense" in g:
+                    xs.append(i + (j - len(impls) / 2) * 0.08)
+                    ys.append(g["dense"]["median_ms"] / g[impl]["median_ms"])
+            ax.plot(xs, ys, "o-" if impl in ("auto", "spectral") else "o:", label=impl, ms=4)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels([s.replace("N=", "\nN=", 1) for s in shapes], fontsize=7, rotation=25, ha="right")
+        ax.set_ylabel("speed-up over dense\n(dense ms / impl ms)")
+        ax.set_title("rolling_conv, %s, %s, %s" % (dt, mode, rows[0]["device"]), fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print("wrote %s" % os.path.relpath(path, harness.ROOT))
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a few shapes only (smoke run)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="comma list (default: float32 on CPU, float32,bfloat16 on CUDA)")
+    p.add_argument("--mode", default="all", choices=["fwd", "fwdbwd", "all"])
+    p.add_argument("--budget", type=float, default=0.5, help="seconds of repeats per measurement (>= 5 repeats)")
+    p.add_argument("--shape", action="append", type=parse_shape, help="custom case, e.g. '3d N=1 C=128 S=16 k=5'")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--timer", default="wall", choices=["wall", "thread"],
+                   help="wall: median wall time (the default, what the targets mean); thread: median CPU time "
+                        "of the main thread, for a CPU shared with other jobs, only with --threads 1")
+    p.add_argument("--out-dir", default=None, help="where to write the CSV and plot (default bench/results/<device>)")
+    a = p.parse_args(argv)
+
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    dtype_names = (a.dtype or ("float32" if device.type == "cpu" else "float32,bfloat16")).split(",")
+    for d in dtype_names:
+        if d not in DTYPES:
+            p.error("--dtype: unknown %r (choose from %s)" % (d, ", ".join(DTYPES)))
+    modes = ["fwd", "fwdbwd"] if a.mode == "all" else [a.mode]
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+    if a.timer == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        p.error("--timer thread needs --device cpu and --threads 1")
+    shapes = a.shape or (QUICK_SHAPES if a.quick else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES))
+    if device.type == "cuda":
+        # Exact fp32 for every impl alike (no TF32), so the comparison is between algorithms.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    print("rolling_conv benchmark on %s, torch %s, %d threads, %s timer" % (
+        harness.device_name(device), torch.__version__, torch.get_num_threads(), a.timer))
+    for name, (ok, why) in medconv_ext.available_backends().items():
+        print("  backend %-9s %s  %s" % (name, "yes" if ok else "no ", why))
+    res = harness.Results("rolling_conv", device, extra_columns=["vs_roll_loop", "vs_dense", "max_rel_err"])
+    skipped: Dict[str, str] = {}
+    for dt in dtype_names:
+        for shape in shapes:
+            bench_case(res, shape, device, DTYPES[dt], modes, a.budget, skipped, a.timer)
+    for name, why in skipped.items():
+        print("not timed: %s (%s)" % (name, why))
+
+    add_ratios(res.rows)
+    impls = []
+    for r in res.rows:
+        if r["impl"] not in impls:
+            impls.append(r["impl"])
+    print_tables(res.rows, impls)
+    targets = check_targets(res.rows)
+    if targets:
+        print("\nTargets (issue 2; meaningful on the 2-core CPU at full size):")
+        print("\n".join("  " + t for t in targets))
+    out_dir = a.out_dir or os.path.join(harness.ROOT, "bench", "results",
+                                        harness.device_slug(device) + ("-threadtime" if a.timer == "thread" else ""))
+    os.makedirs(out_dir, exist_ok=True)
+    res.write_csv(os.path.join(out_dir, "rolling_conv.csv"))
+    plot(res.rows, impls, os.path.join(out_dir, "rolling_conv.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
