@@ -33,11 +33,11 @@ def test_recon_logits_equal_published():
     model = from_published(RECON)
     assert sum(p.numel() for p in model.parameters()) == 445_025
     sd = load(RECON)
-    x = torch.randn(1, 1, 16, 16, 32)
+    x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
         got = model(x)
         want = published_forward(sd, x)
-    assert got.shape == (1, 1, 16, 16, 32)
+    assert got.shape == (1, 1, 16, 16, 16)
     assert rel_err(got, want) < 1e-4
 
 
