@@ -130,9 +130,10 @@ def test_cli_end_to_end_rolling_qsmnet(tmp_path):
     except ImportError:
         pytest.skip("medconv_ext.models.rolling_qsmnet is not there yet (the models work merges first)")
     out = str(tmp_path / "run")
+    # batch 2: QSMnet's BatchNorm needs more than one value per channel at the 1^3 bottleneck of a 16^3 patch
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "medconv_ext.train", "qsm", "--model", "rolling_qsmnet",
-                           "--features", "2", "--patch", "16", "--batch-size", "1", "--steps", "2",
+                           "--features", "2", "--patch", "16", "--batch-size", "2", "--steps", "2",
                            "--val-size", "1", "--out", out, "--quiet"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

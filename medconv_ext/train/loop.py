@@ -30,7 +30,7 @@ class QSMTrainConfig:
     features: Optional[int] = None     # None: 8 on the CPU (small and quick), the builder's default on CUDA
     patch: int = 32
     batch_size: int = 2
-    steps: int = 200
+    steps: int = 100
     lr: float = 1e-3
     device: str = "auto"
     out: str = "runs/qsm"
