@@ -108,9 +108,6 @@ def build_model(cfg: QSMTrainConfig, device: torch.device, builder=None, log=pri
     fn = builder if builder is not None else resolve_builder(cfg.model)
     kwargs = {}
     features = cfg.features
-    if features is None and device.type == "cpu" and _accepts(fn, "features"):
-        features = 8
-        log("features=8 (the CPU default; pass --features to change it)")
     if features is not None:
         if not _accepts(fn, "features"):
             raise ValueError("--features: the builder %r takes no 'features' argument" % (cfg.model,))
@@ -314,6 +311,10 @@ def run_qsm(cfg: QSMTrainConfig, *, resume: Optional[str] = None, given: Optiona
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, CKPT_NAME)
 
+    if cfg.features is None and device.type == "cpu" and _accepts(builder or resolve_builder(cfg.model), "features"):
+        # small by default on the CPU; recorded in the config so that the checkpoint says so
+        cfg = dataclasses.replace(cfg, features=8)
+        log("features=8 (the CPU default; pass --features to change it)")
     torch.manual_seed(cfg.seed)  # the model's initial weights
     model = build_model(cfg, device, builder, log)
     n_params = sum(p.numel() for p in model.parameters())
@@ -359,7 +360,7 @@ def run_qsm(cfg: QSMTrainConfig, *, resume: Optional[str] = None, given: Optiona
         log("held-out set: %d synthetic volumes of %d^3 (seed %d, stream 'val'), noise %.4g ppm"
             % (cfg.val_size, cfg.patch, cfg.seed, cfg.noise))
         log(format_table(metrics, names))
-        report = {"config": dataclasses.asdict(cfg), "step": max(start, cfg.steps) if cfg.steps >= start else start,
+        report = {"config": dataclasses.asdict(cfg), "step": max(start, cfg.steps),
                   "parameters": n_params, "device": str(device), "train_seconds_this_run": train_s,
                   "eval_seconds": time.perf_counter() - t1,
                   "final_loss": history[-1]["loss"] if history else None,
