@@ -15,8 +15,7 @@ def _parser():
     q = sub.add_parser("qsm", help="dipole inversion (QSM) on synthetic data made on the fly",
                        description="Train a QSM network (field -> susceptibility) on synthetic phantoms made from "
                                    "physics, then compare it with TKD on a held-out synthetic set. Defaults run "
-                                   "on a CPU in a few minutes.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "on a CPU in a few minutes.")
     # default=None everywhere: a resumed run must know which options were given explicitly
     a = q.add_argument
     a("--model", default=None, help="builder in medconv_ext.models (or 'package.module:function'); default %s" % _D.model)
