@@ -102,7 +102,7 @@ def test_bf16_autocast_and_backend_option(tmp_path):
 
 def test_cli_end_to_end_tiny_model(tmp_path, capsys):
     out = str(tmp_path / "run")
-    args = ["qsm", "--model", "tests._train_util:tiny_qsm", "--features", "2", "--patch", "16", "--batch-size", "1",
+    args = ["qsm", "--model", "_train_util:tiny_qsm", "--features", "2", "--patch", "16", "--batch-size", "1",
             "--steps", "2", "--ckpt-every", "1", "--val-size", "1", "--out", out, "--quiet"]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -110,17 +110,17 @@ def test_cli_end_to_end_tiny_model(tmp_path, capsys):
     with open(os.path.join(out, METRICS_NAME)) as f:
         rep = json.load(f)
     assert rep["step"] == 2 and rep["config"]["features"] == 2
-    assert set(rep["metrics"]) == {"tests._train_util:tiny_qsm", "TKD (threshold 0.19)"}
+    assert set(rep["metrics"]) == {"_train_util:tiny_qsm", "TKD (threshold 0.19)"}
     for vals in rep["metrics"].values():
         assert set(vals) == {"psnr", "ssim", "nmse", "hfen"} and all(math.isfinite(v) for v in vals.values())
     assert main(["qsm", "--resume", "--out", out, "--steps", "3", "--val-size", "0", "--quiet"]) == 0
     assert torch.load(os.path.join(out, CKPT_NAME), weights_only=True)["step"] == 3
     # clear errors, no traceback
-    assert main(["qsm", "--model", "tests._train_util:nope", "--out", out]) == 2
+    assert main(["qsm", "--model", "_train_util:nope", "--out", out]) == 2
     assert "no callable 'nope'" in capsys.readouterr().err
     assert main(["qsm", "--resume", "--out", out, "--lr", "0.5"]) == 2
     assert "differs from the checkpoint" in capsys.readouterr().err
-    assert main(["qsm", "--model", "tests._train_util:tiny_qsm", "--patch", "12", "--out", out]) == 2
+    assert main(["qsm", "--model", "_train_util:tiny_qsm", "--patch", "12", "--out", out]) == 2
     assert "--patch must be >= 15" in capsys.readouterr().err
 
 
