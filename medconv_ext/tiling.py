@@ -304,6 +304,17 @@ def _precision_objects():
     return objs
 
 
+def _set_deterministic(mode: bool, warn_only: bool = False):
+    # torch.use_deterministic_algorithms also sets torch._inductor.config.deterministic, importing
+    # Inductor for that (5-20 s on a loaded CPU). When Inductor is not loaded nothing compiled by it
+    # can run, so set only the ATen flag then.
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if "torch._inductor.config" in sys.modules or setter is None:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        setter(mode, warn_only=warn_only)
+
+
 @contextlib.contextmanager
 def _exact_mode(enabled: bool):
     """Deterministic algorithms, no TF32 / reduced-precision reductions; previous settings restored."""
@@ -321,7 +332,7 @@ def _exact_mode(enabled: bool):
     saved_red = (b.cuda.matmul.allow_fp16_reduced_precision_reduction,
                  b.cuda.matmul.allow_bf16_reduced_precision_reduction)
     try:
-        torch.use_deterministic_algorithms(True)
+        _set_deterministic(True)
         b.cudnn.deterministic, b.cudnn.benchmark = True, False
         for o in objs:
             o.fp32_precision = "ieee"
@@ -331,7 +342,7 @@ def _exact_mode(enabled: bool):
         b.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         yield
     finally:
-        torch.use_deterministic_algorithms(saved_det[0], warn_only=saved_det[1])
+        _set_deterministic(saved_det[0], warn_only=saved_det[1])
         b.cudnn.deterministic, b.cudnn.benchmark = saved_cudnn
         for o, p in zip(objs, saved_prec):
             o.fp32_precision = p
