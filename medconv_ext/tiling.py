@@ -162,9 +162,13 @@ def receptive_margin(model: nn.Module, spatial_dims: int) -> Tuple[int, ...]:
 
 
 def _analytic_radius(model, spatial_dims, op) -> Optional[Tuple[int, ...]]:
-    """Sum of the per-layer extents for a stride-1 network of known layers (an upper bound for
-    any graph of them, exact for a chain); None when the layers do not allow it."""
+    """Sum of the per-layer extents for a chain (nn.Sequential, nested) of stride-1 convolutions and
+    voxel-wise layers; None when the module graph is not such a chain (a custom forward() may do
+    anything: residual sums, resampling, global means, so those are probed)."""
     conv, conv_t = _conv_types()
+    for _, m in model.named_modules():
+        if any(True for _ in m.children()) and type(m) is not nn.Sequential:
+            return None
     left = [0] * spatial_dims
     right = [0] * spatial_dims
     for name, m in _leaf_modules(model):
@@ -208,9 +212,12 @@ def _model_dtype_device(model) -> Tuple[Optional[torch.dtype], Optional[torch.de
 
 
 def _probe_radius(model, spatial_dims, in_channels, align, probe_size, op) -> Tuple[int, ...]:
-    """Receptive radius by probing: union over two random inputs of the input-gradient support of
-    a block of align^dims output voxels at the probe's centre. Doubles the probe while the support
-    reaches the probe border."""
+    """Receptive radius by probing: a block of align^dims input voxels (all channels) set to NaN
+    on a random probe image; NaN propagates through every arithmetic dependency (x * 0 too, and
+    through ReLU, max-pooling, BatchNorm, sums), so the NaN outputs are exactly the voxels that
+    structurally depend on the block, whatever the weights or ReLU gates. The probe doubles while
+    the NaN region reaches its border. oneDNN and cuDNN are off during the probe: Winograd/FFT
+    convolutions would smear a NaN over a whole transform tile."""
     if in_channels is None:
         in_channels = _first_in_channels(model)
         if in_channels is None:
@@ -218,7 +225,7 @@ def _probe_radius(model, spatial_dims, in_channels, align, probe_size, op) -> Tu
     dtype, device = _model_dtype_device(model)
     dtype = dtype or torch.float32
     device = device or torch.device("cpu")
-    limit = 4096 if spatial_dims == 2 else 256
+    limit = 2048 if spatial_dims == 2 else 128
     size = probe_size or (128 if spatial_dims == 2 else 48)
     size = -(-size // align) * align
     was_training = model.training
@@ -228,37 +235,31 @@ def _probe_radius(model, spatial_dims, in_channels, align, probe_size, op) -> Tu
         while True:
             shape = (1, in_channels) + (size,) * spatial_dims
             c = (size // 2 // align) * align
-            lo_all = [size] * spatial_dims
-            hi_all = [-1] * spatial_dims
-            for _ in range(2):
-                x = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-                x.requires_grad_(True)
-                with torch.enable_grad():
-                    y = model(x)
-                    if tuple(y.shape[2:]) != shape[2:]:
-                        raise ValueError("%s: the model maps a %s probe to spatial size %s: not a same-size "
-                                         "network (for valid networks use receptive_margin and margin=)"
-                                         % (op, shape[2:], tuple(y.shape[2:])))
-                    block = (slice(None), slice(None)) + (slice(c, c + align),) * spatial_dims
-                    (gx,) = torch.autograd.grad(y[block].sum(), x)
-                nz = (gx != 0).any(dim=1)[0]
-                if not nz.any():
-                    break
-                for ax in range(spatial_dims):
-                    other = tuple(a for a in range(spatial_dims) if a != ax)
-                    idx = torch.nonzero(nz.any(dim=other) if other else nz).flatten()
-                    lo_all[ax] = min(lo_all[ax], int(idx.min()))
-                    hi_all[ax] = max(hi_all[ax], int(idx.max()))
-            if hi_all[0] < 0:
-                return (0,) * spatial_dims  # output independent of the input (all-zero gradient)
-            touches = any(lo == 0 or hi == size - 1 for lo, hi in zip(lo_all, hi_all))
-            if not touches:
-                return tuple(max(c - lo, hi - (c + align - 1), 0) for lo, hi in zip(lo_all, hi_all))
+            x = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+            x[(slice(None), slice(None)) + (slice(c, c + align),) * spatial_dims] = float("nan")
+            with torch.no_grad(), torch.backends.cudnn.flags(enabled=False), torch.backends.mkldnn.flags(
+                    enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None):
+                y = model(x)
+            if tuple(y.shape[2:]) != shape[2:]:
+                raise ValueError("%s: the model maps a %s probe to spatial size %s: not a same-size network (for "
+                                 "valid networks use receptive_margin and margin=)" % (op, shape[2:], tuple(y.shape[2:])))
+            nz = torch.isnan(y).any(dim=1)[0]
+            if not nz.any():
+                return (0,) * spatial_dims  # the output does not depend on the input
+            lo, hi = [], []
+            for ax in range(spatial_dims):
+                other = tuple(a for a in range(spatial_dims) if a != ax)
+                idx = torch.nonzero(nz.any(dim=other) if other else nz).flatten()
+                lo.append(int(idx.min()))
+                hi.append(int(idx.max()))
+            if not any(a == 0 or b == size - 1 for a, b in zip(lo, hi)):
+                # any input voxel q of the block reaches outputs within [lo, hi]
+                return tuple(max(b - c, c + align - 1 - a) for a, b in zip(lo, hi))
             if size * 2 > limit:
                 raise ValueError("%s: the receptive field reaches the border of a %d-voxel probe: the network may "
                                  "mix information across the whole image (global pooling, InstanceNorm, attention) "
                                  "or have a field wider than %d; pass halo= explicitly if you know it"
-                                 % (op, size, size))
+                                 % (op, size, size // 2))
             size *= 2
     finally:
         model.train(was_training)
@@ -270,10 +271,11 @@ def receptive_radius(model: nn.Module, spatial_dims: int, *, in_channels: Option
     output voxel p depends only on input voxels within `radius` of p (for U-Nets that down-sample by
     `align`, of any voxel of p's align-block). Use it as `halo` in predict_tiled.
 
-    method="analytic": sum of the convolution extents, for networks of stride-1 convolutions and
-    voxel-wise layers (an upper bound for any graph of them, exact for a chain). method="probe": the
-    support of the input gradient of a block of output voxels, union over two random inputs, on a
-    probe of `probe_size` voxels per axis (doubled while the support reaches the probe border).
+    method="analytic": sum of the convolution extents, for an nn.Sequential chain (nested chains
+    included) of stride-1 convolutions and voxel-wise layers. method="probe": how far a
+    NaN placed in a block of align^dims input voxels spreads through the network (structural, so
+    independent of the weights and of ReLU gates), on a probe of `probe_size` voxels per axis
+    (doubled while the NaN region reaches the probe border; 128 in 2D, 48 in 3D by default).
     method="auto": analytic when the layers allow it, else probe."""
     op = "receptive_radius"
     _check_model(model, op)
@@ -287,8 +289,8 @@ def receptive_radius(model: nn.Module, spatial_dims: int, *, in_channels: Option
         if r is not None:
             return r
         if method == "analytic":
-            raise ValueError("%s: the model has layers (resampling or of unknown type) that the analytic rule does "
-                             "not cover; use method='probe' or pass halo= explicitly" % op)
+            raise ValueError("%s: the model is not an nn.Sequential chain of stride-1 convolutions and voxel-wise "
+                             "layers, which the analytic rule needs; use method='probe' or pass halo= explicitly" % op)
     return _probe_radius(model, spatial_dims, in_channels, align, probe_size, op)
 
 
