@@ -697,14 +697,23 @@ def _predict_tiled(model, image, tile, *, margin=None, halo=None, align=1, batch
             y = model(torch.empty((0, chans) + tuple(ext), dtype=mdtype, device=device))
             check_out(y)
             return result
+        pin = device.type == "cuda"
+
+        def load(b0):
+            group = tiles[b0:b0 + batch_size]
+            xs = [_read_tile(image[n] if batched else image, [c[0] for c in combo], ext, sizes, pad_mode, mdtype, op)
+                  for n, combo in group]
+            x = torch.stack(xs)
+            if pin and x.device.type == "cpu":
+                x = x.pin_memory()
+            return group, x.to(device, non_blocking=True)
+
         done = 0
         try:
+            group, x = load(0)
             for b0 in range(0, len(tiles), batch_size):
-                group = tiles[b0:b0 + batch_size]
-                xs = [_read_tile(image[n] if batched else image, [c[0] for c in combo], ext, sizes, pad_mode,
-                                 mdtype, op) for n, combo in group]
-                x = torch.stack(xs).to(device, non_blocking=True)
-                y = model(x)
+                y = model(x)  # asynchronous on a GPU: the next batch is read from disk meanwhile
+                nxt = load(b0 + batch_size) if b0 + batch_size < len(tiles) else None
                 if not isinstance(y, torch.Tensor) or y.dim() != dims + 2 or y.shape[0] != len(group) \
                         or list(y.shape[2:]) != out_ext:
                     got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -718,10 +727,14 @@ def _predict_tiled(model, image, tile, *, margin=None, halo=None, align=1, batch
                                      % (op, tuple(x.shape), got, len(group), ", ".join(map(str, out_ext)), why))
                 if b0 == 0:
                     check_out(y)
+                if isinstance(result, np.ndarray):
+                    y = (y.float() if y.dtype == torch.bfloat16 else y).cpu()  # one copy per batch
                 for (n, combo), yi in zip(group, y):
                     write(n, combo, yi)
                 done += len(group)
                 bar.update(done)
+                if nxt is not None:
+                    group, x = nxt
         finally:
             bar.close()
     return result
