@@ -21,8 +21,4 @@ from .published import from_published, to_roll_loop  # noqa: F401
 from ._util import set_backend  # noqa: F401
 from .medic import MedICClassifier, MedICSegmenter, medic_cls, medic_seg  # noqa: F401
 
-try:  # provided by the exact-tiling work (medconv_ext/models/valid_srnet.py); absent until it is merged
-    from .valid_srnet import valid_srnet  # noqa: F401
-except ModuleNotFoundError as _e:  # only "the file is not there yet"; a broken valid_srnet still raises
-    if _e.name != __name__ + ".valid_srnet":
-        raise
+from .valid_srnet import SRNet, valid_srnet  # noqa: F401
