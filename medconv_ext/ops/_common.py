@@ -43,6 +43,18 @@ def check_same_dtype_device(op: str, **tensors) -> Tuple[torch.dtype, torch.devi
     return t0.dtype, t0.device
 
 
+def autocast_inputs(*tensors):
+    """Under torch.autocast, cast the floating inputs to the autocast dtype, as torch does for its
+    own convolutions (they are on autocast's lower-precision list); float64 and non-floating
+    tensors are left alone, as autocast does. Outside autocast the inputs come back unchanged."""
+    t0 = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if t0 is None or t0.device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(t0.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(t0.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
+
+
 def check_positive(vals: Sequence[int], name: str, op: str, minimum: int = 1) -> None:
     if any(v < minimum for v in vals):
         raise ValueError("%s: %s must be >= %d, got %s" % (op, name, minimum, list(vals)))

@@ -15,7 +15,7 @@ import torch
 from .. import _ext
 from ..backends import register_impl, resolve
 from ..reference import involution as _ref
-from ._common import check_kernel_fits, check_positive, check_rank, check_same_dtype_device, conv_out_size, ntuple
+from ._common import autocast_inputs, check_kernel_fits, check_positive, check_rank, check_same_dtype_device, conv_out_size, ntuple
 
 OP = "involution"
 _LAYOUT = {2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
@@ -81,6 +81,7 @@ def _auto_candidates(x: torch.Tensor) -> List[str]:
 
 def _involution_nd(dims, x, weight, kernel_size, stride, padding, dilation, backend):
     name = "involution%dd" % dims
+    x, weight = autocast_inputs(x, weight)
     kernel_size, stride, padding, dilation = _check(name, dims, x, weight, kernel_size, stride, padding, dilation)
     _, fn = resolve(OP, backend, x.device, x.dtype, _auto_candidates(x),
                     ctx={"dims": dims, "x_shape": tuple(x.shape), "w_shape": tuple(weight.shape)})

@@ -15,6 +15,7 @@ from .. import _ext
 from ..backends import register_impl, resolve
 from ..reference import rolling_conv as _ref
 from ._common import (
+    autocast_inputs,
     check_kernel_fits,
     check_positive,
     check_rank,
@@ -123,6 +124,7 @@ def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool
 # --------------------------------------------------------------------------------------
 def _rolling_conv_nd(dims, x, weight, bias, stride, padding, dilation, n_rolls, backend):
     name = "rolling_conv%dd" % dims
+    x, weight, bias = autocast_inputs(x, weight, bias)
     stride, padding, dilation, n_rolls, _ = _check_common(
         name, x, weight, bias, dims, stride, padding, dilation, n_rolls, transposed=False)
     check_kernel_fits(x.shape[2:], weight.shape[2:], padding, dilation, name)
@@ -132,6 +134,7 @@ def _rolling_conv_nd(dims, x, weight, bias, stride, padding, dilation, n_rolls, 
 
 def _rolling_conv_transpose_nd(dims, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend):
     name = "rolling_conv_transpose%dd" % dims
+    x, weight, bias = autocast_inputs(x, weight, bias)
     stride, padding, dilation, n_rolls, _ = _check_common(
         name, x, weight, bias, dims, stride, padding, dilation, n_rolls, transposed=True)
     output_padding = ntuple(output_padding, dims, "output_padding", name)
