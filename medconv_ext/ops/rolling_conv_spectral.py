@@ -132,14 +132,19 @@ class _DepthwiseConvCPU(torch.autograd.Function):
         return gu, gw, None, None, None, None, None
 
 
+def _use_cpu_adjoints(u: torch.Tensor) -> bool:
+    # Elsewhere (CUDA: cuDNN) the native depthwise conv / conv_transpose and their autograd are used.
+    return u.device.type == "cpu" and u.dim() in (4, 5)
+
+
 def _depthwise(u, w, stride, padding, dilation):
-    if u.device.type == "cpu" and u.dim() in (4, 5):
+    if _use_cpu_adjoints(u):
         return _DepthwiseConvCPU.apply(u, w, stride, padding, dilation, None, False)
     return _CONV[u.dim() - 2](u, w, None, stride, padding, dilation, u.shape[1])
 
 
 def _depthwise_transpose(u, w, stride, padding, output_padding, dilation):
-    if u.device.type == "cpu" and u.dim() in (4, 5):
+    if _use_cpu_adjoints(u):
         out_size = [(n - 1) * s - 2 * p + d * (k - 1) + op_ + 1 for n, k, s, p, op_, d in
                     zip(u.shape[2:], w.shape[2:], stride, padding, output_padding, dilation)]
         return _DepthwiseConvCPU.apply(u, w, stride, padding, dilation, out_size, True)
