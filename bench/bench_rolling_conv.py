@@ -139,7 +139,7 @@ def time_thread_ms(fn, warmup: int = 2, min_reps: int = 5, max_reps: int = 50, b
 
 
 def bench_case(res: harness.Results, shape, device, dtype, modes, budget_s: float, skipped: Dict[str, str],
-               timer: str = "wall"):
+               timer: str = "wall", peak_mem: bool = True):
     dims, n, c, s, k = shape
     pad = k // 2
     sh = shape_str(*shape)
@@ -178,7 +178,7 @@ def bench_case(res: harness.Results, shape, device, dtype, modes, budget_s: floa
                 ms = time_thread_ms(fn, budget_s=budget_s)
             else:
                 ms = harness.time_ms(fn, device, budget_s=budget_s)
-            mem = harness.measure_peak_mb(fn, device)
+            mem = harness.measure_peak_mb(fn, device) if peak_mem else float("nan")
             res.add(op=OP, impl=impl, dtype=str(dtype).replace("torch.", ""), mode=mode, shape=sh,
                     median_ms=ms, peak_mem_mb=mem, max_rel_err=err)
 
@@ -274,6 +274,8 @@ def main(argv=None) -> int:
     p.add_argument("--timer", default="wall", choices=["wall", "thread"],
                    help="wall: median wall time (the default, what the targets mean); thread: median CPU time "
                         "of the main thread, for a CPU shared with other jobs, only with --threads 1")
+    p.add_argument("--no-peak-mem", action="store_true",
+                   help="skip the peak-memory measurement (each one runs gc.collect(), ~0.2-0.7 s)")
     p.add_argument("--out-dir", default=None, help="where to write the CSV and plot (default bench/results/<device>)")
     a = p.parse_args(argv)
 
@@ -303,7 +305,7 @@ def main(argv=None) -> int:
     skipped: Dict[str, str] = {}
     for dt in dtype_names:
         for shape in shapes:
-            bench_case(res, shape, device, DTYPES[dt], modes, a.budget, skipped, a.timer)
+            bench_case(res, shape, device, DTYPES[dt], modes, a.budget, skipped, a.timer, not a.no_peak_mem)
     for name, why in skipped.items():
         print("not timed: %s (%s)" % (name, why))
 

@@ -6,6 +6,7 @@ import importlib.util
 import os
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,8 +21,13 @@ def _load_bench():
 
 def test_bench_rolling_conv_tiny(tmp_path, capsys):
     bench = _load_bench()
-    rc = bench.main(["--device", "cpu", "--shape", "2d N=1 C=4 S=6 k=3", "--shape", "3d N=2 C=3 S=5 k=3",
-                     "--budget", "0", "--out-dir", str(tmp_path)])
+    threads = torch.get_num_threads()
+    try:  # the thread-CPU-time mode (for a shared machine) needs 1 thread; restore afterwards
+        rc = bench.main(["--device", "cpu", "--shape", "2d N=1 C=4 S=6 k=3", "--shape", "3d N=2 C=3 S=5 k=3",
+                         "--budget", "0", "--no-peak-mem", "--threads", "1", "--timer", "thread",
+                         "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0
     out = capsys.readouterr().out
     assert "Time ratio: impl / roll_loop" in out and "Time ratio: impl / dense" in out

@@ -67,11 +67,15 @@ IDS = ["%dd-N%d-C%d-B%d-R%d-k%d-s%d-p%d-d%d-op%d" % (c[0], c[1], c[2], c[3], c[4
        for c in CASES]
 
 
-@pytest.fixture(params=["gemm", "fft"])
+@pytest.fixture(params=["gemm", "fft", "fft-native-dw"])
 def transform(request, monkeypatch):
-    """The channel DFT runs as a GEMM for C_in <= GEMM_MAX_C and as an rFFT above: test both."""
-    if request.param == "fft":
+    """The channel DFT runs as a GEMM for C_in <= GEMM_MAX_C and as an rFFT above: test both.
+    "fft-native-dw" also swaps the CPU depthwise adjoints for torch's own conv/conv_transpose and
+    their autograd, the path taken on CUDA (run here on the CPU, so that it is tested without a GPU)."""
+    if request.param != "gemm":
         monkeypatch.setattr(spectral, "GEMM_MAX_C", 0)
+    if request.param == "fft-native-dw":
+        monkeypatch.setattr(spectral, "_use_cpu_adjoints", lambda u: False)
     return request.param
 
 

@@ -8,8 +8,9 @@ Wb = rfft(w[b], channel) every frequency f is an independent depthwise convoluti
     Y_b[f] = conv(X[f], conj(Wb[f]))       y[:, r*n_base + b] = irfft(Y_b, n=C_in)[r], r < n_rolls
 
 The complex product (a - ib)(c + id) = (ca + db) + i(da - cb) is computed with ONE real
-depthwise convolution (groups == channels): the input is [c, d, d, c] per frequency (x's
-spectrum and its Re/Im swap), the weights [a, a, b, -b], and the pairs are summed afterwards.
+depthwise convolution (groups == channels): the input holds [c, d] and the swapped [d, c] of
+every frequency (two halves of the channel axis), the weights [a, a] and [b, -b], and the two
+halves of the output are added.
 Why this shape (measured on the 2-core CPU, see docs/rolling_conv_spectral.md):
   * plain depthwise convolution (multiplier 1) is oneDNN's fast path; a grouped conv with 2
     in/2 out channels per group (the obvious real form of a complex conv) was ~9x slower
@@ -17,7 +18,9 @@ Why this shape (measured on the 2-core CPU, see docs/rolling_conv_spectral.md):
     multiplier 2 ~11x slower, torch's complex conv ~3.5x slower;
   * channels-last layout: the channel FFT then runs along the contiguous last axis (5x faster
     than a strided rfft over dim 1) and oneDNN's depthwise kernel prefers it (1.5x);
-  * the DFT as a (C+2) x C GEMM was slower than the FFT for C >= 64.
+  * the channel DFT as one GEMM (which also writes the swapped half) beats transposition + rFFT
+    + cat up to C_in = 128 (GEMM_MAX_C); the rFFT wins above.
+  * the output stays in channels-last memory (see _finish).
 Backward: autograd through this composition, which is itself spectral (irfft^T, depthwise
 conv adjoints, rfft^T): it never builds the dense bank, and it traces under
 torch.compile(fullgraph=True). float16/bfloat16 are computed in float32 and cast back.
@@ -132,14 +135,19 @@ class _DepthwiseConvCPU(torch.autograd.Function):
         return gu, gw, None, None, None, None, None
 
 
+def _use_cpu_adjoints(u: torch.Tensor) -> bool:
+    # Elsewhere (CUDA: cuDNN) the native depthwise conv / conv_transpose and their autograd are used.
+    return u.device.type == "cpu" and u.dim() in (4, 5)
+
+
 def _depthwise(u, w, stride, padding, dilation):
-    if u.device.type == "cpu" and u.dim() in (4, 5):
+    if _use_cpu_adjoints(u):
         return _DepthwiseConvCPU.apply(u, w, stride, padding, dilation, None, False)
     return _CONV[u.dim() - 2](u, w, None, stride, padding, dilation, u.shape[1])
 
 
 def _depthwise_transpose(u, w, stride, padding, output_padding, dilation):
-    if u.device.type == "cpu" and u.dim() in (4, 5):
+    if _use_cpu_adjoints(u):
         out_size = [(n - 1) * s - 2 * p + d * (k - 1) + op_ + 1 for n, k, s, p, op_, d in
                     zip(u.shape[2:], w.shape[2:], stride, padding, output_padding, dilation)]
         return _DepthwiseConvCPU.apply(u, w, stride, padding, dilation, out_size, True)
