@@ -28,6 +28,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -577,8 +579,41 @@ Tensor rolling_conv_transpose_grad_weight_cuda(const Tensor& grad_out_, const Te
   return gw;
 }
 
+// ---- autocast: the forward ops run in the autocast dtype (float32 accumulation inside) ------
+// Float32 inputs are cast to torch.get_autocast_dtype("cuda") (float64 is left alone, as for
+// torch's own convolutions); the casts are recorded by autograd, so gradients flow back in float32.
+Tensor rolling_conv_autocast(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, IntArrayRef stride,
+                             IntArrayRef padding, IntArrayRef dilation, int64_t n_rolls) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("medconv::rolling_conv", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&, IntArrayRef, IntArrayRef,
+                                     IntArrayRef, int64_t)>();
+  const auto dt = at::autocast::get_autocast_dtype(at::kCUDA);
+  return op.call(at::autocast::cached_cast(dt, x, c10::DeviceType::CUDA), at::autocast::cached_cast(dt, weight, c10::DeviceType::CUDA),
+                 at::autocast::cached_cast(dt, bias, c10::DeviceType::CUDA), stride, padding, dilation, n_rolls);
+}
+
+Tensor rolling_conv_transpose_autocast(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                       IntArrayRef stride, IntArrayRef padding, IntArrayRef output_padding, IntArrayRef dilation,
+                                       int64_t n_rolls) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("medconv::rolling_conv_transpose", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&, IntArrayRef, IntArrayRef,
+                                     IntArrayRef, IntArrayRef, int64_t)>();
+  const auto dt = at::autocast::get_autocast_dtype(at::kCUDA);
+  return op.call(at::autocast::cached_cast(dt, x, c10::DeviceType::CUDA), at::autocast::cached_cast(dt, weight, c10::DeviceType::CUDA),
+                 at::autocast::cached_cast(dt, bias, c10::DeviceType::CUDA), stride, padding, output_padding, dilation, n_rolls);
+}
+
 }  // namespace
 }  // namespace medconv
+
+TORCH_LIBRARY_IMPL(medconv, AutocastCUDA, m) {
+  m.impl("rolling_conv", &medconv::rolling_conv_autocast);
+  m.impl("rolling_conv_transpose", &medconv::rolling_conv_transpose_autocast);
+}
 
 TORCH_LIBRARY_IMPL(medconv, CUDA, m) {
   m.impl("rolling_conv", &medconv::rolling_conv_cuda);
