@@ -97,6 +97,18 @@ def test_cuda_vs_reference(dtype, transposed, dims, N, C, nb, n_rolls, k, spatia
                          "eq8")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("transposed,dims,N,C,nb,n_rolls,k,spatial,stride,padding,output_padding,dilation,layout", SHAPES)
+def test_cuda_mma_vs_reference(monkeypatch, dtype, transposed, dims, N, C, nb, n_rolls, k, spatial, stride, padding,
+                               output_padding, dilation, layout):
+    """The opt-in tensor-core (WMMA) GEMM kernel, MEDCONV_CUDA_MMA=1: the same checks."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the WMMA kernel needs compute capability >= 8.0")
+    monkeypatch.setenv("MEDCONV_CUDA_MMA", "1")
+    test_cuda_vs_reference(dtype, transposed, dims, N, C, nb, n_rolls, k, spatial, stride, padding, output_padding,
+                           dilation, layout)
+
+
 @pytest.mark.parametrize("transposed,dims", [(False, 2), (False, 3), (True, 2), (True, 3)])
 def test_cuda_gradcheck(transposed, dims):
     x, w, b = make_case(transposed, dims, 2, 3, 2, 2, 2, 4, torch.float64, "cuda")

@@ -18,8 +18,9 @@
 // Kernels: a tiled SIMT implicit GEMM (64 pixels x 32 output channels per block, K = channels x taps
 // in steps of 16 channels, operands staged in shared memory in the accumulation type; the weight
 // tile is gathered from the base by the roll index). 16-bit inputs are converted to float32 on load
-// and accumulated in float32; float64 accumulates in float64. Tensor-core (mma) tiles for 16-bit
-// types are NOT implemented yet (see docs/rolling_conv_gpu.md).
+// and accumulated in float32; float64 accumulates in float64. A WMMA (tensor-core) variant of the
+// same tile for float16/bfloat16 exists but is opt-in (MEDCONV_CUDA_MMA=1): it has not yet run on a
+// GPU (see docs/rolling_conv_gpu.md).
 // grad_weight is gather-form and deterministic: each block reduces a fixed slice of (n, p) for 8
 // base channels with a fixed warp-shuffle tree, writes a float32/64 partial per slice, and a second
 // kernel sums the slices in a fixed order. No atomics anywhere: the same bits on every run.
@@ -35,7 +36,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <mma.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 namespace medconv {
@@ -210,6 +215,114 @@ rolling_gemm_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ in,
   }
 }
 
+// ---- tensor-core variant for float16 / bfloat16 (opt-in: MEDCONV_CUDA_MMA=1) ---------------
+// The same implicit GEMM with WMMA 16x16x16 fragments (fp16/bf16 operands, float32 accumulators):
+// 8 warps as 4 (pixels) x 2 (channels) fragments of a 64 x 32 tile; the input tile and the weight
+// tile gathered from the base by the roll index are staged in shared memory in the input dtype.
+// NOT yet run on a GPU: off by default until tests/test_rolling_conv_cuda.py passes with it on.
+template <typename scalar_t>
+struct WmmaType;
+template <>
+struct WmmaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+rolling_gemm_mma_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ in, const scalar_t* __restrict__ w,
+                        const scalar_t* __restrict__ bias, int64_t N, int64_t A, int64_t E, Geom g, RollW rw,
+                        bool a_is_roll, bool inverse) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using mma_t = typename WmmaType<scalar_t>::type;
+  static_assert(kTileP == 64 && kTileA == 32 && kTileE == 16 && kThreads == 256, "fragment layout: 4 x 2 warps of 16 x 16");
+  __shared__ __align__(32) scalar_t xs[kTileP][kTileE];  // A: pixels x K, row-major, ldm 16
+  __shared__ __align__(32) scalar_t ws[kTileE][kTileA];  // B: K x channels, row-major, ldm 32
+  __shared__ __align__(32) float cs[kTileP][kTileA];     // accumulator staging for the epilogue
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int wm = warp & 3, wn = warp >> 2;  // this warp's fragment: pixels 16*wm.., channels 16*wn..
+  const int ld_p = tid % kTileP;
+  const int ld_e0 = tid / kTileP;
+
+  const int64_t og0 = inverse ? g.hi[0] : g.lo[0];
+  const int64_t og1 = inverse ? g.hi[1] : g.lo[1];
+  const int64_t og2 = inverse ? g.hi[2] : g.lo[2];
+  const int64_t P_out = og0 * og1 * og2;
+  const int64_t P_in = inverse ? g.lo[0] * g.lo[1] * g.lo[2] : g.hi[0] * g.hi[1] * g.hi[2];
+  const int64_t n_ptiles = (P_out + kTileP - 1) / kTileP;
+  const int64_t n_atiles = (A + kTileA - 1) / kTileA;
+  const int64_t k12 = g.k[1] * g.k[2];
+  const scalar_t zero = scalar_t(0.0f);
+
+  for (int64_t n = blockIdx.z; n < N; n += gridDim.z) {
+    for (int64_t at_ = blockIdx.y; at_ < n_atiles; at_ += gridDim.y) {
+      for (int64_t pt = blockIdx.x; pt < n_ptiles; pt += gridDim.x) {
+        const int64_t p0 = pt * kTileP, a0 = at_ * kTileA;
+        const int64_t lp = p0 + ld_p;
+        const bool lp_ok = lp < P_out;
+        int64_t q2 = 0, q1 = 0, q0 = 0;
+        if (lp_ok) {
+          q2 = lp % og2;
+          const int64_t rest = lp / og2;
+          q1 = rest % og1;
+          q0 = rest / og1;
+        }
+        const scalar_t* in_n = in + n * E * P_in;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int64_t t = 0; t < rw.T; ++t) {
+          const int64_t t0 = t / k12, t1 = (t / g.k[2]) % g.k[1], t2 = t % g.k[2];
+          int64_t src = -1;
+          if (lp_ok) src = inverse ? lo_position(g, q0, q1, q2, t0, t1, t2) : hi_position(g, q0, q1, q2, t0, t1, t2);
+          for (int64_t e0 = 0; e0 < E; e0 += kTileE) {
+#pragma unroll
+            for (int k = 0; k < (kTileE * kTileP) / kThreads; ++k) {
+              const int el = ld_e0 + k * (kThreads / kTileP);
+              const int64_t e = e0 + el;
+              xs[ld_p][el] = (src >= 0 && e < E) ? in_n[e * P_in + src] : zero;
+            }
+#pragma unroll
+            for (int k = 0; k < (kTileE * kTileA) / kThreads; ++k) {
+              const int idx = tid + k * kThreads;
+              const int el = idx / kTileA, al = idx % kTileA;
+              const int64_t e = e0 + el, a = a0 + al;
+              ws[el][al] = (e < E && a < A) ? w[a_is_roll ? weight_offset(a, e, t, rw) : weight_offset(e, a, t, rw)] : zero;
+            }
+            __syncthreads();
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, mma_t, wmma::row_major> fa;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, mma_t, wmma::row_major> fb;
+            wmma::load_matrix_sync(fa, reinterpret_cast<const mma_t*>(&xs[wm * 16][0]), kTileE);
+            wmma::load_matrix_sync(fb, reinterpret_cast<const mma_t*>(&ws[0][wn * 16]), kTileA);
+            wmma::mma_sync(acc, fa, fb, acc);
+            __syncthreads();
+          }
+        }
+        wmma::store_matrix_sync(&cs[wm * 16][wn * 16], acc, kTileA, wmma::mem_row_major);
+        __syncthreads();
+        for (int idx = tid; idx < kTileP * kTileA; idx += kThreads) {
+          const int pl = idx % kTileP, al = idx / kTileP;  // consecutive threads: consecutive pixels
+          const int64_t p = p0 + pl, a = a0 + al;
+          if (p < P_out && a < A) {
+            float v = cs[pl][al];
+            if (bias != nullptr) v += static_cast<float>(bias[a]);
+            out[(n * A + a) * P_out + p] = static_cast<scalar_t>(v);
+          }
+        }
+        __syncthreads();  // cs is rewritten by the next tile
+      }
+    }
+  }
+#else
+  __trap();  // never launched: the host picks this kernel only on compute capability >= 8.0
+#endif
+}
+
 constexpr int kGwLanes = 32;  // threadIdx.x: one warp strides over (n, p)
 constexpr int kGwRows = 8;    // threadIdx.y: base channels m per block
 
@@ -350,6 +463,15 @@ void check_weight(const Tensor& w, int64_t dims) {
     TORCH_CHECK(w.size(i) >= 1, "medconv rolling_conv (CUDA): weight sizes must be >= 1, got ", w.sizes());
 }
 
+// The WMMA kernel is opt-in (MEDCONV_CUDA_MMA=1) until it has been validated on a GPU; it needs
+// compute capability 8.0 or newer (bfloat16 fragments).
+bool use_mma(const Tensor& out) {
+  if (out.scalar_type() != at::kHalf && out.scalar_type() != at::kBFloat16) return false;
+  const char* env = std::getenv("MEDCONV_CUDA_MMA");
+  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
+  return at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
 // out (N, A, out grid), in (N, E, in grid): both contiguous.
 void launch_gemm(Tensor& out, const Tensor& in, const Tensor& w, const c10::optional<Tensor>& bias, const Geom& g,
                  const RollW& rw, bool a_is_roll, bool inverse) {
@@ -360,6 +482,16 @@ void launch_gemm(Tensor& out, const Tensor& in, const Tensor& w, const c10::opti
   const dim3 grid(static_cast<unsigned>(std::min(n_ptiles, kMaxGridX)), static_cast<unsigned>(std::min(n_atiles, kMaxGridYZ)),
                   static_cast<unsigned>(std::min(N, kMaxGridYZ)));
   auto stream = at::cuda::getCurrentCUDAStream();
+  if (use_mma(out)) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(out.scalar_type(), "rolling_gemm_mma_cuda", [&] {
+      const scalar_t* bp = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+      rolling_gemm_mma_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(out.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(),
+                                                                       w.data_ptr<scalar_t>(), bp, N, A, E, g, rw, a_is_roll,
+                                                                       inverse);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "rolling_gemm_cuda", [&] {
     const scalar_t* bp = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     rolling_gemm_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(out.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(),
