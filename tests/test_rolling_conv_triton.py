@@ -189,6 +189,36 @@ def test_triton_opcheck():
     ]
     for op, args in checks:
         torch.library.opcheck(op, args, test_utils=utils)
+    # the full check (with aot_dispatch_dynamic, which traces forward and backward) on the forward op
+    torch.library.opcheck(*checks[0])
+
+
+def test_imports_without_triton():
+    """Where triton is missing the package still imports and the backend says why it is unavailable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "import torch, medconv_ext\n"
+        "from medconv_ext.triton_kernels import rolling_conv as k\n"
+        "assert k.triton is None and 'triton' in k.TRITON_ERROR, k.TRITON_ERROR\n"
+        "ok, why = medconv_ext.available_backends()['triton']\n"
+        "assert not ok and 'triton' in why, why\n"
+        "x = torch.randn(1, 2, 4, 4); w = torch.randn(1, 2, 3, 3)\n"
+        "try:\n"
+        "    medconv_ext.rolling_conv2d(x, w, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not available' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+        "y = medconv_ext.rolling_conv2d(x, w, backend='reference')\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
 # --------------------------------------------------------------------------------------
