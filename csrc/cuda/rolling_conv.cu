@@ -38,6 +38,8 @@
 
 #include <mma.h>
 
+#include "rolling_conv_index.cuh"  // Geom, RollW and the index formulas (also compiled on the CPU by the tests)
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -48,57 +50,6 @@ namespace {
 
 using at::IntArrayRef;
 using at::Tensor;
-
-// Geometry in conv terms, always 3D: `lo` is the conv-output side (y of conv, x of the transposed
-// conv), `hi` the conv-input side; hi position = lo position * s + t * d - pad.
-struct Geom {
-  int64_t lo[3], hi[3], k[3], s[3], p[3], d[3];
-};
-
-// Where the logical weight G[o, c, t] lives in the base.
-struct RollW {
-  int64_t C;       // channels that roll (C_in of the op)
-  int64_t nb;      // n_base
-  int64_t n_rolls;
-  int64_t sb, sc;  // base strides of b and of the rolled channel
-  int64_t T;       // taps = kD * kH * kW
-};
-
-__host__ __device__ __forceinline__ int64_t rolled_channel(int64_t c, int64_t r, int64_t C) {
-  // (c - r) mod C for 0 <= c < C, 0 <= r < C
-  const int64_t cc = c - r;
-  return cc < 0 ? cc + C : cc;
-}
-
-__host__ __device__ __forceinline__ int64_t weight_offset(int64_t o, int64_t c, int64_t t, const RollW& w) {
-  const int64_t r = o / w.nb, b = o - r * w.nb;
-  return b * w.sb + rolled_channel(c, r, w.C) * w.sc + t;
-}
-
-// Position in the hi (conv-input) grid read by lo position (d0, d1, d2) at tap (t0, t1, t2);
-// -1 when it falls into the padding.
-__device__ __forceinline__ int64_t hi_position(const Geom& g, int64_t d0, int64_t d1, int64_t d2, int64_t t0,
-                                               int64_t t1, int64_t t2) {
-  const int64_t i0 = d0 * g.s[0] + t0 * g.d[0] - g.p[0];
-  const int64_t i1 = d1 * g.s[1] + t1 * g.d[1] - g.p[1];
-  const int64_t i2 = d2 * g.s[2] + t2 * g.d[2] - g.p[2];
-  if (i0 < 0 || i0 >= g.hi[0] || i1 < 0 || i1 >= g.hi[1] || i2 < 0 || i2 >= g.hi[2]) return -1;
-  return (i0 * g.hi[1] + i1) * g.hi[2] + i2;
-}
-
-// Position in the lo grid that reads hi position (h0, h1, h2) at tap (t0, t1, t2) (the inverse of
-// hi_position: p = (i + pad - t*d) / s when divisible); -1 when there is none.
-__device__ __forceinline__ int64_t lo_position(const Geom& g, int64_t h0, int64_t h1, int64_t h2, int64_t t0,
-                                               int64_t t1, int64_t t2) {
-  const int64_t q0 = h0 + g.p[0] - t0 * g.d[0];
-  const int64_t q1 = h1 + g.p[1] - t1 * g.d[1];
-  const int64_t q2 = h2 + g.p[2] - t2 * g.d[2];
-  if (q0 < 0 || q1 < 0 || q2 < 0) return -1;
-  if (q0 % g.s[0] != 0 || q1 % g.s[1] != 0 || q2 % g.s[2] != 0) return -1;
-  const int64_t l0 = q0 / g.s[0], l1 = q1 / g.s[1], l2 = q2 / g.s[2];
-  if (l0 >= g.lo[0] || l1 >= g.lo[1] || l2 >= g.lo[2]) return -1;
-  return (l0 * g.lo[1] + l1) * g.lo[2] + l2;
-}
 
 constexpr int kTileP = 64;    // output pixels per block
 constexpr int kTileA = 32;    // output channels per block
@@ -423,14 +374,9 @@ Geom make_geom(IntArrayRef lo, IntArrayRef hi, IntArrayRef k, IntArrayRef stride
 }
 
 RollW make_rollw(const Tensor& w, bool transposed, int64_t n_rolls) {
-  RollW rw;
-  rw.T = 1;
-  for (int64_t i = 2; i < w.dim(); ++i) rw.T *= w.size(i);
-  rw.C = transposed ? w.size(0) : w.size(1);
-  rw.nb = transposed ? w.size(1) : w.size(0);
-  rw.n_rolls = n_rolls;
-  rw.sb = transposed ? rw.T : rw.C * rw.T;
-  rw.sc = transposed ? rw.nb * rw.T : rw.T;
+  int64_t T = 1;
+  for (int64_t i = 2; i < w.dim(); ++i) T *= w.size(i);
+  RollW rw = make_roll_w(transposed, w.size(0), w.size(1), n_rolls, T);
   TORCH_CHECK(n_rolls >= 1 && n_rolls <= rw.C, "medconv rolling_conv (CUDA): n_rolls must satisfy 1 <= n_rolls <= C_in=",
               rw.C, ", got ", n_rolls);
   return rw;
@@ -474,7 +420,8 @@ bool use_mma(const Tensor& out) {
 
 // out (N, A, out grid), in (N, E, in grid): both contiguous.
 void launch_gemm(Tensor& out, const Tensor& in, const Tensor& w, const c10::optional<Tensor>& bias, const Geom& g,
-                 const RollW& rw, bool a_is_roll, bool inverse) {
+                 const RollW& rw, GemmMode mode) {
+  const bool a_is_roll = mode.a_is_roll, inverse = mode.inverse;
   const int64_t N = out.size(0), A = out.size(1), E = in.size(1);
   if (out.numel() == 0) return;
   const int64_t P_out = out.numel() / (N * A);
@@ -564,7 +511,7 @@ Tensor rolling_conv_cuda(const Tensor& x_, const Tensor& weight_, const c10::opt
   std::vector<int64_t> osz = {x.size(0), n_rolls * rw.nb};
   osz.insert(osz.end(), lo.begin(), lo.end());
   Tensor out = at::empty(osz, x.options());
-  launch_gemm(out, x, weight, bias, g, rw, /*a_is_roll=*/true, /*inverse=*/false);
+  launch_gemm(out, x, weight, bias, g, rw, gemm_mode(0));  // conv forward
   return out;
 }
 
@@ -588,7 +535,7 @@ Tensor rolling_conv_grad_input_cuda(const Tensor& grad_out_, const Tensor& weigh
               " and weight ", weight.sizes());
   Geom g = make_geom(lo, hi, weight.sizes().slice(2), stride, padding, dilation);
   Tensor gx = at::empty(input_size, go.options());
-  launch_gemm(gx, go, weight, c10::nullopt, g, rw, /*a_is_roll=*/false, /*inverse=*/true);
+  launch_gemm(gx, go, weight, c10::nullopt, g, rw, gemm_mode(1));  // conv grad_input
   return gx;
 }
 
@@ -613,7 +560,7 @@ Tensor rolling_conv_grad_weight_cuda(const Tensor& grad_out_, const Tensor& x_, 
               "medconv rolling_conv_grad_weight (CUDA): grad_out ", go.sizes(), ", x ", x.sizes(), " and weight_size ",
               weight_size, " do not match");
   Geom g = make_geom(lo, hi, weight_size.slice(2), stride, padding, dilation);
-  launch_grad_weight(gw, go, x, g, rw, /*roll_is_lo=*/true);
+  launch_grad_weight(gw, go, x, g, rw, grad_weight_roll_is_lo(false));
   return gw;
 }
 
@@ -652,7 +599,7 @@ Tensor rolling_conv_transpose_cuda(const Tensor& x_, const Tensor& weight_, cons
   std::vector<int64_t> osz = {x.size(0), n_rolls * rw.nb};
   osz.insert(osz.end(), hi.begin(), hi.end());
   Tensor out = at::empty(osz, x.options());
-  launch_gemm(out, x, weight, bias, g, rw, /*a_is_roll=*/true, /*inverse=*/true);
+  launch_gemm(out, x, weight, bias, g, rw, gemm_mode(2));  // transposed forward
   return out;
 }
 
@@ -686,7 +633,7 @@ Tensor rolling_conv_transpose_grad_input_cuda(const Tensor& grad_out_, const Ten
   std::vector<int64_t> lo(input_size.begin() + 2, input_size.end()), hi = spatial(go);
   Geom g = make_geom(lo, hi, weight.sizes().slice(2), stride, padding, dilation);
   Tensor gx = at::empty(input_size, go.options());
-  launch_gemm(gx, go, weight, c10::nullopt, g, rw, /*a_is_roll=*/false, /*inverse=*/false);
+  launch_gemm(gx, go, weight, c10::nullopt, g, rw, gemm_mode(3));  // transposed grad_input
   return gx;
 }
 
@@ -707,7 +654,7 @@ Tensor rolling_conv_transpose_grad_weight_cuda(const Tensor& grad_out_, const Te
                                n_rolls, rw.nb, rw.C);
   auto lo = spatial(x), hi = spatial(go);
   Geom g = make_geom(lo, hi, weight_size.slice(2), stride, padding, dilation);
-  launch_grad_weight(gw, go, x, g, rw, /*roll_is_lo=*/false);
+  launch_grad_weight(gw, go, x, g, rw, grad_weight_roll_is_lo(true));
   return gw;
 }
 
