@@ -82,7 +82,22 @@ def _choose(op, x, weight, backend, transposed):
 def _auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> List[str]:
     """Ordered backends to try for backend="auto"; "reference" is always the last resort."""
     if x.device.type == "cuda":
-        return ["cuda", "triton", "spectral"]
+        # Rule written from operation counts, NOT yet from GPU measurements (it awaits
+        # bench/bench_rolling_conv.py on a GPU; see docs/rolling_conv_gpu.md):
+        # - the direct kernels cost C_in * C_in * T multiply-adds per output pixel and base; the
+        #   spectral algorithm about (C_in/2 + 1) * T complex ones plus two channel FFTs, and on the
+        #   CPU it won from C_in = 128 at 5x5x5 and C_in = 512 at 3x3 (DESIGN.md §1): spectral first there;
+        # - float16/bfloat16: Triton first (tl.dot runs on the tensor cores; the CUDA kernel is a
+        #   SIMT kernel with float32 FMAs); float32/float64: the CUDA kernel first (float32 is exact
+        #   float32 in both, and the CUDA kernel has no autotuning pass on the first call of a shape).
+        c_in = x.shape[1]
+        taps = 1
+        for k in weight.shape[2:]:
+            taps *= int(k)
+        direct = ["triton", "cuda"] if x.dtype in (torch.float16, torch.bfloat16) else ["cuda", "triton"]
+        if c_in >= 512 or (taps >= 125 and c_in >= 128):
+            return ["spectral"] + direct
+        return direct + ["spectral"]
     return _cpu_auto_candidates(x, weight, transposed)
 
 

@@ -1,0 +1,121 @@
+"""Shared helpers of the GPU-kernel tests of rolling convolution (Triton and CUDA backends).
+
+Ground truth is float64: the reference module (materialized bank + torch conv) for the forward and
+autograd gradients, and the paper's eq. 7 written out literally (independent of autograd) for the
+weight gradient. Tolerances are by dtype and never loosened to pass.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from medconv_ext.reference import rolling_conv as R
+
+# (rtol, atol) for outputs whose entries are sums of O(C * k^d) products of N(0, 1) values: float32
+# accumulates in float32, 16-bit types accumulate in float32 and round once on store.
+# Inputs are rounded to the dtype before the reference sees them, so 16-bit errors are the single
+# rounding of the float32 accumulator on store (2^-9 bf16, 2^-12 fp16 relative) plus summation order.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
+
+
+def assert_close(actual, expected, dtype, what=""):
+    rtol, atol = TOL[dtype]
+    assert actual.shape == expected.shape, "%s: shape %s != %s" % (what, tuple(actual.shape), tuple(expected.shape))
+    assert torch.isfinite(actual).all(), "%s: non-finite values (an output element left unwritten?)" % what
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol, msg=lambda m: "%s: %s" % (what, m))
+
+
+def tap_slices(z, lo, k, s, p, d):
+    """For every tap t (row-major over k), z (N, C, *hi) zero-padded by p and read at lo * s + t * d:
+    a (N, C, *lo) tensor. Positions past the end of z read zeros as well."""
+    dims = len(lo)
+    need = [(lo[i] - 1) * s[i] + (k[i] - 1) * d[i] + 1 for i in range(dims)]
+    pads = []
+    for i in reversed(range(dims)):
+        extra = max(0, need[i] - (z.shape[2 + i] + 2 * p[i]))
+        pads += [p[i], p[i] + extra]
+    zp = F.pad(z, pads)
+    out = []
+    for t in range(math.prod(k)):
+        tt, rem = [], t
+        for i in reversed(range(dims)):
+            tt.append(rem % k[i])
+            rem //= k[i]
+        tt = tt[::-1]
+        idx = [slice(None), slice(None)] + [slice(tt[i] * d[i], tt[i] * d[i] + (lo[i] - 1) * s[i] + 1, s[i])
+                                            for i in range(dims)]
+        out.append(zp[tuple(idx)])
+    return out
+
+
+def eq7_grad_weight(grad_out, x, k, stride, padding, dilation, n_rolls, n_base):
+    """Paper eq. 7, literally: dL/dw[b, m, t] = sum_n sum_p sum_r gy[n, r*nb + b, p] * x[n, (m + r) mod C, p*s + t*d - pad]."""
+    C = x.shape[1]
+    lo = list(grad_out.shape[2:])
+    gw = torch.zeros((n_base, C, math.prod(k)), dtype=torch.float64)
+    for t, xs in enumerate(tap_slices(x.double(), lo, k, stride, padding, dilation)):
+        for r in range(n_rolls):
+            xr = torch.roll(xs, -r, dims=1)  # xr[:, m] = xs[:, (m + r) mod C]
+            for b in range(n_base):
+                gw[b, :, t] += torch.einsum("n...,nc...->c", grad_out[:, r * n_base + b].double(), xr)
+    return gw.view(n_base, C, *k)
+
+
+def eq7_grad_weight_transpose(grad_out, x, k, stride, padding, dilation, n_rolls, n_base):
+    """The same sum for the transposed conv (base (C, nb, *k)):
+    dL/dw[m, b, t] = sum_n sum_i sum_r x[n, (m + r) mod C, i] * gy[n, r*nb + b, i*s + t*d - pad]."""
+    C = x.shape[1]
+    lo = list(x.shape[2:])
+    gw = torch.zeros((C, n_base, math.prod(k)), dtype=torch.float64)
+    taps = tap_slices(grad_out.double(), lo, k, stride, padding, dilation)
+    for t, gs in enumerate(taps):
+        for r in range(n_rolls):
+            xr = torch.roll(x.double(), -r, dims=1)
+            for b in range(n_base):
+                gw[:, b, t] += torch.einsum("n...,nc...->c", gs[:, r * n_base + b], xr)
+    return gw.view(C, n_base, *k)
+
+
+def eq8_grad_input(grad_out, weight, x_shape, stride, padding, dilation, n_rolls):
+    """Paper eq. 8: dL/dx is the transposed convolution of dL/dy with the rolled bank."""
+    dims = weight.dim() - 2
+    bank = R.expand_rolling_weight(weight.double(), n_rolls)
+    out = [(grad_out.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1
+           for i in range(dims)]
+    op_ = [x_shape[2 + i] - out[i] for i in range(dims)]
+    f = {2: F.conv_transpose2d, 3: F.conv_transpose3d}[dims]
+    return f(grad_out.double(), bank, None, stride, padding, op_, 1, dilation)
+
+
+def reference_all(transposed, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, grad_out=None, seed=1):
+    """float64 reference: (y, gx, gw, gb, grad_out) by autograd through the materialized bank."""
+    xr = x.detach().double().requires_grad_()
+    wr = weight.detach().double().requires_grad_()
+    br = bias.detach().double().requires_grad_() if bias is not None else None
+    if transposed:
+        y = R.rolling_conv_transpose(xr, wr, br, stride, padding, output_padding, dilation, n_rolls)
+    else:
+        y = R.rolling_conv(xr, wr, br, stride, padding, dilation, n_rolls)
+    if grad_out is None:
+        g = torch.Generator().manual_seed(seed)
+        grad_out = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(grad_out.to(y.device))
+    return y.detach(), xr.grad, wr.grad, (br.grad if br is not None else None), grad_out
+
+
+def make_case(transposed, dims, N, C, nb, n_rolls, k, spatial, dtype, device="cpu", bias=True, seed=0):
+    """Random inputs in `dtype`, rounded there first so that the float64 reference sees the same values."""
+    g = torch.Generator().manual_seed(seed)
+    k = [k] * dims if isinstance(k, int) else list(k)
+    spatial = [spatial] * dims if isinstance(spatial, int) else list(spatial)
+    x = torch.randn((N, C, *spatial), generator=g).to(dtype)
+    wshape = (C, nb, *k) if transposed else (nb, C, *k)
+    w = (torch.randn(wshape, generator=g) / math.sqrt(C * math.prod(k))).to(dtype)
+    b = torch.randn((n_rolls * nb,), generator=g).to(dtype) if bias else None
+    to = lambda t: t.to(device) if t is not None else None  # noqa: E731
+    return to(x), to(w), to(b)
