@@ -29,8 +29,9 @@ TORCH_LIBRARY(medconv, m) {
         "int[] dilation) -> Tensor");
   m.def("involution_grad_input(Tensor grad_out, Tensor weight, int[] input_size, int[] kernel_size, "
         "int[] stride, int[] padding, int[] dilation) -> Tensor");
+  // `groups` (G) cannot be recovered from grad_out and x, so grad_weight takes it explicitly.
   m.def("involution_grad_weight(Tensor grad_out, Tensor x, int[] kernel_size, int[] stride, "
-        "int[] padding, int[] dilation) -> Tensor");
+        "int[] padding, int[] dilation, int groups) -> Tensor");
 }
 
 // The Python module only has to exist so that importing medconv_ext._C loads the library
