@@ -39,7 +39,7 @@ namespace {
 constexpr int kMaxThreads = 256;            // block size upper bound (launch_bounds)
 constexpr int kChan = 16;                   // channels per chunk = register accumulators per thread
 constexpr int64_t kSmemBudget = 40 * 1024;  // bytes of dynamic shared memory per block
-constexpr int64_t kMaxGrid = int64_t(1) << 22;  // blocks launched; the kernels grid-stride over the rest
+constexpr int64_t kMaxGrid = int64_t(1) << 16;  // blocks launched (>> resident blocks); the kernels grid-stride over the rest
 
 // Geometry, always 3D (2D: D = Do = 1, kd = sd = dd = 1, pd = 0).
 struct Geom {
