@@ -153,7 +153,9 @@ def test_naive_baseline():
     import os as _os
     import sys as _sys
     _sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "bench"))
-    from naive_involution import naive_involution_forward
+    from naive_involution import naive_involution_forward, naive_per_output
+
+    assert naive_per_output is naive_involution_forward
 
     x, w, ks, st, pa, di = make_inputs(2, 1, 4, 2, (5, 6), 3, 2, 1, 1, dtype=torch.float32, device=DEVICE)
     xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
