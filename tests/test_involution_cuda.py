@@ -242,6 +242,8 @@ def test_bad_input_direct_op_calls():
         torch.ops.medconv.involution_grad_input(torch.randn(1, 4, 3, 3, device="cuda"), w, list(x.shape), ks, st, pa, di)
     with pytest.raises(RuntimeError, match="not divisible"):
         torch.ops.medconv.involution_grad_weight(torch.randn(1, 4, 4, 4, device="cuda"), x, ks, st, pa, di, 3)
+    with pytest.raises(RuntimeError, match="too large"):  # per-axis coordinates are 32-bit in the kernels
+        torch.ops.medconv.involution(x, w, ks, st, [2**30, 1], di)
     with pytest.raises(RuntimeError, match="CUDA tensor"):
         torch.ops.medconv.involution(x, w.cpu(), ks, st, pa, di)
 

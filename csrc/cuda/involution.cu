@@ -290,20 +290,23 @@ involution_grad_input_kernel(const scalar_t* __restrict__ gy, const scalar_t* __
 #pragma unroll
       for (int cc = 0; cc < kChan; ++cc) acc[cc] = acc_t(0);
       const scalar_t* wg = w + (n * g.G + grp) * KT * So;
+      // Per-axis tap arithmetic in 32 bits (64-bit division is a slow software routine on the
+      // GPU); make_geom guarantees every per-axis extent is below 2^30. Offsets stay 64-bit.
+      const int sd = (int)g.sd, sh = (int)g.sh, sw = (int)g.sw;
       for (int64_t a = 0; a < g.kd; ++a) {
-        const int64_t qd = id + g.pd - a * g.dd;
-        if (qd < 0 || qd % g.sd != 0) continue;
-        const int64_t pd_ = qd / g.sd;
+        const int qd = (int)(id + g.pd) - (int)(a * g.dd);
+        if (qd < 0 || (sd != 1 && qd % sd != 0)) continue;
+        const int64_t pd_ = qd / sd;
         if (pd_ >= g.Do) continue;
         for (int64_t b = 0; b < g.kh; ++b) {
-          const int64_t qh = ih + g.ph - b * g.dh;
-          if (qh < 0 || qh % g.sh != 0) continue;
-          const int64_t ph_ = qh / g.sh;
+          const int qh = (int)(ih + g.ph) - (int)(b * g.dh);
+          if (qh < 0 || (sh != 1 && qh % sh != 0)) continue;
+          const int64_t ph_ = qh / sh;
           if (ph_ >= g.Ho) continue;
           for (int64_t c = 0; c < g.kw; ++c) {
-            const int64_t qw = iw + g.pw - c * g.dw;
-            if (qw < 0 || qw % g.sw != 0) continue;
-            const int64_t pw_ = qw / g.sw;
+            const int qw = (int)(iw + g.pw) - (int)(c * g.dw);
+            if (qw < 0 || (sw != 1 && qw % sw != 0)) continue;
+            const int64_t pw_ = qw / sw;
             if (pw_ >= g.Wo) continue;
             const int64_t p = (pd_ * g.Ho + ph_) * g.Wo + pw_;
             const int64_t tap = (a * g.kh + b) * g.kw + c;
@@ -469,6 +472,13 @@ Geom make_geom(const char* op, c10::IntArrayRef in_sizes, int64_t G, c10::IntArr
     ST[off + i] = s[i];
     PA[off + i] = p[i];
     DI[off + i] = d[i];
+    // Per-axis coordinates are 32-bit inside the kernels (flattened offsets are 64-bit).
+    constexpr int64_t lim = int64_t(1) << 30;
+    TORCH_CHECK(in_sizes[2 + i] < lim && p[i] < lim && k[i] < lim && d[i] < lim && s[i] < lim &&
+                    in_sizes[2 + i] + 2 * p[i] < lim && d[i] * (k[i] - 1) < lim,
+                op, ": spatial dim ", i, " is too large (size + 2*padding, dilation*(kernel_size-1) and stride must "
+                "each be below 2^30), got size ", in_sizes[2 + i], ", padding ", p[i], ", dilation ", d[i],
+                ", kernel_size ", k[i], ", stride ", s[i]);
     TORCH_CHECK(in_sizes[2 + i] + 2 * p[i] >= d[i] * (k[i] - 1) + 1, op, ": the kernel (size ", k[i], ", dilation ",
                 d[i], ") is larger than the padded input along spatial dim ", i, " (size ", in_sizes[2 + i],
                 " + 2*padding ", p[i], ")");
