@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from _tiling_util import UNet, dilated_net, full_valid, integer_image, integer_weights_
-from medconv_ext.models import SRNet, valid_srnet
+from medconv_ext.models.valid_srnet import SRNet, valid_srnet
 from medconv_ext.nn import RollingConv2d
 from medconv_ext.tiling import (_Progress, load_tiling_checkpoint, predict_tiled, receptive_margin,
                                 receptive_radius, save_tiling_checkpoint)
