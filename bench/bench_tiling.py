@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Results, measure_peak_mb, time_ms  # noqa: E402
 
-from medconv_ext.models import SRNet  # noqa: E402
+from medconv_ext.models.valid_srnet import SRNet  # noqa: E402
 from medconv_ext.tiling import predict_tiled  # noqa: E402
 
 try:

@@ -753,10 +753,9 @@ def register_tiling_builder(name: str, fn: Callable[..., nn.Module]) -> None:
 
 
 def _builder(name: str):
-    if not _BUILDERS:
-        from .models import SRNet, valid_srnet
-        _BUILDERS.setdefault("valid_srnet", valid_srnet)
-        _BUILDERS.setdefault("srnet", SRNet)
+    from .models.valid_srnet import SRNet, valid_srnet
+    _BUILDERS.setdefault("valid_srnet", valid_srnet)
+    _BUILDERS.setdefault("srnet", SRNet)
     if name in _BUILDERS:
         return _BUILDERS[name]
     if ":" in name and name.split(":", 1)[0].split(".")[0] == "medconv_ext":

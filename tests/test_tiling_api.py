@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from _tiling_util import UNet, dilated_net, full_valid, integer_image, integer_weights_
-from medconv_ext.models import SRNet, valid_srnet
+from medconv_ext.models.valid_srnet import SRNet, valid_srnet
 from medconv_ext.nn import RollingConv2d
 from medconv_ext.tiling import (_Progress, load_tiling_checkpoint, predict_tiled, receptive_margin,
-                                receptive_radius, save_tiling_checkpoint)
+                                receptive_radius, register_tiling_builder, save_tiling_checkpoint)
 from medconv_ext import tile as tile_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,6 +215,15 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
         save_tiling_checkpoint(nn.Conv2d(1, 1, 3), tmp_path / "x.pt")
     with pytest.raises(ValueError, match="unknown builder"):
         save_tiling_checkpoint(net, tmp_path / "x.pt", builder="os:system")
+    # a builder named by module path inside the package, and a registered one
+    v = valid_srnet(features=2, blocks=1)
+    save_tiling_checkpoint(v, tmp_path / "v.pt", builder="medconv_ext.models.valid_srnet:valid_srnet",
+                           kwargs=dict(features=2, blocks=1))
+    assert torch.equal(load_tiling_checkpoint(tmp_path / "v.pt")[0].head.weight, v.head.weight)
+    register_tiling_builder("test_dilated", lambda dims=2: dilated_net(dims=dims))
+    d = dilated_net()
+    save_tiling_checkpoint(d, tmp_path / "d.pt", builder="test_dilated", kwargs={}, halo=6)
+    assert torch.equal(load_tiling_checkpoint(tmp_path / "d.pt")[0][2].weight, d[2].weight)
     torch.save({"weight": torch.zeros(1)}, tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="not a tiling checkpoint"):
         load_tiling_checkpoint(tmp_path / "plain.pt")

@@ -6,7 +6,7 @@ import torch
 
 from _tiling_util import (UNet, assert_exact_regime, dilated_net, full_valid, integer_image,
                           integer_weights_)
-from medconv_ext.models import SRNet, valid_srnet
+from medconv_ext.models.valid_srnet import SRNet, valid_srnet
 from medconv_ext.tiling import predict_tiled, receptive_radius
 
 
