@@ -12,7 +12,6 @@ flattened and the metric is computed per volume, then averaged).
                      100 x this, in percent).
 All are computed in float64.
 """
-import math
 from typing import Optional
 
 import torch

@@ -21,7 +21,7 @@ uninterrupted run would have seen, with no data-loader state to save.
 import hashlib
 import math
 import struct
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
