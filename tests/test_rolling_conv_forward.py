@@ -99,3 +99,37 @@ def test_cpu_deterministic(transposed):
                 assert torch.equal(a, b), "results differ between runs (threads=%d)" % n
     finally:
         torch.set_num_threads(threads)
+
+
+def _poisoned_call(fn, nbytes):
+    """Frees a NaN-filled block of the output's size right before the call, so that an output
+    element the kernel forgets to write is likely to read back as NaN (malloc reuses the block)."""
+    poison = torch.full((nbytes // 4 + 16,), float("nan"), dtype=torch.float32)
+    del poison
+    return fn()
+
+
+@pytest.mark.skipif("cpu" not in [p.values[1] for p in backend_params(OP) if p.values[0] == "cpu"],
+                    reason="compiled CPU kernels not built")
+def test_cpu_kernels_write_every_output_element():
+    ops = torch.ops.medconv
+    x = torch.randn(2, 6, 9, 7)
+    w = torch.randn(2, 6, 3, 2)
+    wt = torch.randn(6, 2, 3, 2)
+    s, p, d = [2, 1], [1, 1], [1, 2]
+    y = ops.rolling_conv(x, w, None, s, p, d, 4)
+    yt = ops.rolling_conv_transpose(x, wt, None, s, p, [1, 0], d, 4)
+    calls = {
+        "rolling_conv": lambda: ops.rolling_conv(x, w, None, s, p, d, 4),
+        "rolling_conv_grad_input": lambda: ops.rolling_conv_grad_input(y, w, list(x.shape), s, p, d, 4),
+        "rolling_conv_grad_weight": lambda: ops.rolling_conv_grad_weight(y, x, list(w.shape), s, p, d, 4),
+        "rolling_conv_transpose": lambda: ops.rolling_conv_transpose(x, wt, None, s, p, [1, 0], d, 4),
+        "rolling_conv_transpose_grad_input": lambda: ops.rolling_conv_transpose_grad_input(yt, wt, list(x.shape), s, p, d, 4),
+        "rolling_conv_transpose_grad_weight": lambda: ops.rolling_conv_transpose_grad_weight(yt, x, list(wt.shape), s, p, d, 4),
+    }
+    for name, fn in calls.items():
+        first = fn()
+        for _ in range(3):
+            out = _poisoned_call(fn, first.numel() * first.element_size())
+            assert torch.isfinite(out).all(), "%s left output elements unwritten" % name
+            assert torch.equal(out, first), name

@@ -395,7 +395,7 @@ void run_corr(const CorrArgs<T>& a, i64 N) {
 // ------------------------------------------------------------------------------------------
 // dw[b, m, t] = sum_{r, n, p} A[n, ia, p] * B[n, ib, p*s + t*d]   with q = r*nb + b, c = (m + r) mod C,
 // conv: (ia, ib) = (q, c); transposed: (ia, ib) = (c, q). One work item = (b, tile of R consecutive m,
-// tap t): acc[R][VW] lanes accumulate over (r, n, p) in registers, then a fixed-order lane sum.
+// tap t): a register tile accumulates over (r, n, p) (see gw_block), then a fixed-order lane sum.
 template <typename T>
 struct GwArgs {
   const T* A;  // (N, CA, P0, P1, P2): grad_out (conv) or x (transposed)
@@ -430,78 +430,83 @@ MEDCONV_INLINE void vload(V* dst, const T* src, i64 stride) {
   }
 }
 
-template <typename T, int R, int NV, int VB, bool UNIT, bool TRANS>
-MEDCONV_INLINE void gw_tile(const GwArgs<T>& a, i64 b, i64 m0, i64 t) {
+// Rolls r0 .. r0+RR-1 of output elements m0 .. m0+R-1 (base b, tap t), added to accd[R].
+// Pair (i, jr) multiplies the "roll side" channel q = (r0 + jr)*nb + b with the "rolled side"
+// channel (m0 + i + r0 + jr) mod C = rolled[i + jr]: per vector step RR + R + RR - 1 loads
+// feed R * RR multiply-adds (a 2D register tile; grad_out is the roll side for the conv,
+// the B side for the transposed conv).
+template <typename T, int R, int RR, int VB, bool UNIT, bool TRANS>
+MEDCONV_INLINE void gw_block(const GwArgs<T>& a, i64 b, i64 m0, i64 r0, i64 tap_off, double* accd) {
   typedef T V __attribute__((vector_size(VB)));
-  constexpr int NL = VB / sizeof(T), VW = NV * NL;
-  const i64 k1 = a.k[1], k2 = a.k[2];
-  const i64 kw = t % k2, kh = (t / k2) % k1, kd = t / (k2 * k1);
+  constexpr int NL = VB / sizeof(T), NY = R + RR - 1;
   const i64 Pl = a.P[1] * a.P[2], Pc = a.P[0] * Pl;
   const i64 L2 = a.L[2], Ll = a.L[1] * L2, Lc = a.L[0] * Ll;
   const i64 P2 = a.P[2], s2 = a.s[2];
-  const i64 tap_off = kd * a.d[0] * Ll + kh * a.d[1] * L2 + kw * a.d[2];
-  const i64 nfull = P2 / VW * VW;
-  double accd[R];
-  for (int i = 0; i < R; ++i) accd[i] = 0.0;
-  for (i64 r = 0; r < a.n_rolls; ++r) {
-    const i64 q = r * a.nb + b;
-    for (i64 n = 0; n < a.N; ++n) {
-      // per (r, n): lanes in T, then flushed into double so long sums keep their precision
-      V acc[R][NV];
+  const bool flat = a.flat;
+  const i64 nrow = flat ? a.P[0] : a.P[0] * a.P[1];
+  const i64 span = flat ? a.P[1] * P2 : P2;
+  const i64 nfull = span / NL * NL;
+  for (i64 n = 0; n < a.N; ++n) {
+    // X: roll side (RR rows), Y: rolled side (NY rows); A rows are contiguous, B rows strided by s2
+    const T* X[RR];
+    const T* Y[NY];
+    for (int jr = 0; jr < RR; ++jr) {
+      const i64 q = (r0 + jr) * a.nb + b;
+      X[jr] = TRANS ? a.B + (n * a.CB + q) * Lc + tap_off : a.A + (n * a.CA + q) * Pc;
+    }
+    for (int j = 0; j < NY; ++j) {
+      const i64 c = (m0 + r0 + j) % a.C;
+      Y[j] = TRANS ? a.A + (n * a.CA + c) * Pc : a.B + (n * a.CB + c) * Lc + tap_off;
+    }
+    const i64 xs = TRANS ? s2 : 1, ys = TRANS ? 1 : s2;
+    // lanes in T per n, then flushed into double so long sums keep their precision
+    V acc[R];
 #pragma GCC unroll 16
-      for (int i = 0; i < R; ++i)
+    for (int i = 0; i < R; ++i) acc[i] = V{};
+    T tail[R];
+    for (int i = 0; i < R; ++i) tail[i] = T(0);
+    for (i64 row = 0; row < nrow; ++row) {
+      const i64 p0 = flat ? row : row / a.P[1], p1 = flat ? 0 : row % a.P[1];
+      const i64 ao = p0 * Pl + p1 * P2, bo = p0 * a.s[0] * Ll + p1 * a.s[1] * L2;
+      const i64 xo = TRANS ? bo : ao, yo = TRANS ? ao : bo;
+      i64 pw = 0;
+      for (; pw < nfull; pw += NL) {
+        V xv[RR], yv[NY];
 #pragma GCC unroll 16
-        for (int v = 0; v < NV; ++v) acc[i][v] = V{};
-      T tail[R];
-      for (int i = 0; i < R; ++i) tail[i] = T(0);
-      const T* Ai[R];
-      const T* Bi[R];
-      for (int i = 0; i < R; ++i) {
-        const i64 c = (m0 + i + r) % a.C;
-        Ai[i] = a.A + (n * a.CA + (TRANS ? c : q)) * Pc;
-        Bi[i] = a.B + (n * a.CB + (TRANS ? q : c)) * Lc + tap_off;
+        for (int jr = 0; jr < RR; ++jr) vload<T, V, 1, NL, UNIT || !TRANS>(&xv[jr], X[jr] + xo + pw * xs, xs);
+#pragma GCC unroll 16
+        for (int j = 0; j < NY; ++j) vload<T, V, 1, NL, UNIT || TRANS>(&yv[j], Y[j] + yo + pw * ys, ys);
+#pragma GCC unroll 16
+        for (int jr = 0; jr < RR; ++jr)
+#pragma GCC unroll 16
+          for (int i = 0; i < R; ++i) acc[i] += xv[jr] * yv[i + jr];
       }
-      // rows: (ao, bo, span) = offsets of a contiguous run in A and B and its length
-      const bool flat = a.flat;
-      const i64 nrow = flat ? a.P[0] : a.P[0] * a.P[1];
-      const i64 span = flat ? a.P[1] * P2 : P2;
-      const i64 nfull_ = flat ? span / VW * VW : nfull;
-      for (i64 row = 0; row < nrow; ++row) {
-        const i64 p0 = flat ? row : row / a.P[1], p1 = flat ? 0 : row % a.P[1];
-        const i64 ao = p0 * Pl + p1 * P2, bo = p0 * a.s[0] * Ll + p1 * a.s[1] * L2;
-        i64 pw = 0;
-        for (; pw < nfull_; pw += VW) {
-          V sh[NV], ot[NV];
-          if (!TRANS) {  // A row (grad_out) shared by the tile
-            vload<T, V, NV, NL, UNIT>(sh, Ai[0] + ao + pw, 1);
-#pragma GCC unroll 16
-            for (int i = 0; i < R; ++i) {
-              vload<T, V, NV, NL, UNIT>(ot, Bi[i] + bo + pw * s2, s2);
-#pragma GCC unroll 16
-              for (int v = 0; v < NV; ++v) acc[i][v] += sh[v] * ot[v];
-            }
-          } else {  // B row (grad_out) shared by the tile
-            vload<T, V, NV, NL, UNIT>(sh, Bi[0] + bo + pw * s2, s2);
-#pragma GCC unroll 16
-            for (int i = 0; i < R; ++i) {
-              vload<T, V, NV, NL, UNIT>(ot, Ai[i] + ao + pw, 1);
-#pragma GCC unroll 16
-              for (int v = 0; v < NV; ++v) acc[i][v] += sh[v] * ot[v];
-            }
-          }
-        }
-        for (; pw < span; ++pw)  // tail pixels
-          for (int i = 0; i < R; ++i) tail[i] += Ai[i][ao + pw] * Bi[i][bo + pw * s2];
-      }
-      for (int i = 0; i < R; ++i) {
-        T lanes[VW];
-        std::memcpy(lanes, acc[i], sizeof(lanes));
-        T sum = tail[i];
-        for (int j = 0; j < VW; ++j) sum += lanes[j];
-        accd[i] += (double)sum;
-      }
+      for (; pw < span; ++pw)  // tail pixels
+        for (int jr = 0; jr < RR; ++jr)
+          for (int i = 0; i < R; ++i) tail[i] += X[jr][xo + pw * xs] * Y[i + jr][yo + pw * ys];
+    }
+    for (int i = 0; i < R; ++i) {
+      T lanes[NL];
+      std::memcpy(lanes, &acc[i], sizeof(lanes));
+      T sum = tail[i];
+      for (int j = 0; j < NL; ++j) sum += lanes[j];
+      accd[i] += (double)sum;
     }
   }
+}
+
+template <typename T, int R, int NV, int VB, bool UNIT, bool TRANS>
+MEDCONV_INLINE void gw_tile(const GwArgs<T>& a, i64 b, i64 m0, i64 t) {
+  const i64 k1 = a.k[1], k2 = a.k[2];
+  const i64 kw = t % k2, kh = (t / k2) % k1, kd = t / (k2 * k1);
+  const i64 Ll = a.L[1] * a.L[2];
+  const i64 tap_off = kd * a.d[0] * Ll + kh * a.d[1] * a.L[2] + kw * a.d[2];
+  constexpr int RR = 4;
+  double accd[R];
+  for (int i = 0; i < R; ++i) accd[i] = 0.0;
+  i64 r0 = 0;
+  for (; r0 + RR <= a.n_rolls; r0 += RR) gw_block<T, R, RR, VB, UNIT, TRANS>(a, b, m0, r0, tap_off, accd);
+  for (; r0 < a.n_rolls; ++r0) gw_block<T, R, 1, VB, UNIT, TRANS>(a, b, m0, r0, tap_off, accd);
   const i64 T_ = a.k[0] * k1 * k2;
   for (int i = 0; i < R; ++i) a.out[(b * a.C + m0 + i) * T_ + t] = (T)accd[i];
 }
