@@ -220,8 +220,11 @@ def test_cpu_auto_rule():
     assert rule(torch.randn(1, 512, 4, 4), w2(512), False) == ["spectral"]
     assert rule(torch.randn(1, 32, 4, 4), w2(32), False) == ["reference"]
     assert rule(torch.randn(1, 512, 4, 4), w2(512, 1), False) == ["reference"]  # 1x1: no gain
-    x = torch.randn(1, 64, 4, 4, requires_grad=True)
-    assert rule(x, w2(64), False) == ["reference"]  # training: higher threshold
+    assert rule(torch.randn(1, 64, 4, 4), w2(64), False) == ["reference"]  # 2D inference from C_in=128
+    x = torch.randn(1, 128, 4, 4, requires_grad=True)
+    assert rule(x, w2(128), False) == ["spectral"]  # training: 2D from C_in=128 too
+    x3 = torch.randn(1, 16, 4, 4, 4, requires_grad=True)
+    assert rule(x3, torch.randn(1, 16, 5, 5, 5), False) == ["reference"]  # 3D training: higher threshold
     with torch.no_grad():
-        assert rule(x, w2(64), False) == ["spectral"]
+        assert rule(x3, torch.randn(1, 16, 5, 5, 5), False) == ["spectral"]
     assert rule(torch.randn(1, 16, 4, 4, 4), torch.randn(1, 16, 5, 5, 5), False) == ["spectral"]
