@@ -78,6 +78,22 @@ class Impl:
 _IMPLS: Dict[str, Dict[str, Impl]] = {}
 
 
+def supports_any(device, dtype, **ctx) -> Optional[str]:
+    """`supports` of a backend that runs every input (the pure-PyTorch ones)."""
+    return None
+
+
+def supports_device_dtypes(device_type: str, dtypes):
+    """`supports` of a backend that runs on one device type and a fixed set of dtypes."""
+    def supports(device, dtype, **ctx) -> Optional[str]:
+        if device.type != device_type:
+            return "it runs on %s tensors, the input is on %s" % (device_type, device)
+        if dtype not in dtypes:
+            return "dtype %s is not supported (supported: %s)" % (dtype, ", ".join(str(d) for d in dtypes))
+        return None
+    return supports
+
+
 def register_impl(op: str, backend: str, fn: Callable, supports: Callable[..., Optional[str]]) -> None:
     if backend not in BACKENDS:
         raise ValueError("unknown backend %r (known: %s)" % (backend, ", ".join(BACKENDS)))

@@ -1,7 +1,6 @@
 """A tiny run of bench/bench_involution.py: the benchmark runs, and writes a CSV and a plot."""
 import csv
 import os
-import sys
 
 
 from medconv_ext import available_backends

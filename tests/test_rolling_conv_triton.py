@@ -6,7 +6,7 @@ materialized bank) and grad_weight against the paper's eq. 7 written out literal
 poisoned (every torch.empty in the wrapper and the kernels' partial buffers starts as NaN) so an
 element a kernel fails to write is caught.
 """
-import inspect
+
 import math
 import os
 import re

@@ -21,7 +21,7 @@ On a GPU the block sizes are autotuned; under TRITON_INTERPRET=1 (CPU tensors, t
 fixed configuration is used. Only Triton APIs present in both 3.6 and 3.8 are used.
 """
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 import triton

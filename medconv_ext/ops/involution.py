@@ -8,12 +8,12 @@ Definition (DESIGN.md §2), x (N, C, *S), weight (N, G, *K, *S_out):
 Registry op name "involution" (2D and 3D, dims from x.dim()); every implementation has the
 signature fn(x, weight, kernel_size, stride, padding, dilation) with lists of ints.
 """
-from typing import List, Optional
+from typing import List
 
 import torch
 
 from .. import _ext
-from ..backends import register_impl, resolve
+from ..backends import register_impl, resolve, supports_any, supports_device_dtypes
 from ..reference import involution as _ref
 from ._common import autocast_inputs, check_kernel_fits, check_positive, check_rank, check_same_dtype_device, conv_out_size, ntuple
 
@@ -104,26 +104,12 @@ def involution3d(x, weight, kernel_size, stride=1, padding=0, dilation=1, backen
 # --------------------------------------------------------------------------------------
 # backend "reference": pure PyTorch, unfold-based (materializes every window)
 # --------------------------------------------------------------------------------------
-def _supports_any(device, dtype, **ctx) -> Optional[str]:
-    return None
-
-
-register_impl(OP, "reference", _ref.involution, _supports_any)
+register_impl(OP, "reference", _ref.involution, supports_any)
 
 
 # --------------------------------------------------------------------------------------
 # backends "cpu" / "cuda": the compiled ops torch.ops.medconv.involution*
 # --------------------------------------------------------------------------------------
-def _supports_compiled(device_type, dtypes):
-    def supports(device, dtype, **ctx) -> Optional[str]:
-        if device.type != device_type:
-            return "it runs on %s tensors, the input is on %s" % (device_type, device)
-        if dtype not in dtypes:
-            return "dtype %s is not supported (supported: %s)" % (dtype, ", ".join(str(d) for d in dtypes))
-        return None
-    return supports
-
-
 def _compiled(x, weight, kernel_size, stride, padding, dilation):
     return torch.ops.medconv.involution(x, weight, kernel_size, stride, padding, dilation)
 
@@ -137,8 +123,8 @@ def _out_sizes(spatial, kernel_size, stride, padding, dilation):
 
 
 if _ext.has_compiled_ops():
-    register_impl(OP, "cpu", _compiled, _supports_compiled("cpu", CPU_DTYPES))
-    register_impl(OP, "cuda", _compiled, _supports_compiled("cuda", CUDA_DTYPES))
+    register_impl(OP, "cpu", _compiled, supports_device_dtypes("cpu", CPU_DTYPES))
+    register_impl(OP, "cuda", _compiled, supports_device_dtypes("cuda", CUDA_DTYPES))
 
     # ---- fake kernels (shapes only), so the ops trace under torch.compile ----
     @torch.library.register_fake("medconv::involution")

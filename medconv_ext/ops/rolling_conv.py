@@ -7,12 +7,12 @@ Definition (DESIGN.md §1): base `weight` (n_base, C_in, *k); output channel o =
 Transposed: base (C_in, n_base, *k), W_t[c, o] = weight[(c - r) mod C_in, b], then an ordinary
 transposed convolution with W_t.
 """
-from typing import List, Optional
+from typing import List
 
 import torch
 
 from .. import _ext
-from ..backends import register_impl, resolve
+from ..backends import register_impl, resolve, supports_any, supports_device_dtypes
 from ..reference import rolling_conv as _ref
 from ._common import (
     autocast_inputs,
@@ -197,27 +197,13 @@ def rolling_conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_p
 # --------------------------------------------------------------------------------------
 # backend "reference": pure PyTorch, materialized bank
 # --------------------------------------------------------------------------------------
-def _supports_any(device, dtype, **ctx) -> Optional[str]:
-    return None
-
-
-register_impl(OP, "reference", _ref.rolling_conv, _supports_any)
-register_impl(OP_T, "reference", _ref.rolling_conv_transpose, _supports_any)
+register_impl(OP, "reference", _ref.rolling_conv, supports_any)
+register_impl(OP_T, "reference", _ref.rolling_conv_transpose, supports_any)
 
 
 # --------------------------------------------------------------------------------------
 # backends "cpu" / "cuda": the compiled ops torch.ops.medconv.rolling_conv*
 # --------------------------------------------------------------------------------------
-def _supports_compiled(device_type, dtypes):
-    def supports(device, dtype, **ctx) -> Optional[str]:
-        if device.type != device_type:
-            return "it runs on %s tensors, the input is on %s" % (device_type, device)
-        if dtype not in dtypes:
-            return "dtype %s is not supported (supported: %s)" % (dtype, ", ".join(str(d) for d in dtypes))
-        return None
-    return supports
-
-
 def _compiled_conv(x, weight, bias, stride, padding, dilation, n_rolls):
     return torch.ops.medconv.rolling_conv(x, weight, bias, stride, padding, dilation, n_rolls)
 
@@ -230,10 +216,10 @@ CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 if _ext.has_compiled_ops():
-    register_impl(OP, "cpu", _compiled_conv, _supports_compiled("cpu", CPU_DTYPES))
-    register_impl(OP_T, "cpu", _compiled_conv_t, _supports_compiled("cpu", CPU_DTYPES))
-    register_impl(OP, "cuda", _compiled_conv, _supports_compiled("cuda", CUDA_DTYPES))
-    register_impl(OP_T, "cuda", _compiled_conv_t, _supports_compiled("cuda", CUDA_DTYPES))
+    register_impl(OP, "cpu", _compiled_conv, supports_device_dtypes("cpu", CPU_DTYPES))
+    register_impl(OP_T, "cpu", _compiled_conv_t, supports_device_dtypes("cpu", CPU_DTYPES))
+    register_impl(OP, "cuda", _compiled_conv, supports_device_dtypes("cuda", CUDA_DTYPES))
+    register_impl(OP_T, "cuda", _compiled_conv_t, supports_device_dtypes("cuda", CUDA_DTYPES))
 
     # ---- fake kernels (shapes only), so the ops trace under torch.compile ----
     @torch.library.register_fake("medconv::rolling_conv")

@@ -214,7 +214,7 @@ def _spectral_weight(wb: torch.Tensor) -> torch.Tensor:
     """wb (n_base, C, *k) real -> depthwise weight (4*n_base*F, 1, *k) for _spectrum_channels_last:
     with Wb = a + ib, the pairs are (a, a) on [c, d] and (b, -b) on [d, c], so that summing the two
     gives conj(Wb) * (c + id) = (ca + db) + i(da - cb)."""
-    n_base, k = wb.shape[0], wb.shape[2:]
+    k = wb.shape[2:]
     spec = torch.fft.rfft(wb, dim=1)  # (n_base, F, *k)
     a, b = spec.real, spec.imag
     w4 = torch.stack([torch.stack([a, a], dim=2), torch.stack([b, -b], dim=2)], dim=1)  # (B, 2, F, 2, *k)
