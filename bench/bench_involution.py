@@ -35,22 +35,6 @@ EXTRA = ["speedup_vs_unfold", "mem_ratio_vs_unfold"]
 
 
 # ---------------------------------------------------------------- CPU peak memory
-def exact_cpu_peaks():
-    """Make glibc serve every allocation of 64 KiB or more with its own mmap (and unmap it on
-    free). Otherwise a buffer can reuse heap pages that an earlier call freed but that are
-    still resident, and the resident-set peak of harness.measure_peak_mb misses it (0 MB for a
-    6 MB output). Costs fresh page faults on such allocations, for every impl alike."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 64 * 1024) == 1 and libc.mallopt(m_trim_threshold, 64 * 1024) == 1
-        return bool(ok)
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
 # ---------------------------------------------------------------- shapes
 def cpu_shapes(quick):
     shapes = []
@@ -268,7 +252,7 @@ def main(argv=None):
     written = []
     for dev_name, shapes, dtypes in runs:
         device = torch.device(dev_name)
-        if dev_name == "cpu" and not exact_cpu_peaks():
+        if dev_name == "cpu" and not harness.exact_cpu_peaks():
             print("  (note: not glibc; CPU peak memory may miss buffers that reuse freed heap pages)")
         print("involution on %s (%s)" % (harness.device_name(device), ", ".join(str(d) for d in dtypes)), flush=True)
         results = harness.Results("involution", device, EXTRA)
