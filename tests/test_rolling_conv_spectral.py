@@ -221,6 +221,9 @@ def test_cpu_auto_rule():
     assert rule(torch.randn(1, 32, 4, 4), w2(32), False) == ["reference"]
     assert rule(torch.randn(1, 512, 4, 4), w2(512, 1), False) == ["reference"]  # 1x1: no gain
     assert rule(torch.randn(1, 64, 4, 4), w2(64), False) == ["reference"]  # 2D inference from C_in=128
+    assert rule(torch.randn(1, 256, 4, 4), w2(256), False) == ["spectral"]
+    assert rule(torch.randn(1, 256, 4, 4), w2(256), False, 128) == ["reference"]  # half roll: C_out < 256
+    assert rule(torch.randn(1, 512, 4, 4), w2(512), False, 256) == ["spectral"]
     x = torch.randn(1, 128, 4, 4, requires_grad=True)
     assert rule(x, w2(128), False) == ["spectral"]  # training: 2D from C_in=128 too
     x3 = torch.randn(1, 16, 4, 4, 4, requires_grad=True)

@@ -71,15 +71,15 @@ def _check_common(name, x, weight, bias, dims, stride, padding, dilation, n_roll
     return stride, padding, dilation, n_rolls, c_out
 
 
-def _choose(op, x, weight, backend, transposed):
-    return resolve(op, backend, x.device, x.dtype, _auto_candidates(x, weight, transposed),
+def _choose(op, x, weight, backend, transposed, n_rolls):
+    return resolve(op, backend, x.device, x.dtype, _auto_candidates(x, weight, transposed, n_rolls),
                    ctx={"transposed": transposed, "x_shape": tuple(x.shape), "w_shape": tuple(weight.shape)})
 
 
 # --------------------------------------------------------------------------------------
 # backend choice for backend="auto" (rule derived from bench/bench_rolling_conv.py)
 # --------------------------------------------------------------------------------------
-def _auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> List[str]:
+def _auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool, n_rolls: int) -> List[str]:
     """Ordered backends to try for backend="auto"; "reference" is always the last resort."""
     if x.device.type == "cuda":
         # Rule written from operation counts, NOT yet from GPU measurements (it awaits
@@ -98,7 +98,7 @@ def _auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool) ->
         if c_in >= 512 or (taps >= 125 and c_in >= 128):
             return ["spectral"] + direct
         return direct + ["spectral"]
-    return _cpu_auto_candidates(x, weight, transposed)
+    return _cpu_auto_candidates(x, weight, transposed, n_rolls)
 
 
 # CPU rule, from bench/bench_rolling_conv.py shapes (N=1, single roll, stride 1, "same" padding),
@@ -122,9 +122,15 @@ def _auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool) ->
 # 220/244, C=256 128^2 153/251, C=512 64^2 99/241, C=1024 32^2 80/236: 2D inference from C_in=128.
 _CPU_SPECTRAL_MIN_C = {(2, False): 128, (2, True): 128, (3, False): 16, (3, True): 64}
 _CPU_SPECTRAL_MIN_TAPS = {2: 9, 3: 27}
+# The spectral cost grows with C_in only; the bank's with C_in * C_out. For half rolls (and double
+# rolls of small C_in) at large images, measured (quiet machine, 2 threads, reference/spectral ms):
+# C_in=128 -> 64 at 512^2 663/1006, 256 -> 128 at 256^2 573/817, 64 -> 128 (n_base 2) at 256^2
+# 176/307, 128 -> 128 at 256^2 329/311 (a tie), 512 -> 256 at 128^2 492/395, 1024 -> 512 at 64^2 426/190.
+# So 2D inference also needs C_out >= 256 for spectral.
+_CPU_SPECTRAL_MIN_C_OUT_2D = 256
 
 
-def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> List[str]:
+def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool, n_rolls=None) -> List[str]:
     dims = weight.dim() - 2
     c_in = x.shape[1]
     taps = 1
@@ -132,6 +138,10 @@ def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool
         taps *= int(k)
     training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     min_c = _CPU_SPECTRAL_MIN_C.get((dims, training))
+    n_base = weight.shape[1] if transposed else weight.shape[0]
+    c_out = (c_in if n_rolls is None else n_rolls) * n_base
+    if dims == 2 and not training and c_out < _CPU_SPECTRAL_MIN_C_OUT_2D:
+        return ["reference"]  # partial rolls: the bank shrinks with C_out, the spectral cost does not
     if min_c is not None and c_in >= min_c and taps >= _CPU_SPECTRAL_MIN_TAPS[dims]:
         return ["spectral"]
     return ["reference"]
@@ -146,7 +156,7 @@ def _rolling_conv_nd(dims, x, weight, bias, stride, padding, dilation, n_rolls, 
     stride, padding, dilation, n_rolls, _ = _check_common(
         name, x, weight, bias, dims, stride, padding, dilation, n_rolls, transposed=False)
     check_kernel_fits(x.shape[2:], weight.shape[2:], padding, dilation, name)
-    _, fn = _choose(OP, x, weight, backend, transposed=False)
+    _, fn = _choose(OP, x, weight, backend, transposed=False, n_rolls=n_rolls)
     return fn(x, weight, bias, stride, padding, dilation, n_rolls)
 
 
@@ -165,7 +175,7 @@ def _rolling_conv_transpose_nd(dims, x, weight, bias, stride, padding, output_pa
            for n, k, s, p, o, d in zip(x.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation)]
     if any(o < 1 for o in out):
         raise ValueError("%s: the output would be empty (computed spatial size %s); reduce padding" % (name, out))
-    _, fn = _choose(OP_T, x, weight, backend, transposed=True)
+    _, fn = _choose(OP_T, x, weight, backend, transposed=True, n_rolls=n_rolls)
     return fn(x, weight, bias, stride, padding, output_padding, dilation, n_rolls)
 
 
