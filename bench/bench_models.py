@@ -52,7 +52,7 @@ def backend_choice(model, x):
             def hook(mod, inp, name=name):
                 t = isinstance(mod, (RollingConvTranspose2d, RollingConvTranspose3d))
                 try:
-                    b = _choose(OP_T if t else OP, inp[0], mod.weight, mod.backend, t)[0]
+                    b = _choose(OP_T if t else OP, inp[0], mod.weight, mod.backend, t, mod.n_rolls)[0]
                 except Exception as e:  # noqa: BLE001 - shown in the table
                     b = "error: %s" % e
                 seen.append((name, tuple(inp[0].shape), b))
