@@ -41,10 +41,15 @@ _STATUS_CACHE: Dict[str, Dict[str, Tuple[bool, str]]] = {}
 
 def available_backends() -> Dict[str, Tuple[bool, str]]:
     """{name: (available, reason)} for every backend on this machine."""
+    return dict(_backend_status())
+
+
+def _backend_status() -> Dict[str, Tuple[bool, str]]:
+    """The cached status (not copied: resolve() reads it on every operator call)."""
     key = os.environ.get("TRITON_INTERPRET", "0")  # the only input that changes at run time
     if key not in _STATUS_CACHE:
         _STATUS_CACHE[key] = _probe_backends()
-    return dict(_STATUS_CACHE[key])
+    return _STATUS_CACHE[key]
 
 
 def _probe_backends() -> Dict[str, Tuple[bool, str]]:
@@ -104,7 +109,7 @@ def _why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, ct
     impl = _IMPLS.get(op, {}).get(backend)
     if impl is None:
         return "%s has no %r implementation" % (op, backend)
-    ok, reason = available_backends()[backend]
+    ok, reason = _backend_status()[backend]
     if not ok:
         return "backend %r is not available: %s" % (backend, reason)
     return impl.supports(device, dtype, **ctx)
