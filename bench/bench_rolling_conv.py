@@ -82,7 +82,8 @@ def roll_loop(x, w, pad):
 def medconv_impls(device: torch.device, dtype: torch.dtype, shape) -> Dict[str, Optional[str]]:
     """{backend: None if it can run this case, else why not} for the medconv backends to time."""
     dims, n, c, s, k = shape
-    names = ["reference", "spectral", "cpu"] if device.type == "cpu" else ["reference", "spectral", "cuda", "triton"]
+    names = (["reference", "spectral", "spectral_unfused", "cpu"] if device.type == "cpu"
+             else ["reference", "spectral", "spectral_unfused", "cuda", "triton"])
     x_shape, w_shape = (n, c) + (s,) * dims, (1, c) + (k,) * dims
     out = {}
     for name in names:

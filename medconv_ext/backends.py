@@ -2,7 +2,11 @@
 
 Every operator has implementations registered per backend name:
   "reference"  pure PyTorch, written for clarity (materializes what the math defines); any device
-  "spectral"   rolling conv only: the exact channel-FFT algorithm (DESIGN.md §1); any device
+  "spectral"   rolling conv only: the exact channel-FFT algorithm (DESIGN.md §1); any device. A fused
+               kernel runs where one is registered for the input's device (see
+               ops/rolling_conv_spectral.py), the composition of torch ops elsewhere
+  "spectral_unfused"  rolling conv only: always the composition of torch ops (rfft, depthwise conv,
+               irfft): the readable form of the algorithm, and a check of the fused kernels
   "cpu"        the compiled C++ kernels (torch.ops.medconv.*) on CPU tensors
   "cuda"       the compiled CUDA kernels on CUDA tensors
   "triton"     Triton kernels on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)
@@ -21,7 +25,7 @@ import torch
 
 from . import _ext
 
-BACKENDS = ("reference", "spectral", "cpu", "cuda", "triton")
+BACKENDS = ("reference", "spectral", "spectral_unfused", "cpu", "cuda", "triton")
 
 
 def _triton_status() -> Tuple[bool, str]:
@@ -55,7 +59,8 @@ def _backend_status() -> Dict[str, Tuple[bool, str]]:
 def _probe_backends() -> Dict[str, Tuple[bool, str]]:
     out = {
         "reference": (True, "pure PyTorch, always available"),
-        "spectral": (True, "pure PyTorch channel-FFT algorithm, always available"),
+        "spectral": (True, "channel-FFT algorithm: a fused kernel where one runs the input, else torch ops"),
+        "spectral_unfused": (True, "channel-FFT algorithm as a composition of torch ops, always available"),
     }
     if _ext.has_compiled_ops():
         out["cpu"] = (True, "compiled C++ kernels (medconv_ext._C)")

@@ -27,7 +27,7 @@ torch.compile(fullgraph=True). float16/bfloat16 are computed in float32 and cast
 On CUDA the same composition runs on cuFFT and cuDNN's depthwise kernels.
 """
 import math
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -288,5 +288,42 @@ def _supports(device, dtype, **ctx) -> Optional[str]:
     return None
 
 
-register_impl(OP, "spectral", rolling_conv_spectral, _supports)
-register_impl(OP_T, "spectral", rolling_conv_transpose_spectral, _supports)
+# --------------------------------------------------------------------------------------
+# fused kernels of the same algorithm, per device type
+# --------------------------------------------------------------------------------------
+# The "spectral" backend runs a fused kernel (one pass over the activations each way) where one
+# is registered for the input's device type and supports the input, and the composition above
+# everywhere else. "spectral_unfused" always runs the composition.
+# A fused entry is (conv_fn, conv_transpose_fn, supports): conv_fn and conv_transpose_fn take the
+# same arguments as rolling_conv_spectral / rolling_conv_transpose_spectral; supports(x, weight,
+# transposed) returns None when the fused kernel runs this input, else the reason.
+_FUSED: Dict[str, Tuple[Callable, Callable, Callable]] = {}
+
+
+def register_fused_spectral(device_type: str, conv_fn: Callable, conv_transpose_fn: Callable,
+                            supports: Callable[[torch.Tensor, torch.Tensor, bool], Optional[str]]) -> None:
+    _FUSED[device_type] = (conv_fn, conv_transpose_fn, supports)
+
+
+def _fused_for(x: torch.Tensor, weight: torch.Tensor, transposed: bool):
+    entry = _FUSED.get(x.device.type)
+    if entry is None or entry[2](x, weight, transposed) is not None:
+        return None
+    return entry[1] if transposed else entry[0]
+
+
+def rolling_conv_spectral_auto(x, weight, bias, stride, padding, dilation, n_rolls):
+    """Backend "spectral": the fused kernel for this device where it runs the input, else the composition."""
+    fn = _fused_for(x, weight, transposed=False) or rolling_conv_spectral
+    return fn(x, weight, bias, stride, padding, dilation, n_rolls)
+
+
+def rolling_conv_transpose_spectral_auto(x, weight, bias, stride, padding, output_padding, dilation, n_rolls):
+    fn = _fused_for(x, weight, transposed=True) or rolling_conv_transpose_spectral
+    return fn(x, weight, bias, stride, padding, output_padding, dilation, n_rolls)
+
+
+register_impl(OP, "spectral", rolling_conv_spectral_auto, _supports)
+register_impl(OP_T, "spectral", rolling_conv_transpose_spectral_auto, _supports)
+register_impl(OP, "spectral_unfused", rolling_conv_spectral, _supports)
+register_impl(OP_T, "spectral_unfused", rolling_conv_transpose_spectral, _supports)

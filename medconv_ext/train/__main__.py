@@ -3,6 +3,7 @@ import argparse
 import dataclasses
 import sys
 
+from ..backends import BACKENDS
 from .loop import QSMTrainConfig, run_qsm
 
 _D = QSMTrainConfig()
@@ -31,7 +32,7 @@ def _parser():
       help="continue from OUT/checkpoint.pt (or from CKPT): weights, optimizer state, step and RNG")
     a("--seed", type=int, default=None, help="seed of the initial weights and of the training data; default %d" % _D.seed)
     a("--val-size", type=int, default=None, help="number of held-out volumes (another seed stream); default %d" % _D.val_size)
-    a("--backend", default=None, choices=["auto", "reference", "spectral", "cpu", "cuda", "triton"],
+    a("--backend", default=None, choices=["auto", *BACKENDS],
       help="backend of the model's rolling layers; default: the layers' own (auto)")
     a("--amp", default=None, choices=["none", "bf16"], help="autocast dtype of the model; default none")
     a("--ckpt-every", type=int, default=None, help="checkpoint every N steps (and at the end); default %d" % _D.ckpt_every)
