@@ -171,5 +171,8 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
+    # Optional file formats of exact tiled inference (python -m medconv_ext.tile): Zarr / OME-Zarr,
+    # TIFF stacks, NIfTI. Without them .npy works and the other formats name the missing package.
+    extras_require={"io": ["zarr>=3", "tifffile>=2024.8", "nibabel>=5"]},
     zip_safe=False,
 )
