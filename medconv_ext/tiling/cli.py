@@ -102,6 +102,10 @@ class _Dist:
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def barrier(self):
+        if self.world > 1:
+            self.dist.barrier()
+
     def allreduce_async(self, values):
         t = torch.tensor(values, dtype=torch.float64)
         if self.world == 1:
@@ -238,6 +242,7 @@ def _run(args, dist) -> int:
             raise ValueError("the output %s has shape %s, expected %s" % (args.output, out.shape, plan.out_shape(c_out)))
         ledger.open()
         todo = np.flatnonzero(~ledger.done()).tolist()
+        dist.barrier()  # every process has read the same ledger before any tile is marked
         lo, hi = len(todo) * dist.rank // dist.world, len(todo) * (dist.rank + 1) // dist.world
         mine = todo[lo:hi]  # contiguous runs of tiles: neighbouring reads share input chunks
         kill_k, kill_before_flag = _kill_hook()

@@ -494,7 +494,12 @@ def verify_tiling(model, image, tile: IntOrSeq, *, margin: Optional[IntOrSeq] = 
         for i in picks:
             nimg, combo = plan.tiles[i]
             x = _read_tile(image, prefix(nimg), [c[0] for c in combo], plan.ext, plan.sizes, plan.pad_mode, mdtype)
-            y_tile = model(x[None].to(device))[0][plan.src_crop(i)]
+            y_full_tile = model(x[None].to(device))[0]
+            if list(y_full_tile.shape[1:]) != plan.out_ext:
+                raise ValueError("%s: the model maps a tile %s to %s, expected spatial size %s: the margin %s is wrong or "
+                                 "the network is not what the mode assumes" % (op, tuple(x.shape), tuple(y_full_tile.shape),
+                                                                               plan.out_ext, plan.margin))
+            y_tile = y_full_tile[plan.src_crop(i)]
             starts, exts, crop = [], [], []
             for (q, d0, d1, _o), s, m, ext in zip(combo, plan.sizes, plan.margin, plan.ext):
                 if m:  # valid: any window; its output voxel j is image voxel start + m + j
