@@ -138,3 +138,30 @@ def test_verify_tiling_detects_too_small_halo():
     assert verify_tiling(vnet, x, 16, pad_mode="reflect")["bit_identical"]
     with pytest.raises(ValueError, match="the margin \\[4, 4\\] is wrong"):
         verify_tiling(vnet, x, 16, margin=4, n_tiles=2)
+
+
+def test_plan_regions_cover_once_on_chunk_grid():
+    """Every output voxel is written by exactly one tile, and every tile's region starts and ends on the
+    chunk grid (so parallel writers never share a Zarr chunk); tile origins stay on the align grid."""
+    from medconv_ext.tiling.plan import _axis_plan
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        a = int(rng.choice([1, 2, 4, 8]))
+        h, m = int(rng.integers(0, 12)), int(rng.integers(0, 6))
+        halo_mode = bool(rng.integers(0, 2))
+        if halo_mode:
+            t = -(-int(rng.integers(2 * h + a, 2 * h + a + 30)) // a) * a
+            s = int(rng.integers(1, 150))
+            s = -(-s // a) * a if s > t else s
+            ext, plan, step = _axis_plan(s, t, 0, h, a)
+        else:
+            a, t, s = 1, int(rng.integers(2 * m + 1, 2 * m + 30)), int(rng.integers(1, 150))
+            ext, plan, step = _axis_plan(s, t, m, 0, 1)
+        hits = np.zeros(s, dtype=int)
+        for q, d0, d1, off in plan:
+            assert d0 % step == 0 and (d1 % step == 0 or d1 == s)
+            if halo_mode:
+                assert q % a == 0 and 0 <= q <= s - ext
+                assert (q == 0 or d0 >= q + h) and (q + ext == s or d1 <= q + ext - h)
+            hits[d0:d1] += 1
+        assert (hits == 1).all()

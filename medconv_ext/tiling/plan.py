@@ -42,14 +42,22 @@ def _out_torch_dtype(out):
     return _NP2TORCH.get(out.dtype)
 
 
-def _axis_plan(size: int, tile: int, m: int, h: int, align: int) -> Tuple[int, List[Tuple[int, int, int, int]]]:
-    """Tile extent along one axis and its tiles as (src_start, dst_start, dst_end, off): the tile
-    reads image[src_start : src_start + extent] (may reach outside the image by the margin m in
-    valid mode) and its output voxel off + j goes to dst_start + j for dst_start + j < dst_end.
+def _halo_step(tile: int, h: int, align: int) -> int:
+    """Chunk step of halo mode: the larger of a step on the align grid (tile origins d0 - halo rounded
+    up to align) and any step with origins rounded down to align (worst case tile - 2*halo - align + 1)."""
+    lead = -(-h // align) * align
+    return max(((tile - h - lead) // align) * align, tile - 2 * h - align + 1)
 
-    The output regions start at multiples of one step (tile - 2*margin in valid mode; in halo mode
-    tile - halo - halo rounded up to align, rounded down to align), so every region but the last
-    is exactly one step long: a chunk grid of that step puts every tile's output in one chunk."""
+
+def _axis_plan(size: int, tile: int, m: int, h: int, align: int) -> Tuple[int, List[Tuple[int, int, int, int]], int]:
+    """Tile extent along one axis, its tiles as (src_start, dst_start, dst_end, off), and the chunk
+    step. A tile reads image[src_start : src_start + extent] (may reach outside the image by the
+    margin m in valid mode) and its output voxel off + j goes to dst_start + j for
+    dst_start + j < dst_end.
+
+    Every output region starts and ends on a multiple of the step (or at the image end): valid
+    mode writes exactly one step (tile - 2*margin) per tile; halo mode as many whole steps as the
+    tile's interior holds. A chunk grid of that step therefore never has two tiles in one chunk."""
     if m:  # valid mode, in padded coordinates p (image coordinate p - m)
         padded = size + 2 * m
         ext = min(tile, padded)
@@ -60,25 +68,23 @@ def _axis_plan(size: int, tile: int, m: int, h: int, align: int) -> Tuple[int, L
             q = padded - ext if last else p  # the last tile is clamped to the end
             plan.append((q - m, end, size if last else p + step, end - q))
             if last:
-                return ext, plan
+                return ext, plan, min(step, size)
             end = p + step
             p += step
     ext = min(tile, size)
     if ext == size:
-        return ext, [(0, 0, size, 0)]
-    lead = -(-h // align) * align  # the halo before a tile's output region, on the align grid
-    step = ((tile - h - lead) // align) * align
+        return ext, [(0, 0, size, 0)], size
+    step = _halo_step(tile, h, align)
     plan, d0 = [], 0
     while True:
-        q = min(max(d0 - lead, 0), size - ext)  # border tiles clamped to the image
-        last = q == size - ext or d0 + step >= size
-        d1 = size if last else d0 + step
+        q = min(max(((d0 - h) // align) * align, 0), size - ext)  # on the align grid, clamped to the image
+        d1 = size if q + ext >= size else ((q + ext - h) // step) * step  # whole steps of the interior
         # every written voxel is >= h away from each tile edge that is not an image edge
-        assert (q == 0 or d0 >= q + h) and (q + ext == size or d1 <= q + ext - h), (size, tile, h, align)
+        assert d1 > d0 and (q == 0 or d0 >= q + h) and (q + ext == size or d1 <= q + ext - h), (size, tile, h, align)
         plan.append((q, d0, d1, d0 - q))
-        if last:
-            return ext, plan
-        d0 += step
+        if d1 == size:
+            return ext, plan, step
+        d0 = d1
 
 
 class TilePlan:
@@ -94,8 +100,8 @@ class TilePlan:
         self.ext = [a[0] for a in axes]
         self.axis_plans = [a[1] for a in axes]
         self.out_ext = [e - 2 * m for e, m in zip(self.ext, margin)]
-        # spatial chunk: the length of every output region but the last along each axis
-        self.chunk = [p[0][2] - p[0][1] for p in self.axis_plans]
+        # spatial chunk (Zarr): every output region starts and ends on this grid
+        self.chunk = [a[2] for a in axes]
         self.tiles = [(n, combo) for n in range(n_img) for combo in itertools.product(*self.axis_plans)]
 
     def __len__(self):
@@ -166,9 +172,9 @@ def make_plan(model, shape, dims, tile, align, margin, halo, pad_mode, op="predi
                 raise ValueError("%s: image size %d along spatial axis %d is not a multiple of align %d: full-image "
                                  "inference of a network that down-samples by %d needs that too; pad the image"
                                  % (op, s, ax, a, a))
-            if t - h - (-(-h // a) * a) < a:
-                raise ValueError("%s: tile %s minus twice the halo %s (rounded up to align %s on the leading side) "
-                                 "leaves less than align per tile" % (op, tile, halo_t, align))
+            if t - 2 * h < a:
+                raise ValueError("%s: tile %s minus twice the halo %s leaves less than align %s per tile"
+                                 % (op, tile, halo_t, align))
     return TilePlan(dims, sizes, n_img, batched, chans, tile, margin, halo_t, align, pad_mode)
 
 
