@@ -9,20 +9,35 @@ Differences are measured in float64 (ours: 0 expected); timings in float32 on a 
 On CUDA the valid_srnet rate (64 features, bf16, 2D slices) is extrapolated to the 2000x2000x5839
 light-sheet volume of the paper.
 
-    python bench/bench_tiling.py [--quick] [--device cuda] [--features N] [--blocks N]
+    python bench/bench_tiling.py [--quick] [--device cuda] [--features N] [--blocks N] [--part compare|scale|all]
 On a loaded CPU run it with OMP_NUM_THREADS=1: oversubscribed OpenMP barriers penalise the many
 small convolution calls of any tiled inference far more than the work itself.
 CSV: bench/results/<device>/tiling.csv (harness columns + voxels_per_s, max_abs_diff, net, tile).
+
+--part scale: file-to-file runs of `python -m medconv_ext.tile` (.npy in, .npy and Zarr out) with 1 and
+2 processes under torchrun on a CPU (1 OpenMP thread each), or 1 process on a GPU: output voxels per
+second of the tile loop and its read / compute / write split (seconds summed over processes), each
+output checked bit-identical to the one-process .npy run. On CUDA: valid_srnet (64 features, 7 blocks,
+bf16) and the extrapolated time for the 2000x2000x5839 light-sheet volume on 1 and 8 GPUs (8 GPUs:
+linear scaling of the one-GPU rate, an upper bound that holds only while storage keeps up).
+CSV: bench/results/<device>/tiling_scale.csv.
 """
 import argparse
+import json
 import math
 import os
+import socket
+import subprocess
 import sys
+import tempfile
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from harness import Results, measure_peak_mb, time_ms  # noqa: E402
 
 from medconv_ext.models.valid_srnet import SRNet  # noqa: E402
@@ -82,7 +97,113 @@ def main(argv=None):
     p.add_argument("--features", type=int, default=None,
                    help="network width (default 64 on CUDA; 8 in 2D and 4 in 3D on a CPU, 4 with --quick)")
     p.add_argument("--blocks", type=int, default=None, help="residual blocks (default 7; 3 for 3D on a CPU)")
+    p.add_argument("--part", choices=["compare", "scale", "all"], default="all",
+                   help="compare: predict_tiled vs MONAI in memory; scale: file to file, 1 and 2 processes")
     args = p.parse_args(argv)
+    rc = 0
+    if args.part in ("compare", "all"):
+        rc = compare(args)
+    if args.part in ("scale", "all"):
+        rc = scale(args) or rc
+    return rc
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli_run(nproc, ck, inp, out, tile, bs, device, stats_path, extra=()):
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    base = ["-m", "medconv_ext.tile", "--model", ck, "--input", inp, "--output", out, "--tile", str(tile),
+            "--batch-size", str(bs), "--device", device, "--no-progress", "--stats", stats_path, "--overwrite",
+            "--verify", "0"] + list(extra)
+    if nproc == 1:
+        cmd = [sys.executable, "-W", "ignore"] + base
+    else:
+        cmd = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port())] + base
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError("%s failed:\n%s" % (" ".join(cmd), r.stderr[-3000:]))
+    with open(stats_path) as f:
+        return json.load(f)
+
+
+def _read_out(path):
+    if path.endswith(".npy"):
+        return np.load(path)
+    import zarr
+    return zarr.open_array(path, mode="r")[...]
+
+
+def scale(args):
+    """File-to-file throughput of python -m medconv_ext.tile: 1 and 2 processes (CPU), or one GPU."""
+    from medconv_ext.tiling import save_tiling_checkpoint
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    try:
+        import zarr  # noqa: F401
+        outs = ["npy", "zarr"]
+    except ImportError:
+        outs = ["npy"]
+    if cuda:
+        shape, tile, features, blocks, dtype, bs, procs = (16, 1, 1024, 1024), 256, 64, 7, "bfloat16", 8, [1]
+    elif args.quick:
+        shape, tile, features, blocks, dtype, bs, procs = (4, 1, 192, 192), 96, 4, 3, "float32", 4, [1, 2]
+    else:
+        shape, tile, features, blocks, dtype, bs, procs = (8, 1, 512, 512), 160, 8, 7, "float32", 4, [1, 2]
+    features = args.features or features
+    blocks = args.blocks or blocks
+    res = Results("tiling_scale", device, ["voxels_per_s", "processes", "read_s", "compute_s", "write_s", "run_s",
+                                           "bit_identical", "net", "tile"])
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        net = SRNet(1, features, blocks, 2, padding=0).eval()
+        ck = os.path.join(tmp, "net.pt")
+        save_tiling_checkpoint(net, ck)
+        inp = os.path.join(tmp, "in.npy")
+        np.save(inp, np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
+        n_vox = math.prod(shape)
+        ref = None
+        rate1 = None
+        for fmt in outs:
+            for nproc in procs:
+                out = os.path.join(tmp, "out%d.%s" % (nproc, fmt))
+                st = _cli_run(nproc, ck, inp, out, tile, bs, args.device, os.path.join(tmp, "st.json"),
+                              ["--dtype", dtype])
+                y = _read_out(out)
+                if ref is None:
+                    ref = y
+                same = bool(np.array_equal(y, ref))
+                rate = st["voxels_per_s"]
+                if fmt == "npy" and nproc == 1:
+                    rate1 = rate
+                res.add(op="tiling_scale", impl="tile_cli_%s" % fmt, dtype=dtype, mode="%dproc" % nproc,
+                        shape="%s tile %d f%d b%d" % ("x".join(map(str, shape)), tile, features, blocks),
+                        median_ms=st["run_s"] * 1e3, peak_mem_mb=float("nan"), voxels_per_s=rate, processes=nproc,
+                        read_s=st["read_s"], compute_s=st["compute_s"], write_s=st["write_s"], run_s=st["run_s"],
+                        bit_identical=same, net="valid_srnet", tile=tile)
+                print("    %-4s out, %d process(es): %.3g output voxels/s; read %.2f s, compute %.2f s, write %.2f s "
+                      "(summed); same as the 1-process .npy run: %s"
+                      % (fmt, nproc, rate, st["read_s"], st["compute_s"], st["write_s"], same), flush=True)
+                del y
+    res.write_csv()
+    if cuda and rate1:
+        n = math.prod(LIGHTSHEET)
+        t1 = n / rate1
+        print("valid_srnet (%d features, %d blocks, %s, tile %d, file to file) at %.3g voxels/s on one GPU: the "
+              "%dx%dx%d light-sheet volume would take %.1f min on 1 GPU and %.1f min on 8 GPUs (linear scaling, "
+              "storage permitting; paper: 66 h)"
+              % (features, blocks, dtype, tile, rate1, LIGHTSHEET[2], LIGHTSHEET[1], LIGHTSHEET[0], t1 / 60, t1 / 480))
+    else:
+        print("(CPU run: the light-sheet extrapolation for 1 and 8 GPUs is printed on CUDA only)")
+    return 0
+
+
+def compare(args):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if MONAI_ERROR:
