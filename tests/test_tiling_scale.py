@@ -165,3 +165,17 @@ def test_plan_regions_cover_once_on_chunk_grid():
                 assert (q == 0 or d0 >= q + h) and (q + ext == s or d1 <= q + ext - h)
             hits[d0:d1] += 1
         assert (hits == 1).all()
+
+
+def test_cli_mask_skips_tiles(tmp_path):
+    net, x, full = _setup(tmp_path)
+    mask = np.zeros((41, 37), dtype=np.uint8)
+    mask[:10, :10] = 1  # only the top-left corner is foreground
+    np.save(tmp_path / "mask.npy", mask)
+    out = tmp_path / "out.npy"
+    assert tile_cli.main(_args(tmp_path, out, "--mask", str(tmp_path / "mask.npy"), "--background", "-5")) == 0
+    st = json.load(open(tmp_path / "stats.json"))
+    assert st["tiles_skipped"] > 0 and st["tiles_run"] + st["tiles_skipped"] == st["tiles"]
+    y = np.load(out)
+    np.testing.assert_array_equal(y[:, :, :12, :12], full[:, :, :12, :12])  # tile 24, step 12
+    assert (y[:, :, 24:, :] == -5).all()
