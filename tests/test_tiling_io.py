@@ -199,3 +199,30 @@ def test_optional_packages_missing_gives_clear_error(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, mod, None)
         with pytest.raises(ImportError, match="'%s' package" % mod):
             tio.open_image(tmp_path / name, 2)
+
+
+def test_ome_zarr_channel_axis(tmp_path):
+    # an OME-Zarr image with axes (c, y, x): read as (C, H, W); an output with 2 channels for a (z, y, x)
+    # input gets a 'c' axis in front (OME order), its scale extended by 1
+    g = zarr.open_group(str(tmp_path / "c.ome.zarr"), mode="w", zarr_format=3)
+    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    g.attrs.update({"ome": {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [{"path": "0"}]}]}})
+    data = np.arange(2 * 5 * 4, dtype=np.float32).reshape(2, 5, 4)
+    g.create_array("0", shape=data.shape, chunks=(1, 5, 4), dtype=data.dtype)[...] = data
+    v = tio.open_image(tmp_path / "c.ome.zarr", 2).view
+    assert v.shape == (2, 5, 4)
+    np.testing.assert_array_equal(v[:, 1:3, 2:], data[:, 1:3, 2:])
+    x = _volume("float32")
+    _write("ome.zarr", tmp_path / "in.ome.zarr", x)
+    src = tio.open_image(tmp_path / "in.ome.zarr", 2)
+    assert src.view.shape == (2, 1, 33, 27)  # z is the batch axis of a 2D network
+    (tmp_path / "o.ledger").mkdir()
+    tio.create_output(tmp_path / "o.ome.zarr", src, 2, np.float32, 2, [8, 8], str(tmp_path / "o.ledger"))
+    ms = zarr.open_group(str(tmp_path / "o.ome.zarr"), mode="r").attrs["ome"]["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["c", "z", "y", "x"]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 2.0, 0.5, 0.5]
+    out = tio.open_output(tmp_path / "o.ome.zarr", 2, str(tmp_path / "o.ledger"))
+    assert out.shape == (2, 2, 33, 27)
+    blk = np.random.default_rng(0).random((2, 8, 8)).astype(np.float32)
+    out[(1, slice(None), slice(8, 16), slice(0, 8))] = blk
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "o.ome.zarr"), mode="r")["0"][:, 1, 8:16, 0:8], blk)
