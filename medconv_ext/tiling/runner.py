@@ -127,6 +127,8 @@ def _to_tensor(blk):
         a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype == np.uint16 or a.dtype == np.uint32:  # torch has no arithmetic on these
         a = a.astype(np.int64 if a.dtype == np.uint32 else np.int32)
+    if not a.flags.writeable:  # a read-only memory map: torch wants writable memory
+        a = a.copy()
     return torch.from_numpy(a)
 
 
