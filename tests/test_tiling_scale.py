@@ -104,7 +104,9 @@ def test_skip_empty_space():
     assert torch.equal(ym[0, 0, 0:12, 28:40], full[0, 0, 0:12, 28:40])
     assert (ym[0, 0, 20:, :] == 0).all()
     with pytest.raises(ValueError, match="mask must have 2 spatial axes"):
-        predict_tiled(net, x, 16, progress=False, mask=np.ones((1, 40, 52)))
+        predict_tiled(net, x, 16, progress=False, mask=np.ones((2, 40, 52)))
+    with pytest.raises(ValueError, match="larger than the image"):
+        predict_tiled(net, x, 16, progress=False, mask=np.ones((41, 52)))
 
 
 @pytest.mark.parametrize("layer, why", [
@@ -169,8 +171,9 @@ def test_plan_regions_cover_once_on_chunk_grid():
 
 def test_cli_mask_skips_tiles(tmp_path):
     net, x, full = _setup(tmp_path)
-    mask = np.zeros((41, 37), dtype=np.uint8)
-    mask[:10, :10] = 1  # only the top-left corner is foreground
+    mask = np.zeros((3, 1, 41, 37), dtype=np.uint8)  # one mask per image of the batch
+    mask[:, :, :10, :10] = 1  # only the top-left corner is foreground...
+    mask[2, :, 30:, 30:] = 1  # ...and, in the last image, the bottom-right one
     np.save(tmp_path / "mask.npy", mask)
     out = tmp_path / "out.npy"
     assert tile_cli.main(_args(tmp_path, out, "--mask", str(tmp_path / "mask.npy"), "--background", "-5")) == 0
@@ -178,4 +181,5 @@ def test_cli_mask_skips_tiles(tmp_path):
     assert st["tiles_skipped"] > 0 and st["tiles_run"] + st["tiles_skipped"] == st["tiles"]
     y = np.load(out)
     np.testing.assert_array_equal(y[:, :, :12, :12], full[:, :, :12, :12])  # tile 24, step 12
-    assert (y[:, :, 24:, :] == -5).all()
+    assert (y[:2, :, 24:, :] == -5).all()
+    np.testing.assert_array_equal(y[2, :, 36:, 36:], full[2, :, 36:, 36:])

@@ -212,9 +212,7 @@ def _run(args, dist) -> int:
     plan = make_plan(model, tuple(image.shape), dims, tile, align, margin, halo, args.pad_mode, "medconv_ext.tile")
     mask = None
     if args.mask:
-        msrc = tio.open_image(args.mask, dims)
-        mv = msrc.view
-        mask = mv[(0,) * (mv.ndim - dims)] if mv.ndim > dims else mv
+        mask = tio.open_image(args.mask, dims).view  # ((N,) 1, *spatial), as the image's layout
     skip = _Skip(plan, args.foreground_threshold, mask, "medconv_ext.tile")
     device, mdtype = _resolve_device(model, image, device)
     ledger = tio.Ledger(args.output)

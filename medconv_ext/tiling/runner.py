@@ -239,7 +239,8 @@ def output_spec(model, plan, device, mdtype):
 
 
 class _Skip:
-    """Which tiles are empty space (foreground_threshold / mask)."""
+    """Which tiles are empty space (foreground_threshold / mask). The mask is (*spatial), (1, *spatial)
+    or (N, 1, *spatial) (one mask per image of a batch), at the image's resolution or a coarser one."""
 
     def __init__(self, plan, threshold, mask, op):
         self.plan, self.threshold, self.mask = plan, threshold, mask
@@ -247,12 +248,16 @@ class _Skip:
             raise TypeError("%s: foreground_threshold must be a number, got %r" % (op, threshold))
         if mask is not None:
             shp = tuple(mask.shape)
-            if len(shp) != plan.dims or any(s < 1 for s in shp):
+            lead, sp = shp[:-plan.dims], shp[-plan.dims:]
+            ok = len(shp) >= plan.dims and all(s >= 1 for s in sp) and (
+                lead == () or lead == (1,) or (len(lead) == 2 and lead[1] == 1 and lead[0] in (1, plan.n_img)))
+            if not ok:
                 raise ValueError("%s: mask must have %d spatial axes (the image's spatial shape %s or a coarser one), "
-                                 "got shape %s" % (op, plan.dims, tuple(plan.sizes), shp))
-            if any(m > s for m, s in zip(shp, plan.sizes)):
+                                 "optionally after (1,) or (N, 1), got shape %s" % (op, plan.dims, tuple(plan.sizes), shp))
+            if any(m > s for m, s in zip(sp, plan.sizes)):
                 raise ValueError("%s: mask shape %s is larger than the image's spatial shape %s"
-                                 % (op, shp, tuple(plan.sizes)))
+                                 % (op, sp, tuple(plan.sizes)))
+            self.lead, self.sp = len(lead), sp
 
     @property
     def active(self):
@@ -261,11 +266,12 @@ class _Skip:
     def empty_by_mask(self, i):
         if self.mask is None:
             return False
-        _, combo = self.plan.tiles[i]
+        n, combo = self.plan.tiles[i]
         key = []
-        for (_, d0, d1, _o), s, ms in zip(combo, self.plan.sizes, self.mask.shape):
+        for (_, d0, d1, _o), s, ms in zip(combo, self.plan.sizes, self.sp):
             key.append(slice(d0 * ms // s, -(-d1 * ms // s)))
-        return not np.any(np.asarray(self.mask[tuple(key)]))
+        pre = () if self.lead == 0 else (0,) if self.lead == 1 else (n if self.mask.shape[0] > 1 else 0, 0)
+        return not np.any(np.asarray(self.mask[pre + tuple(key)]))
 
     def empty_by_value(self, x):
         return self.threshold is not None and not bool((x > self.threshold).any())
