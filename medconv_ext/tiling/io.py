@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch

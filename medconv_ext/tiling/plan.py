@@ -1,6 +1,6 @@
 """Argument checks and the tile plan: where each tile reads and which output voxels it writes."""
 import itertools
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch

@@ -1,10 +1,9 @@
 """Exact mode, progress bar, reading tiles, and the runner behind predict_tiled."""
 import contextlib
-import itertools
 import math
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional
 
 import numpy as np
 import torch
