@@ -231,3 +231,18 @@ def test_ome_zarr_channel_axis(tmp_path):
     blk = np.random.default_rng(0).random((2, 8, 8)).astype(np.float32)
     out[(1, slice(None), slice(8, 16), slice(0, 8))] = blk
     np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "o.ome.zarr"), mode="r")["0"][:, 1, 8:16, 0:8], blk)
+
+
+def test_nifti_3d_network_end_to_end(tmp_path):
+    net = integer_weights_(valid_srnet(features=2, blocks=1, dims=3).double().eval())  # margin 4
+    save_tiling_checkpoint(net, tmp_path / "net3.pt")
+    vol = integer_image((13, 12, 11)).numpy()
+    nib.save(nib.Nifti1Image(np.asfortranarray(vol), np.diag([1.0, 2.0, 3.0, 1.0])), str(tmp_path / "v.nii.gz"))
+    assert tile_cli.main(["--model", str(tmp_path / "net3.pt"), "--input", str(tmp_path / "v.nii.gz"), "--output",
+                          str(tmp_path / "o.nii.gz"), "--tile", "12,11,10", "--no-progress"]) == 0
+    out = nib.load(str(tmp_path / "o.nii.gz"))
+    assert out.shape == vol.shape
+    with torch.no_grad():
+        full = full_valid(net, torch.from_numpy(vol)[None, None], (4, 4, 4))[0, 0].numpy()
+    np.testing.assert_array_equal(np.asarray(out.dataobj), full)
+    np.testing.assert_array_equal(out.affine, np.diag([1.0, 2.0, 3.0, 1.0]))
