@@ -414,3 +414,30 @@ def test_grad_weight_roll_offset_is_64bit():
 
 
 K_INT32_MAX = 2 ** 31 - 1
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "convT"])
+def test_large_case_check_logic_small(transposed):
+    """The > 2^31-element GPU check (large_case_check, run at H=33000 by test_rolling_conv_cuda.py) run at a
+    small H on the CPU reference backend: its crops and its float64 eq. 7 sums are right, and it catches
+    a wrong weight gradient."""
+    from _rolling_gpu_util import large_case_check
+
+    assert large_case_check(transposed, "reference", 11, "cpu") == 2 * 11 * 11
+    import medconv_ext.reference.rolling_conv as R
+
+    orig = R.expand_rolling_weight_transpose if transposed else R.expand_rolling_weight
+
+    def wrong(w, n_rolls):  # a bank whose rolls go the wrong way: gradients differ
+        bank = orig(w, n_rolls)
+        return bank.flip(1 if not transposed else 0)
+
+    name = "expand_rolling_weight_transpose" if transposed else "expand_rolling_weight"
+    import _rolling_gpu_util as U
+    mp = pytest.MonkeyPatch()
+    mp.setattr(U.R, name, wrong)
+    try:
+        with pytest.raises(AssertionError):
+            large_case_check(transposed, "reference", 11, "cpu")
+    finally:
+        mp.undo()
