@@ -158,6 +158,31 @@ def test_every_config(poison):
         assert_close(gw, rgw, torch.float32, "spectral_grad_weight %s" % (cfg,))
 
 
+@needs_triton
+def test_opcheck():
+    """Schema, fake-tensor and autograd-registration checks of the six custom ops."""
+    C, nb, nr = 3, 1, 2
+    x = torch.randn(1, C, 4, 4, device=DEVICE)
+    w = torch.randn(nb, C, 2, 2, device=DEVICE)
+    wt = torch.randn(C, nb, 2, 2, device=DEVICE)
+    b = torch.randn(nr * nb, device=DEVICE)
+    go = torch.randn(1, nr * nb, 3, 3, device=DEVICE)
+    got = torch.randn(1, nr * nb, 5, 5, device=DEVICE)
+    s, p, d = [1, 1], [0, 0], [1, 1]
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    checks = [
+        (ST.rolling_conv_spectral_triton, (x.clone().requires_grad_(), w.clone().requires_grad_(), b, None, None,
+                                           False, s, p, d, nr)),
+        (ST.rolling_conv_spectral_triton_grad_input, (go, w, list(x.shape), s, p, d, nr)),
+        (ST.rolling_conv_spectral_triton_grad_weight, (go, x, list(w.shape), s, p, d, nr)),
+        (ST.rolling_conv_transpose_spectral_triton, (x, wt, b, b, None, True, s, p, [0, 0], d, nr)),
+        (ST.rolling_conv_transpose_spectral_triton_grad_input, (got, wt, list(x.shape), s, p, d, nr)),
+        (ST.rolling_conv_transpose_spectral_triton_grad_weight, (got, x, list(wt.shape), s, p, d, nr)),
+    ]
+    for op, args in checks:
+        torch.library.opcheck(op, args, test_utils=utils)
+
+
 def test_transform_matrices_match_torch_fft():
     from medconv_ext.triton_kernels import rolling_conv_spectral as K
 
@@ -182,6 +207,10 @@ def test_registered_as_fused_spectral_on_cuda():
     w = torch.randn(1, 4, 3, 3, dtype=torch.float64)
     why = ST.supports(x, w, False)
     assert why is not None and ("float64" in why or "triton" in why or "CUDA" in why)
+    if torch.cuda.is_available() and triton_ok:  # on a GPU the "spectral" backend runs the fused kernel
+        xc, wc = x.float().cuda(), w.float().cuda()
+        assert RS._fused_for(xc, wc, False) is ST.conv and RS._fused_for(xc, wc.transpose(0, 1), True) is ST.conv_transpose
+        assert RS._fused_for(x.cuda(), w.cuda(), False) is None  # float64: the composition
 
 
 def _fake_cuda(c, spatial=(16, 16), dtype=torch.float32):
