@@ -35,7 +35,7 @@ are widened before any multiplication).
 """
 import math
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Tuple
 
 import torch
 
