@@ -179,8 +179,36 @@ def test_opcheck():
         (ST.rolling_conv_transpose_spectral_triton_grad_input, (got, wt, list(x.shape), s, p, d, nr)),
         (ST.rolling_conv_transpose_spectral_triton_grad_weight, (got, x, list(wt.shape), s, p, d, nr)),
     ]
+    checks += [
+        (ST.rolling_conv_spectral_triton_backward, (go, x, w, s, p, d, nr)),
+        (ST.rolling_conv_transpose_spectral_triton_backward, (got, x, wt, s, p, d, nr)),
+    ]
     for op, args in checks:
         torch.library.opcheck(op, args, test_utils=utils)
+
+
+@needs_triton
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "convT"])
+def test_separate_grad_ops_match_the_shared_backward(poison, transposed):
+    """Autograd uses the shared backward op when both gradients are needed and the separate ops otherwise:
+    they compute the same bits."""
+    x, w, _ = make_case(transposed, 2, 1, 5, 2, 3, 3, (5, 4), torch.float32, DEVICE, bias=False)
+    s, p, d = [2, 1], [1, 1], [1, 1]
+    if transposed:
+        go = torch.randn(1, 6, 9, 4, device=DEVICE)
+        both = ST.rolling_conv_transpose_spectral_triton_backward(go, x, w, s, p, d, 3)
+        gx = ST.rolling_conv_transpose_spectral_triton_grad_input(go, w, list(x.shape), s, p, d, 3)
+        gw = ST.rolling_conv_transpose_spectral_triton_grad_weight(go, x, list(w.shape), s, p, d, 3)
+        ref = reference_all(True, x.cpu(), w.cpu(), None, s, p, [0, 0], d, 3, grad_out=go.double().cpu())
+    else:
+        go = torch.randn(1, 6, 3, 4, device=DEVICE)
+        both = ST.rolling_conv_spectral_triton_backward(go, x, w, s, p, d, 3)
+        gx = ST.rolling_conv_spectral_triton_grad_input(go, w, list(x.shape), s, p, d, 3)
+        gw = ST.rolling_conv_spectral_triton_grad_weight(go, x, list(w.shape), s, p, d, 3)
+        ref = reference_all(False, x.cpu(), w.cpu(), None, s, p, [0, 0], d, 3, grad_out=go.double().cpu())
+    assert_close(gx, ref[1], torch.float32, "grad_input")
+    assert_close(gw, ref[2], torch.float32, "grad_weight")
+    assert torch.equal(both[0], gx) and torch.equal(both[1], gw)
 
 
 def test_transform_matrices_match_torch_fft():

@@ -10,6 +10,9 @@ Custom ops:
     medconv::rolling_conv_transpose_spectral_triton(x, weight, bias, scale, shift, relu, stride, padding,
                                                     output_padding, dilation, n_rolls)
     medconv::rolling_conv_transpose_spectral_triton_grad_input / _grad_weight (as above)
+    medconv::rolling_conv_spectral_triton_backward(grad_out, x, weight, stride, padding, dilation, n_rolls)
+        -> (grad_input, grad_weight), sharing the grad spectrum (used by autograd when both are needed);
+        medconv::rolling_conv_transpose_spectral_triton_backward likewise
 The epilogue y = relu((conv + bias) * scale + shift) (scale, shift per output channel, each optional)
 runs inside the kernel. Its gradient is not: when autograd needs gradients and an epilogue is asked for,
 the wrapper runs the kernel without it and applies it with torch ops.
@@ -144,7 +147,7 @@ def _grad_spectrum(k, gy, c, nb, n_rolls):
     return k.channel_transform(gy, _inv_t(c, n_rolls, gy.device, _mat_dtype(gy.dtype)), nb, nb)
 
 
-def _grad_input(grad_out, weight, input_size, stride, padding, dilation, n_rolls, transposed):
+def _grad_input(grad_out, weight, input_size, stride, padding, dilation, n_rolls, transposed, gspec=None):
     k = _kernels()
     gy = grad_out.contiguous()
     base = _base(weight, transposed)
@@ -156,13 +159,14 @@ def _grad_input(grad_out, weight, input_size, stride, padding, dilation, n_rolls
         return gx.zero_()
     g = _grad_geom(gy, list(input_size[2:]), list(base.shape[2:]), stride, padding, dilation, transposed)
     with device_guard(gy):
-        gspec = _grad_spectrum(k, gy, c, nb, n_rolls)
+        if gspec is None:
+            gspec = _grad_spectrum(k, gy, c, nb, n_rolls)
         coef = k.adjoint_coef(k.weight_spectrum(base))
         k.spectral_mix(gx, gspec, coef, _dft_t(c, gy.device), g, inverse=not transposed)
     return gx
 
 
-def _grad_weight(grad_out, x, weight_size, stride, padding, dilation, n_rolls, transposed):
+def _grad_weight(grad_out, x, weight_size, stride, padding, dilation, n_rolls, transposed, gspec=None):
     k = _kernels()
     gy, x = grad_out.contiguous(), x.contiguous()
     c = x.shape[1]
@@ -174,7 +178,8 @@ def _grad_weight(grad_out, x, weight_size, stride, padding, dilation, n_rolls, t
     g = _grad_geom(gy, list(x.shape[2:]), ks, stride, padding, dilation, transposed)
     with device_guard(x):
         xspec = k.channel_transform(x, _dft(c, x.device, _mat_dtype(x.dtype)), 1, 1)
-        gspec = _grad_spectrum(k, gy, c, nb, n_rolls)
+        if gspec is None:
+            gspec = _grad_spectrum(k, gy, c, nb, n_rolls)
         part = k.spectral_grad_weight(gspec, xspec, g, T, g_is_lo=not transposed)  # (nb, T, 2F)
         # back to the base: w -> rfft(w) is x . D along C, so its adjoint is D applied to [dL/da, dL/db]
         gw = torch.einsum("ck,btk->bct", _dft(c, x.device, torch.float32), part)  # (nb, C, T)
@@ -182,6 +187,19 @@ def _grad_weight(grad_out, x, weight_size, stride, padding, dilation, n_rolls, t
     if transposed:
         gw = gw.transpose(0, 1)
     return gw.contiguous().to(x.dtype)
+
+
+def _backward(grad_out, x, weight, stride, padding, dilation, n_rolls, transposed):
+    """Both gradients, the grad spectrum G (one pass over grad_out) computed once for the two."""
+    gy = grad_out.contiguous()
+    base = _base(weight, transposed)
+    gspec = None
+    if gy.numel() > 0 and x.numel() > 0:
+        with device_guard(gy):
+            gspec = _grad_spectrum(_kernels(), gy, base.shape[1], base.shape[0], n_rolls)
+    gx = _grad_input(gy, weight, list(x.shape), stride, padding, dilation, n_rolls, transposed, gspec)
+    gw = _grad_weight(gy, x, list(weight.shape), stride, padding, dilation, n_rolls, transposed, gspec)
+    return gx, gw
 
 
 # ---- the custom ops ----
@@ -234,6 +252,23 @@ def rolling_conv_transpose_spectral_triton_grad_weight(grad_out: Tensor, x: Tens
     return _grad_weight(grad_out, x, weight_size, stride, padding, dilation, n_rolls, True)
 
 
+@torch.library.custom_op("medconv::rolling_conv_spectral_triton_backward", mutates_args=())
+def rolling_conv_spectral_triton_backward(grad_out: Tensor, x: Tensor, weight: Tensor, stride: List[int],
+                                          padding: List[int], dilation: List[int],
+                                          n_rolls: int) -> Tuple[Tensor, Tensor]:
+    """(grad_input, grad_weight) sharing the grad spectrum."""
+    _check("rolling_conv_spectral_triton_backward", x)
+    return _backward(grad_out, x, weight, stride, padding, dilation, n_rolls, False)
+
+
+@torch.library.custom_op("medconv::rolling_conv_transpose_spectral_triton_backward", mutates_args=())
+def rolling_conv_transpose_spectral_triton_backward(grad_out: Tensor, x: Tensor, weight: Tensor, stride: List[int],
+                                                    padding: List[int], dilation: List[int],
+                                                    n_rolls: int) -> Tuple[Tensor, Tensor]:
+    _check("rolling_conv_transpose_spectral_triton_backward", x)
+    return _backward(grad_out, x, weight, stride, padding, dilation, n_rolls, True)
+
+
 # ---- fake kernels (shapes only) ----
 @rolling_conv_spectral_triton.register_fake
 def _(x, weight, bias, scale, shift, relu, stride, padding, dilation, n_rolls):
@@ -252,6 +287,9 @@ for _op in (rolling_conv_spectral_triton_grad_input, rolling_conv_transpose_spec
     _op.register_fake(lambda grad_out, weight, input_size, stride, padding, dilation, n_rolls: grad_out.new_empty(input_size))
 for _op in (rolling_conv_spectral_triton_grad_weight, rolling_conv_transpose_spectral_triton_grad_weight):
     _op.register_fake(lambda grad_out, x, weight_size, stride, padding, dilation, n_rolls: x.new_empty(weight_size))
+for _op in (rolling_conv_spectral_triton_backward, rolling_conv_transpose_spectral_triton_backward):
+    _op.register_fake(lambda grad_out, x, weight, stride, padding, dilation, n_rolls:
+                      (x.new_empty(x.shape), x.new_empty(weight.shape)))
 
 
 # ---- autograd: grad_input and grad_weight kernels; bias grad a torch sum ----
@@ -264,7 +302,7 @@ def _setup(ctx, inputs, output):
     ctx.params = (inputs[6], inputs[7], inputs[-2], inputs[-1])
 
 
-def _make_backward(grad_input_op, grad_weight_op, n_nondiff):
+def _make_backward(grad_input_op, grad_weight_op, backward_op, n_nondiff):
     def backward(ctx, grad):
         if ctx.epilogue:
             raise RuntimeError("rolling_conv_spectral_triton: no gradient through the fused epilogue (scale, shift, "
@@ -272,9 +310,11 @@ def _make_backward(grad_input_op, grad_weight_op, n_nondiff):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, n_rolls = ctx.params
         gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            gx, gw = backward_op(grad, x, weight, stride, padding, dilation, n_rolls)
+        elif ctx.needs_input_grad[0]:
             gx = grad_input_op(grad, weight, list(x.shape), stride, padding, dilation, n_rolls)
-        if ctx.needs_input_grad[1]:
+        elif ctx.needs_input_grad[1]:
             gw = grad_weight_op(grad, x, list(weight.shape), stride, padding, dilation, n_rolls)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
@@ -283,11 +323,12 @@ def _make_backward(grad_input_op, grad_weight_op, n_nondiff):
 
 
 rolling_conv_spectral_triton.register_autograd(
-    _make_backward(rolling_conv_spectral_triton_grad_input, rolling_conv_spectral_triton_grad_weight, 7),
+    _make_backward(rolling_conv_spectral_triton_grad_input, rolling_conv_spectral_triton_grad_weight,
+                   rolling_conv_spectral_triton_backward, 7),
     setup_context=_setup)
 rolling_conv_transpose_spectral_triton.register_autograd(
     _make_backward(rolling_conv_transpose_spectral_triton_grad_input, rolling_conv_transpose_spectral_triton_grad_weight,
-                   8), setup_context=_setup)
+                   rolling_conv_transpose_spectral_triton_backward, 8), setup_context=_setup)
 
 
 # ---- the entry points registered with the "spectral" backend ----
