@@ -6,7 +6,8 @@ Build switches (environment variables, printed at build time):
                          CUDA-enabled torch); without it they are built only when a GPU is visible
   CUDA_HOME              CUDA toolkit root (the folder whose bin/ has nvcc and lib64/ libcudart);
                          found automatically when unset, even behind an nvcc wrapper script
-  TORCH_CUDA_ARCH_LIST   CUDA architectures (default: the visible GPUs, else "9.0")
+  TORCH_CUDA_ARCH_LIST   CUDA architectures (default: "8.0;9.0+PTX", plus "12.0" where nvcc knows
+                         sm_120, plus any visible GPU not covered: runs on Ampere, Hopper, Blackwell)
   MEDCONV_DEBUG=1        -O0 -g, no -DNDEBUG
   MAX_JOBS               parallel compile jobs (ninja)
 """
@@ -107,13 +108,29 @@ def _decide_cuda():
     return False, "no GPU visible and FORCE_CUDA is not set"
 
 
+def _default_arch_list():
+    """sm_80 and sm_90 code plus compute_90 PTX (JIT-compiled on newer GPUs), sm_120 where this nvcc
+    supports it, and any visible GPU older than sm_80: a wheel built here runs beyond the build machine."""
+    import subprocess
+
+    archs = ["8.0", "9.0+PTX"]
+    try:
+        out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--list-gpu-arch"], capture_output=True,
+                             text=True, timeout=120).stdout
+    except Exception:  # an nvcc too old for --list-gpu-arch has no sm_120 either
+        out = ""
+    if "compute_120" in out.split():
+        archs.append("12.0")
+    if torch.cuda.is_available():
+        for cap in sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}):
+            if cap < (8, 0):
+                archs.insert(0, "%d.%d" % cap)
+    return ";".join(archs)
+
+
 WITH_CUDA, CUDA_REASON = _decide_cuda()
 if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-    if torch.cuda.is_available():
-        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join("%d.%d" % c for c in caps)
-    else:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list()
 
 cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))

@@ -302,6 +302,13 @@ def main(argv=None) -> int:
         harness.device_name(device), torch.__version__, torch.get_num_threads(), a.timer))
     for name, (ok, why) in medconv_ext.available_backends().items():
         print("  backend %-9s %s  %s" % (name, "yes" if ok else "no ", why))
+    if device.type == "cuda":
+        from medconv_ext.ops import rolling_conv_spectral as spectral_mod
+        print("  float32 rows: TF32 OFF in cuDNN and cuBLAS (dense, reference, roll_loop: exact float32); the "
+              "fused spectral kernel uses tf32x3 dots (float32-level error)")
+        print("  backend spectral on CUDA: %s; spectral_unfused: the torch-op composition (cuFFT + cuDNN)"
+              % ("the fused Triton kernel where it supports the input" if "cuda" in spectral_mod._FUSED
+                 else "no fused kernel registered, the torch-op composition"))
     res = harness.Results("rolling_conv", device, extra_columns=["vs_roll_loop", "vs_dense", "max_rel_err"])
     skipped: Dict[str, str] = {}
     for dt in dtype_names:

@@ -119,3 +119,73 @@ def make_case(transposed, dims, N, C, nb, n_rolls, k, spatial, dtype, device="cp
     b = torch.randn((n_rolls * nb,), generator=g).to(dtype) if bias else None
     to = lambda t: t.to(device) if t is not None else None  # noqa: E731
     return to(x), to(w), to(b)
+
+
+# --------------------------------------------------------------------------------------
+# a large single-sample case (2 channels, 3x3, stride 1, padding 1): gradients and transposed
+# --------------------------------------------------------------------------------------
+def _corr_f64(a, b, t0, t1, chunk_rows=2048):
+    """sum_p a[p] * b[p + t - 1] over the positions where both exist (a, b (H, W), same size), in float64,
+    a few thousand rows at a time (no full float64 copy)."""
+    H, W = a.shape
+    r_lo, r_hi = max(0, 1 - t0), min(H, H + 1 - t0)
+    c_lo, c_hi = max(0, 1 - t1), min(W, W + 1 - t1)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for r in range(r_lo, r_hi, chunk_rows):
+        re = min(r + chunk_rows, r_hi)
+        av = a[r:re, c_lo:c_hi].double()
+        bv = b[r + t0 - 1:re + t0 - 1, c_lo + t1 - 1:c_hi + t1 - 1].double()
+        total += (av * bv).sum()
+    return total.item()
+
+
+def large_case_check(transposed, backend, H, device, dtype=torch.float32):
+    """Forward and both gradients of a rolling (transposed) conv with C=2, n_rolls=2, 3x3, stride 1, padding 1
+    on one (1, 2, H, H) sample: at H=33000 every activation tensor has 2.18e9 > 2^31 elements. Checked:
+    the output and grad_input on the first and last rows/columns (crops against the float64 reference: the
+    smallest and the largest offsets), and the whole weight gradient against eq. 7 summed in float64."""
+    import medconv_ext
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn((1, 2, H, H), generator=g, device=device, dtype=dtype).requires_grad_()
+    w = (torch.randn((2, 1, 3, 3) if transposed else (1, 2, 3, 3), generator=g, device=device, dtype=dtype) / 4)
+    w.requires_grad_()
+    if transposed:
+        y = medconv_ext.rolling_conv_transpose2d(x, w, None, 1, 1, 0, n_rolls=2, backend=backend)
+    else:
+        y = medconv_ext.rolling_conv2d(x, w, None, 1, 1, n_rolls=2, backend=backend)
+    assert y.shape == (1, 2, H, H)
+    go = torch.randn(y.shape, generator=g, device=device, dtype=dtype)
+    gx, gw = torch.autograd.grad(y, (x, w), go)
+    wd = w.detach().double().cpu()
+    if transposed:
+        bank = R.expand_rolling_weight_transpose(wd, 2)  # (C_in, C_out, 3, 3)
+        ref_y = lambda xc: F.conv_transpose2d(xc, bank, None, 1, 1)  # noqa: E731
+        ref_gx = lambda gc: F.conv2d(gc, bank, None, 1, 1)  # noqa: E731  (the adjoint)
+    else:
+        bank = R.expand_rolling_weight(wd, 2)  # (C_out, C_in, 3, 3)
+        ref_y = lambda xc: F.conv2d(xc, bank, None, 1, 1)  # noqa: E731
+        ref_gx = lambda gc: F.conv_transpose2d(gc, bank, None, 1, 1)  # noqa: E731
+    # a 6x6 crop at each corner: its outer 5x5 (away from the crop's inner edge) sees only crop pixels
+    for sl, cut, inner in ((slice(None, 6), slice(None, 5), slice(None, 5)),
+                           (slice(-6, None), slice(-5, None), slice(1, None))):
+        ry = ref_y(x.detach()[..., sl, sl].double().cpu())
+        rgx = ref_gx(go[..., sl, sl].double().cpu())
+        assert_close(y.detach()[..., cut, cut], ry[..., inner, inner], dtype, "output, corner %s" % sl)
+        assert_close(gx[..., cut, cut], rgx[..., inner, inner], dtype, "grad_input, corner %s" % sl)
+    # the whole weight gradient: eq. 7 (and its transposed form), summed in float64
+    xd, gd = x.detach()[0], go[0]
+    want = torch.zeros(gw.shape, dtype=torch.float64)
+    for m in range(2):
+        for t0 in range(3):
+            for t1 in range(3):
+                for r in range(2):
+                    if transposed:  # gw[m, b, t] = sum_{i, r} x[(m + r) mod C, i] gy[r, i + t - 1]
+                        want[m, 0, t0, t1] += _corr_f64(xd[(m + r) % 2], gd[r], t0, t1)
+                    else:  # gw[b, m, t] = sum_{p, r} gy[r, p] x[(m + r) mod C, p + t - 1]
+                        want[0, m, t0, t1] += _corr_f64(gd[r], xd[(m + r) % 2], t0, t1)
+    # float32 sums of H^2 terms: compare relative to the gradient's own scale
+    scale = want.abs().max().item()
+    assert torch.isfinite(gw).all()
+    torch.testing.assert_close(gw.double().cpu(), want, rtol=0, atol=max(1e-4 * scale, 1e-4), msg="grad_weight")
+    return y.numel()

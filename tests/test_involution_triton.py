@@ -165,3 +165,27 @@ def test_naive_baseline():
     torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
     torch.testing.assert_close(gx.double(), rgx, **TOL[torch.float32])
     torch.testing.assert_close(gw.double(), rgw, **TOL[torch.float32])
+
+
+@triton.jit
+def _tap_offset_probe(out_ptr, t, So, WIDE: triton.language.constexpr):
+    if WIDE:
+        off = tk.tap_offset(t, So)
+    else:  # the 32-bit expression the kernels used before: must wrap here, or the test cannot fail
+        off = t * So
+    triton.language.store(out_ptr, off)
+
+
+def test_tap_offset_is_64bit():
+    """The weight row of tap t starts t * S_out into a (n, g) block: for 3D K=7 (343 taps) at 160^3 outputs,
+    t = 342 gives 1.4e9 and K=7 at 200^3 gives 2.7e9 > 2^31. The kernels' helper is exact; int32 wraps."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t, so = 342, 200 ** 3
+    assert t * so > 2 ** 31 - 1
+    for wide in (True, False):
+        out = torch.zeros(1, dtype=torch.int64, device=dev)
+        _tap_offset_probe[(1,)](out, t, so, WIDE=wide)
+        if wide:
+            assert int(out.item()) == t * so
+        else:
+            assert int(out.item()) != t * so, "int32 did not wrap: this test would not catch the overflow"

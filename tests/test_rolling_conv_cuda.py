@@ -231,3 +231,73 @@ def test_cuda_more_than_2pow31_output_elements():
     assert_close(y[..., :4, :4], top[..., :4, :4], torch.float16, "first rows")
     del x, y
     torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------
+# realistic channel counts and > 2^31 elements in the gradient and transposed paths, for every GPU backend
+# --------------------------------------------------------------------------------------
+GPU_BACKENDS = ["cuda", "triton", "spectral"]  # "spectral" on CUDA: the fused Triton kernel
+
+# (transposed, dims, N, C, n_base, n_rolls, k, spatial, stride, padding, output_padding)
+REALISTIC = [
+    pytest.param(False, 2, 2, 128, 1, 128, 3, (17, 19), [1, 1], [1, 1], [0, 0], id="conv2d-C128"),
+    pytest.param(False, 2, 1, 256, 1, 128, 3, 12, [2, 2], [1, 1], [0, 0], id="conv2d-C256-half-roll-s2"),
+    pytest.param(False, 3, 1, 128, 1, 128, 5, 7, [1, 1, 1], [2, 2, 2], [0, 0, 0], id="conv3d-C128-5x5x5"),
+    pytest.param(True, 2, 1, 128, 2, 64, 2, 9, [2, 2], [0, 0], [0, 0], id="convT2d-C128-nb2"),
+    pytest.param(True, 3, 1, 256, 1, 256, 3, 5, [2, 2, 2], [1, 1, 1], [1, 1, 1], id="convT3d-C256"),
+]
+
+
+def _call_backend(backend, transposed, x, w, b, stride, padding, output_padding, n_rolls):
+    dims = x.dim() - 2
+    if transposed:
+        f = {2: medconv_ext.rolling_conv_transpose2d, 3: medconv_ext.rolling_conv_transpose3d}[dims]
+        return f(x, w, b, stride, padding, output_padding, n_rolls=n_rolls, backend=backend)
+    f = {2: medconv_ext.rolling_conv2d, 3: medconv_ext.rolling_conv3d}[dims]
+    return f(x, w, b, stride, padding, 1, n_rolls=n_rolls, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("transposed,dims,N,C,nb,n_rolls,k,spatial,stride,padding,output_padding", REALISTIC)
+def test_realistic_channel_counts(backend, dtype, transposed, dims, N, C, nb, n_rolls, k, spatial, stride, padding,
+                                  output_padding):
+    """C = 128 and 256 (several channel tiles, the fused kernel's frequency chunks): forward and both
+    gradients against the float64 reference, on poisoned memory."""
+    ok, why = medconv_ext.available_backends()[backend]
+    if not ok:
+        pytest.skip(why)
+    x, w, b = make_case(transposed, dims, N, C, nb, n_rolls, k, spatial, dtype, "cuda")
+    d = [1] * dims
+    _, _, _, _, go = reference_all(transposed, x.cpu(), w.cpu(), b.cpu(), stride, padding, output_padding, d, n_rolls)
+    go = go.to(dtype)
+    ry, rgx, rgw, rgb, _ = reference_all(transposed, x.cpu(), w.cpu(), b.cpu(), stride, padding, output_padding, d,
+                                         n_rolls, grad_out=go.double())
+    for t in (x, w, b):
+        t.requires_grad_()
+    poison_allocator(ry.numel() * 4)
+    y = _call_backend(backend, transposed, x, w, b, stride, padding, output_padding, n_rolls)
+    assert_close(y, ry, dtype, "%s forward" % backend)
+    poison_allocator(max(x.numel(), w.numel()) * 8)
+    y.backward(go.to("cuda"))
+    assert_close(x.grad, rgx, dtype, "%s grad_input" % backend)
+    assert_close(w.grad, rgw, dtype, "%s grad_weight" % backend)
+    assert_close(b.grad, rgb, dtype, "%s grad_bias" % backend)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv-grads", "convT-fwd-grads"])
+def test_more_than_2pow31_elements_gradients_and_transposed(backend, transposed):
+    """(1, 2, 33000, 33000) float32 activations (2.18e9 > 2^31 elements each): forward, grad_input and
+    grad_weight of the conv and of the transposed conv (tests/_rolling_gpu_util.large_case_check)."""
+    from _rolling_gpu_util import large_case_check
+
+    ok, why = medconv_ext.available_backends()[backend]
+    if not ok:
+        pytest.skip(why)
+    need = (80 if backend == "spectral" else 48) * 2 ** 30  # spectral: two float32 spectra of 2F = 4 values
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip("needs %d GiB of free GPU memory" % (need // 2 ** 30))
+    assert large_case_check(transposed, backend, 33000, "cuda") > 2 ** 31
+    torch.cuda.empty_cache()

@@ -10,6 +10,7 @@ element a kernel fails to write is caught.
 import math
 import os
 import re
+import types
 
 import pytest
 import torch
@@ -309,3 +310,134 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     if r.returncode != 0 and "ImportError" in r.stderr and "GPUTarget" in r.stderr:  # pragma: no cover
         pytest.skip("triton has no ahead-of-time compile API here")
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------
+# launch on the tensor's GPU; 64-bit offsets of the grad_weight roll rows
+# --------------------------------------------------------------------------------------
+def test_device_guard_selects_the_tensors_gpu(monkeypatch):
+    """device_guard(t) enters torch.cuda.device(t.device) for CUDA tensors (mocked: no GPU needed) and
+    nothing for CPU tensors."""
+    entered = []
+
+    class FakeDevice:
+        def __init__(self, dev):
+            self.dev = dev
+
+        def __enter__(self):
+            entered.append(self.dev)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    with RT.device_guard(types.SimpleNamespace(device=torch.device("cuda", 1))):  # only .device is read
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with RT.device_guard(torch.empty(1)):  # CPU: a no-op context
+        pass
+
+
+@needs_triton
+def test_every_op_launches_under_the_device_guard(monkeypatch):
+    """The six ops call the kernels only inside device_guard(tensor)."""
+    from medconv_ext.triton_kernels import rolling_conv as K
+
+    state = {"inside": 0, "calls": 0, "guarded": []}
+
+    class Guard:
+        def __init__(self, t):
+            state["guarded"].append(t.device)
+
+        def __enter__(self):
+            state["inside"] += 1
+
+        def __exit__(self, *exc):
+            state["inside"] -= 1
+            return False
+
+    def check(fn):
+        def wrapped(*a, **kw):
+            assert state["inside"] == 1, "kernel launched outside device_guard"
+            state["calls"] += 1
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(RT, "device_guard", Guard)
+    monkeypatch.setattr(K, "rolling_gemm", check(K.rolling_gemm))
+    monkeypatch.setattr(K, "rolling_grad_weight", check(K.rolling_grad_weight))
+    for transposed in (False, True):
+        x, w, b = make_case(transposed, 2, 1, 3, 1, 2, 2, 4, torch.float32, DEVICE)
+        x.requires_grad_()
+        w.requires_grad_()
+        if transposed:
+            y = RT.rolling_conv_transpose_triton(x, w, b, [1, 1], [0, 0], [0, 0], [1, 1], 2)
+        else:
+            y = RT.rolling_conv_triton(x, w, b, [1, 1], [0, 0], [1, 1], 2)
+        y.sum().backward()
+    assert state["calls"] == 6 and len(state["guarded"]) == 6
+
+
+if triton_ok:
+    import triton
+    import triton.language as tl
+    from medconv_ext.triton_kernels.rolling_conv import roll_row_offset
+
+    @triton.jit
+    def _roll_offset_probe(out_ptr, base, r, NB, P_R, WIDE: tl.constexpr):
+        if WIDE:
+            off = roll_row_offset(base, r, NB, P_R)
+        else:  # the 32-bit expression the kernel used before: must wrap here, or the test cannot fail
+            off = base + r * NB * P_R
+        tl.store(out_ptr, off)
+
+
+@needs_triton
+def test_grad_weight_roll_offset_is_64bit():
+    """The offset of the roll-r rows of grad_out, r * n_base * P, at 3D C=256 (full roll), n_base=1, 256^3:
+    (C - 1) * 256^3 > 2^31. The kernel's own helper computes it exactly; the plain int32 product wraps."""
+    r, nb, p = 255, 1, 256 ** 3
+    base = 5 * p  # a batch / base offset already in int64
+    want = base + r * nb * p
+    assert r * nb * p > K_INT32_MAX
+    for wide in (True, False):
+        out = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        _roll_offset_probe[(1,)](out, base, r, nb, p, WIDE=wide)
+        if wide:
+            assert int(out.item()) == want
+        else:
+            assert int(out.item()) != want, "int32 did not wrap: this test would not catch the overflow"
+    # n_base > 1: NB is not specialized, r * NB alone stays small, the product with P_R does not
+    out = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    _roll_offset_probe[(1,)](out, 0, 127, 2, 128 ** 3 * 80, WIDE=True)
+    assert int(out.item()) == 127 * 2 * 128 ** 3 * 80
+
+
+K_INT32_MAX = 2 ** 31 - 1
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "convT"])
+def test_large_case_check_logic_small(transposed):
+    """The > 2^31-element GPU check (large_case_check, run at H=33000 by test_rolling_conv_cuda.py) run at a
+    small H on the CPU reference backend: its crops and its float64 eq. 7 sums are right, and it catches
+    a wrong weight gradient."""
+    from _rolling_gpu_util import large_case_check
+
+    assert large_case_check(transposed, "reference", 11, "cpu") == 2 * 11 * 11
+    import medconv_ext.reference.rolling_conv as R
+
+    orig = R.expand_rolling_weight_transpose if transposed else R.expand_rolling_weight
+
+    def wrong(w, n_rolls):  # a bank whose rolls go the wrong way: gradients differ
+        bank = orig(w, n_rolls)
+        return bank.flip(1 if not transposed else 0)
+
+    name = "expand_rolling_weight_transpose" if transposed else "expand_rolling_weight"
+    import _rolling_gpu_util as U
+    mp = pytest.MonkeyPatch()
+    mp.setattr(U.R, name, wrong)
+    try:
+        with pytest.raises(AssertionError):
+            large_case_check(transposed, "reference", 11, "cpu")
+    finally:
+        mp.undo()

@@ -45,6 +45,13 @@ def _configs():
 _KEY = ["Cg", "So", "Si", "KD", "KH", "KW", "SH", "SW"]
 
 
+@triton.jit
+def tap_offset(t, So):
+    """t * So in int64: the weight rows of tap t start t * S_out elements into a sample's (n, g) block,
+    which passes 2^31 when K^d * S_out does (t and So are 32-bit: widen first)."""
+    return tl.cast(t, tl.int64) * So
+
+
 @triton.autotune(configs=_configs(), key=_KEY)
 @triton.jit
 def _involution_fwd_kernel(
@@ -85,7 +92,7 @@ def _involution_fwd_kernel(
                 iw = ow * SW - PW + e * DW
                 m = mh & (iw >= 0) & (iw < W)
                 t = (a * KH + b) * KW + e
-                wv = tl.load(w_row + t * So, mask=mask_p, other=0.0).to(ACC)
+                wv = tl.load(w_row + tap_offset(t, So), mask=mask_p, other=0.0).to(ACC)
                 xv = tl.load(x_rows + ((idd * H + ih) * W + iw)[None, :],
                              mask=mask_c[:, None] & m[None, :], other=0.0).to(ACC)
                 acc += wv[None, :] * xv
@@ -143,7 +150,7 @@ def _involution_grad_input_kernel(
                 p = (pd_ * Ho + ph_) * Wo + pw_
                 p = tl.where(m, p, 0)
                 t = (a * KH + b) * KW + e
-                wv = tl.load(w_base + t * So + p, mask=m, other=0.0).to(ACC)
+                wv = tl.load(w_base + tap_offset(t, So) + p, mask=m, other=0.0).to(ACC)
                 gv = tl.load(gy_rows + p[None, :], mask=mask_c[:, None] & m[None, :], other=0.0).to(ACC)
                 acc += wv[None, :] * gv
     gx_ptrs = gx_ptr + chan[:, None] * Si + offs_i[None, :]

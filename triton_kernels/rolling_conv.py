@@ -148,6 +148,12 @@ if triton is not None:
             for bm, bj, nw in [(8, 128, 4), (16, 128, 4), (32, 64, 4), (8, 256, 8), (32, 128, 8)]
         ]
 
+    @triton.jit
+    def roll_row_offset(base, r, NB, P_R):
+        """base + r * NB * P_R in int64: the roll-r rows of grad_out start r * n_base * P_R elements further,
+        which passes 2^31 at e.g. 3D C=128, n_base=1, 256^3 (r, NB and P_R are 32-bit: widen first)."""
+        return base + tl.cast(r, tl.int64) * NB * P_R
+
     @triton.autotune(configs=_GEMM_CONFIGS, key=["A_CH", "E_CH", "P_OUT", "P_IN", "T", "A_IS_ROLL", "INVERSE"])
     @triton.jit
     def _rolling_gemm_kernel(
@@ -312,7 +318,7 @@ if triton is not None:
             c_mask = mask_m[:, None] & ok[None, :]
             cm = offs_m  # (m + r) mod C, advanced by one per roll
             for r in range(0, N_ROLLS):
-                rv = tl.load(roll_ptr + (r_offs + r * NB * P_R), mask=ok, other=0.0).to(tl.float32)
+                rv = tl.load(roll_ptr + roll_row_offset(r_offs, r, NB, P_R), mask=ok, other=0.0).to(tl.float32)
                 cv = tl.load(chan_ptr + (c_offs + cm[:, None] * P_C), mask=c_mask, other=0.0).to(tl.float32)
                 acc += cv * rv[None, :]
                 cm = tl.where(cm + 1 == C_ROLL, 0, cm + 1)

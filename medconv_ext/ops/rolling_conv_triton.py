@@ -13,6 +13,7 @@ Runs on CUDA tensors (float32, float16, bfloat16; float32 accumulation), and on 
 TRITON_INTERPRET=1 (slow: tests only). The triton import is deferred to the first call, so importing
 medconv_ext never imports triton. Double backward is not supported (the grad ops have no autograd).
 """
+import contextlib
 import os
 from typing import List, Optional
 
@@ -46,6 +47,14 @@ def _check_device(name: str, t: Tensor) -> None:
         raise TypeError("%s: dtype %s is not supported (supported: %s)" % (name, t.dtype, ", ".join(map(str, TRITON_DTYPES))))
 
 
+def device_guard(t: Tensor):
+    """Makes t's GPU the current device while a kernel launches: Triton launches on the current device,
+    which for a tensor on another GPU (cuda:1 while cuda:0 is current) would read foreign memory."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------------------
 # the six ops: the same mapping as csrc/cuda/rolling_conv.cu
 # --------------------------------------------------------------------------------------
@@ -61,7 +70,8 @@ def rolling_conv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], strid
     g = k.make_geom(lo, hi, weight.shape[2:], stride, padding, dilation)
     rw = k.make_rollw(weight.shape, False, n_rolls)
     out = torch.empty((x.shape[0], n_rolls * rw.nb, *lo), dtype=x.dtype, device=x.device)
-    return k.rolling_gemm(out, x, weight, bias, g, rw, a_is_roll=True, inverse=False)
+    with device_guard(x):
+        return k.rolling_gemm(out, x, weight, bias, g, rw, a_is_roll=True, inverse=False)
 
 
 @torch.library.custom_op("medconv::rolling_conv_triton_grad_input", mutates_args=())
@@ -73,7 +83,8 @@ def rolling_conv_triton_grad_input(grad_out: Tensor, weight: Tensor, input_size:
     g = k.make_geom(grad_out.shape[2:], input_size[2:], weight.shape[2:], stride, padding, dilation)
     rw = k.make_rollw(weight.shape, False, n_rolls)
     gx = torch.empty(input_size, dtype=grad_out.dtype, device=grad_out.device)
-    return k.rolling_gemm(gx, grad_out, weight, None, g, rw, a_is_roll=False, inverse=True)
+    with device_guard(grad_out):
+        return k.rolling_gemm(gx, grad_out, weight, None, g, rw, a_is_roll=False, inverse=True)
 
 
 @torch.library.custom_op("medconv::rolling_conv_triton_grad_weight", mutates_args=())
@@ -84,7 +95,8 @@ def rolling_conv_triton_grad_weight(grad_out: Tensor, x: Tensor, weight_size: Li
     grad_out, x = grad_out.contiguous(), x.contiguous()
     g = k.make_geom(grad_out.shape[2:], x.shape[2:], weight_size[2:], stride, padding, dilation)
     rw = k.make_rollw(weight_size, False, n_rolls)
-    return k.rolling_grad_weight(weight_size, grad_out, x, g, rw, roll_is_lo=True)
+    with device_guard(x):
+        return k.rolling_grad_weight(weight_size, grad_out, x, g, rw, roll_is_lo=True)
 
 
 @torch.library.custom_op("medconv::rolling_conv_transpose_triton", mutates_args=())
@@ -101,7 +113,8 @@ def rolling_conv_transpose_triton(x: Tensor, weight: Tensor, bias: Optional[Tens
     g = k.make_geom(lo, hi, weight.shape[2:], stride, padding, dilation)
     rw = k.make_rollw(weight.shape, True, n_rolls)
     out = torch.empty((x.shape[0], n_rolls * rw.nb, *hi), dtype=x.dtype, device=x.device)
-    return k.rolling_gemm(out, x, weight, bias, g, rw, a_is_roll=True, inverse=True)
+    with device_guard(x):
+        return k.rolling_gemm(out, x, weight, bias, g, rw, a_is_roll=True, inverse=True)
 
 
 @torch.library.custom_op("medconv::rolling_conv_transpose_triton_grad_input", mutates_args=())
@@ -114,7 +127,8 @@ def rolling_conv_transpose_triton_grad_input(grad_out: Tensor, weight: Tensor, i
     g = k.make_geom(input_size[2:], grad_out.shape[2:], weight.shape[2:], stride, padding, dilation)
     rw = k.make_rollw(weight.shape, True, n_rolls)
     gx = torch.empty(input_size, dtype=grad_out.dtype, device=grad_out.device)
-    return k.rolling_gemm(gx, grad_out, weight, None, g, rw, a_is_roll=False, inverse=False)
+    with device_guard(grad_out):
+        return k.rolling_gemm(gx, grad_out, weight, None, g, rw, a_is_roll=False, inverse=False)
 
 
 @torch.library.custom_op("medconv::rolling_conv_transpose_triton_grad_weight", mutates_args=())
@@ -126,7 +140,8 @@ def rolling_conv_transpose_triton_grad_weight(grad_out: Tensor, x: Tensor, weigh
     grad_out, x = grad_out.contiguous(), x.contiguous()
     g = k.make_geom(x.shape[2:], grad_out.shape[2:], weight_size[2:], stride, padding, dilation)
     rw = k.make_rollw(weight_size, True, n_rolls)
-    return k.rolling_grad_weight(weight_size, grad_out, x, g, rw, roll_is_lo=False)
+    with device_guard(x):
+        return k.rolling_grad_weight(weight_size, grad_out, x, g, rw, roll_is_lo=False)
 
 
 # --------------------------------------------------------------------------------------
