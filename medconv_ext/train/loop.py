@@ -401,10 +401,11 @@ def train_step(model, opt, task: Task, batch, cfg, device, dist_info: Optional[D
 
 def format_table(results: Dict[str, Dict[str, float]], columns: Sequence[Tuple[str, str, str]]) -> str:
     """columns: (metric key, header, number format)."""
-    head = "%-30s " % "method" + " ".join("%10s" % h for _, h, _ in columns)
+    w = max([len("method")] + [len(n) for n in results])
+    head = "%-*s " % (w, "method") + " ".join("%10s" % h for _, h, _ in columns)
     lines = [head]
     for name, vals in results.items():
-        lines.append("%-30s " % name + " ".join("%10s" % (fmt % vals[k]) for k, _, fmt in columns))
+        lines.append("%-*s " % (w, name) + " ".join("%10s" % (fmt % vals[k]) for k, _, fmt in columns))
     return "\n".join(lines)
 
 
