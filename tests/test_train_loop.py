@@ -1,5 +1,6 @@
 """Training examples' shared loop (QSM task): losses, a few steps lower the loss, exact resume,
 bf16 autocast on every CPU backend, CLI end to end."""
+import copy
 import json
 import math
 import os
@@ -157,11 +158,30 @@ def test_bf16_training_steps_on_every_cpu_backend(tmp_path, backend):
         assert a["loss"] == pytest.approx(b["loss"], rel=0.05)
 
 
-def test_bf16_autocast_runs_rolling_layers_in_bf16_where_the_backend_can():
-    layer = RollingConv3d(16, 16, 3, padding=1, backend="spectral")
-    x = torch.randn(1, 16, 6, 6, 6)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_bf16_autocast_gradients_of_the_spectral_backend(transposed):
+    # the spectral composition's CPU depthwise conv: its backward gets a bf16 gradient and a float32
+    # weight under autocast; the gradients must match the float64 reference within bf16 rounding
+    torch.manual_seed(0)
+    if transposed:
+        layer = RollingConvTranspose3d(8, 8, 3, stride=2, padding=1, output_padding=1, backend="spectral")
+    else:
+        layer = RollingConv3d(16, 16, 3, stride=2, padding=1, backend="spectral")
+    x = torch.randn(2, layer.weight.shape[0] if transposed else 16, 5, 6, 7, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer(x).dtype == torch.bfloat16   # the ops' autocast rule: inputs cast to the autocast dtype
+        y = layer(x)
+    assert y.dtype == torch.bfloat16   # the ops' autocast rule: inputs cast to the autocast dtype
+    g = torch.randn(y.shape)
+    y.backward(g)
+    ref = copy.deepcopy(layer).double()
+    ref.backend = "reference"
+    for p in ref.parameters():
+        p.grad = None
+    xd = x.detach().double().requires_grad_()
+    ref(xd).backward(g.double())
+    for got, exp in ((x.grad, xd.grad), (layer.weight.grad, ref.weight.grad)):
+        assert got.dtype == torch.float32
+        assert ((got.double() - exp).abs().max() / exp.abs().max()).item() < 3e-2
 
 
 def test_cli_end_to_end_tiny_model(tmp_path, capsys):
