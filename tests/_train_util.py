@@ -23,3 +23,26 @@ class TinyQSMNet(nn.Module):
 
 def tiny_qsm(features: int = 4, backend: str = "auto") -> nn.Module:
     return TinyQSMNet(features, backend)
+
+
+def no_log(s):
+    pass
+
+
+def dist_worker(rank, world, port, out, result_dir):
+    """One process of a gloo run: 2 steps, then a resume up to 3 steps; saves its final weights."""
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from medconv_ext.train import QSMTrainConfig, run_qsm
+    dist.init_process_group("gloo")  # as torchrun's processes would; run_qsm joins this group
+    cfg = dict(patch=16, batch_size=1, lr=3e-3, lr_schedule="constant", out=out, val_size=1, ckpt_every=1, quiet=True, model="tiny",
+               device="cpu")
+    res = run_qsm(QSMTrainConfig(steps=2, **cfg), builder=tiny_qsm, log=no_log)
+    assert res["world_size"] == world
+    res = run_qsm(QSMTrainConfig(steps=3, **cfg), resume="auto", builder=tiny_qsm, log=no_log)
+    torch.save({"state": res["model"].state_dict(), "history": res["history"]},
+               os.path.join(result_dir, "rank%d.pt" % rank))
+    dist.destroy_process_group()

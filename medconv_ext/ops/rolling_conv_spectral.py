@@ -108,9 +108,14 @@ class _DepthwiseConvCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        u, w = ctx.saved_tensors
+        u_in, w_in = ctx.saved_tensors
         stride, padding, dilation, transposed = ctx.params
-        g = g.contiguous(memory_format=_cl_format(g.dim() - 2))
+        # Under autocast the forward's conv ran in the autocast dtype on (u, w) of different dtypes
+        # (u: bf16 from the matmul, w: float32); the backward runs outside autocast: compute it in
+        # the wider dtype and return each gradient in its input's dtype.
+        cdt = torch.promote_types(torch.promote_types(u_in.dtype, w_in.dtype), g.dtype)
+        u, w = u_in.to(cdt), w_in.to(cdt)
+        g = g.to(cdt).contiguous(memory_format=_cl_format(g.dim() - 2))
         gu = gw = None
         if transposed:
             # <convT(u, w), g> = <u, conv(g, w)>. With output_padding >= stride (allowed when
@@ -132,6 +137,8 @@ class _DepthwiseConvCPU(torch.autograd.Function):
                 gu = _conv_adjoint(g, w, list(u.shape[2:]), stride, padding, dilation)
             if ctx.needs_input_grad[1]:
                 gw = _conv_weight_grad(g, u, w, stride, padding, dilation)
+        gu = gu.to(u_in.dtype) if gu is not None else None
+        gw = gw.to(w_in.dtype) if gw is not None else None
         return gu, gw, None, None, None, None, None
 
 

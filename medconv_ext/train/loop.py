@@ -1,8 +1,14 @@
-"""Training loop of the synthetic-QSM example: model resolution, Adam, progress bar,
-checkpoints with exact resume, and the held-out evaluation against TKD."""
+"""The training loop shared by the examples (qsm, seg): configuration, model building, Adam with a
+learning-rate schedule, bf16 autocast, DistributedDataParallel under torchrun, a progress bar,
+checkpoints with exact resume, the CSV log and metrics.json.
+
+A task (qsm.QSMTask, seg.SegTask) supplies what differs: its config fields, the data, the loss,
+the model wrapper and the held-out evaluation. See docs/training.md.
+"""
 import contextlib
 import csv
 import dataclasses
+import functools
 import importlib
 import inspect
 import json
@@ -10,44 +16,72 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-
-from .losses import QSMLoss
-from .metrics import qsm_metrics
-from .qsm_data import SyntheticQSM
 
 CKPT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.csv"
 METRICS_NAME = "metrics.json"
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 @dataclasses.dataclass
-class QSMTrainConfig:
-    model: str = "rolling_qsmnet"
-    features: Optional[int] = None     # None: 8 on the CPU (small and quick), the builder's default on CUDA
-    patch: int = 32
-    batch_size: int = 2
+class TrainConfig:
+    """Settings every example has (a task's config adds its own)."""
+    model: str = ""
+    features: Optional[int] = None     # None: the task's CPU default on the CPU, the builder's default on CUDA
+    batch_size: int = 2                # per process (a torchrun run of N processes uses N * batch_size per step)
     steps: int = 100
     lr: float = 1e-3
+    lr_schedule: str = "constant"      # "constant" or "cosine" (from lr down to 0 at `steps`)
     device: str = "auto"
-    out: str = "runs/qsm"
+    out: str = "runs/train"
     seed: int = 0
     val_size: int = 4
     backend: Optional[str] = None      # forwarded to the model's rolling layers
     amp: str = "none"                  # "none" or "bf16"
     ckpt_every: int = 50
-    noise: float = 0.002               # field noise std, ppm
-    data_scale: float = 0.1            # model sees field / data_scale and predicts chi / data_scale
-    tkd_threshold: float = 0.19
     log_every: int = 0                 # 0: about 20 progress lines when stderr is not a terminal
     quiet: bool = False
 
 
-# settings that define the optimisation trajectory: a resumed run must keep them
-LOCKED = ("model", "features", "patch", "batch_size", "lr", "seed", "amp", "noise", "data_scale")
+# settings that define the optimisation trajectory: a resumed run must keep them (plus the task's)
+LOCKED = ("model", "features", "batch_size", "lr", "lr_schedule", "seed", "amp")
+
+
+class Task:
+    """What an example supplies to run_training. Subclasses override the methods below."""
+    name = "task"
+    locked: Tuple[str, ...] = ()          # task settings that define the trajectory
+    cpu_features: Optional[int] = None    # default width on the CPU (None: the builder's)
+
+    def validate(self, cfg):
+        pass
+
+    def builder_kwargs(self, fn) -> Dict:
+        """Extra keyword arguments for the model builder `fn` (e.g. the number of classes)."""
+        return {}
+
+    def wrap_model(self, net: nn.Module, cfg) -> nn.Module:
+        """The trained module around the built network (e.g. a residual around a baseline)."""
+        return net
+
+    def make_data(self, cfg, device):
+        """An object with sample(i) -> tuple of tensors (a pure function of (seed, i))."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Tuple[torch.Tensor, ...], cfg, amp_ctx) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, cfg, device) -> Tuple[Dict[str, Dict[str, float]], str]:
+        """({method name: {metric: value}}, printable table)."""
+        raise NotImplementedError
+
+    def describe(self, cfg) -> str:
+        return ""
 
 
 # --------------------------------------------------------------------------------------
@@ -94,40 +128,55 @@ def _rolling_layers(model):
     return [m for m in model.modules() if isinstance(m, rc._RollingConvNd)]
 
 
-def _cast_input_to_weight(module, args):
-    # The rolling ops require x and weight of one dtype and have no autocast rule: under bf16
-    # autocast a dense layer before them hands over bf16 activations. Run the rolling layer in
-    # its weight dtype (float32) instead of failing; the dense layers still use bf16.
-    x = args[0]
-    if torch.is_tensor(x) and x.dtype != module.weight.dtype:
-        return (x.to(module.weight.dtype),) + tuple(args[1:])
-    return None
+def _runs_dtype(layer, device, dtype) -> bool:
+    """Whether the layer's (explicit) backend runs `dtype` on `device` (auto always finds one)."""
+    from .. import backends
+    from ..nn import rolling_conv as rc
+    if layer.backend == "auto":
+        return True
+    transposed = isinstance(layer, (rc.RollingConvTranspose2d, rc.RollingConvTranspose3d))
+    try:
+        backends.resolve("rolling_conv_transpose" if transposed else "rolling_conv", layer.backend, device, dtype, [])
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
-def build_model(cfg: QSMTrainConfig, device: torch.device, builder=None, log=print) -> nn.Module:
+def _float32_forward(forward, x, *args, **kwargs):
+    # A rolling layer whose backend has no bfloat16 kernels (the compiled `cpu` one): run it in float32
+    # with autocast off, as autocast does for ops on its float32 list; the neighbours stay in bf16.
+    with torch.autocast(x.device.type, enabled=False):
+        return forward(x.float(), *args, **kwargs)
+
+
+def build_model(cfg, device: torch.device, builder=None, log=print, task: Optional[Task] = None) -> nn.Module:
     fn = builder if builder is not None else resolve_builder(cfg.model)
-    kwargs = {}
-    features = cfg.features
-    if features is not None:
+    kwargs = dict(task.builder_kwargs(fn)) if task is not None else {}
+    if cfg.features is not None:
         if not _accepts(fn, "features"):
             raise ValueError("--features: the builder %r takes no 'features' argument" % (cfg.model,))
-        kwargs["features"] = int(features)
+        kwargs["features"] = int(cfg.features)
     backend_passed = False
     if cfg.backend is not None and _accepts(fn, "backend"):
         kwargs["backend"] = cfg.backend
         backend_passed = True
-    model = fn(**kwargs)
-    if not isinstance(model, nn.Module):
-        raise TypeError("model builder %r returned %s, not a torch.nn.Module" % (cfg.model, type(model).__name__))
-    rolling = _rolling_layers(model)
+    net = fn(**kwargs)
+    if not isinstance(net, nn.Module):
+        raise TypeError("model builder %r returned %s, not a torch.nn.Module" % (cfg.model, type(net).__name__))
+    rolling = _rolling_layers(net)
     if cfg.backend is not None and not backend_passed:
         for m in rolling:
             m.backend = cfg.backend
         if not rolling:
             log("note: --backend %s has no effect: the model has no rolling layers" % cfg.backend)
     if cfg.amp == "bf16":
-        for m in rolling:
-            m.register_forward_pre_hook(_cast_input_to_weight)
+        slow = [m for m in rolling if not _runs_dtype(m, device, torch.bfloat16)]
+        for m in slow:
+            m.forward = functools.partial(_float32_forward, m.forward)
+        if slow:
+            log("note: backend %r has no bfloat16 kernels: its %d rolling layers run in float32 under --amp bf16"
+                % (slow[0].backend, len(slow)))
+    model = task.wrap_model(net, cfg) if task is not None else net
     return model.to(device)
 
 
@@ -173,14 +222,70 @@ def _fmt_time(s):
 
 
 # --------------------------------------------------------------------------------------
+# distributed (torchrun)
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL when the
+    run uses CUDA, gloo on the CPU. A single process (no torchrun) gets Dist() and no group."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), local, False)
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local, True)
+
+
+def _all_mean(values: List[float], d: Dist, device) -> List[float]:
+    if not d.active:
+        return values
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / d.world_size).tolist()
+
+
+def _barrier(d: Dist):
+    if d.active:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------
-def save_checkpoint(path, model, opt, step, cfg, history):
+def _unwrap(model):
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def save_checkpoint(path, model, opt, step, cfg, history, world_size=1):
     state = {
         "step": step,
-        "model": model.state_dict(),
+        "model": _unwrap(model).state_dict(),
         "optimizer": opt.state_dict(),
         "config": dataclasses.asdict(cfg),
+        "world_size": world_size,
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "history": history,
@@ -196,49 +301,59 @@ def load_checkpoint(path, map_location="cpu"):
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def merge_resumed_config(cfg: QSMTrainConfig, saved: Dict, given: Optional[set] = None) -> QSMTrainConfig:
-    """The run continues with the checkpoint's trajectory settings (LOCKED); explicitly given
+def merge_resumed_config(cfg, saved: Dict, given: Optional[set] = None, locked: Sequence[str] = LOCKED):
+    """The run continues with the checkpoint's trajectory settings (`locked`); explicitly given
     values that differ are an error. Other settings (steps, device, ...) come from cfg."""
     given = given if given is not None else set()
     merged = dataclasses.replace(cfg)
-    for k in LOCKED:
-        if k not in saved:
+    for k in locked:
+        if k not in saved or not hasattr(cfg, k):
             continue
         if k in given and getattr(cfg, k) != saved[k]:
             raise ValueError("--resume: %s=%r differs from the checkpoint's %s=%r; a resumed run keeps the "
                              "settings that define the training trajectory (%s)"
-                             % (k, getattr(cfg, k), k, saved[k], ", ".join(LOCKED)))
+                             % (k, getattr(cfg, k), k, saved[k], ", ".join(locked)))
         setattr(merged, k, saved[k])
     return merged
 
 
 # --------------------------------------------------------------------------------------
-# training and evaluation
+# training
 # --------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, d: Optional[Dist] = None) -> torch.device:
+    d = d or Dist()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError as e:
         raise ValueError("--device: %s" % e) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device %s: CUDA is not available on this machine" % name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device %s: CUDA is not available on this machine" % name)
+        if d.active and dev.index is None:
+            dev = torch.device("cuda", d.local_rank)  # one GPU per process
     return dev
 
 
-def _autocast(device, amp):
+def autocast(device, amp):
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def validate_config(cfg: QSMTrainConfig):
+def lr_at(cfg, step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based)."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(cfg.steps, 1)))
+    return cfg.lr
+
+
+def validate_common(cfg):
     def pos_int(name, minimum=1):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
             raise ValueError("--%s must be an int >= %d, got %r" % (name.replace("_", "-"), minimum, v))
-    pos_int("patch", 4)
     pos_int("batch_size")
     pos_int("steps", 0)
     pos_int("val_size", 0)
@@ -248,79 +363,91 @@ def validate_config(cfg: QSMTrainConfig):
         pos_int("features")
     if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError("--lr must be a positive number, got %r" % (cfg.lr,))
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError("--lr-schedule must be one of %s, got %r" % (", ".join(LR_SCHEDULES), cfg.lr_schedule))
     if cfg.amp not in ("none", "bf16"):
         raise ValueError("--amp must be 'none' or 'bf16', got %r" % (cfg.amp,))
-    if not (math.isfinite(cfg.data_scale) and cfg.data_scale > 0):
-        raise ValueError("data_scale must be positive, got %r" % (cfg.data_scale,))
-    if cfg.val_size > 0 and cfg.patch < 15:
-        raise ValueError("--patch must be >= 15 to evaluate (SSIM uses an 11^3 window, HFEN a 15^3 LoG); "
-                         "got %d (or pass --val-size 0)" % cfg.patch)
+    return pos_int
 
 
-def train_step(model, opt, loss_fn, field, chi, scale, device, amp):
+def sample_indices(step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> List[int]:
+    """Samples of process `rank` at step `step`: the step's global batch is samples
+    step*B*W .. step*B*W + B*W - 1 (B per process, W processes), rank r takes the r-th block of B.
+    With one process this is step*B .. step*B + B - 1."""
+    first = (step * world_size + rank) * batch_size
+    return list(range(first, first + batch_size))
+
+
+def collate(data, indices) -> Tuple[torch.Tensor, ...]:
+    samples = [data.sample(i) for i in indices]
+    return tuple(torch.stack([s[j] for s in samples]) for j in range(len(samples[0])))
+
+
+def train_step(model, opt, task: Task, batch, cfg, device, dist_info: Optional[Dist] = None):
+    """One optimizer step. Returns (loss, parts) as floats (the mean over the processes)."""
+    d = dist_info or Dist()
     model.train()
     opt.zero_grad(set_to_none=True)
-    with _autocast(device, amp):
-        pred = model(field / scale)
-    loss, parts = loss_fn(pred.float(), chi / scale)
-    if not torch.isfinite(loss):
-        raise FloatingPointError("the loss is %s; lower --lr or use --amp none" % loss.item())
+    loss, parts = task.loss(model, batch, cfg, autocast(device, cfg.amp))
     loss.backward()
+    names = list(parts)
+    vals = _all_mean([loss.detach().item()] + [parts[k].detach().item() for k in names], d, device)
+    if not all(math.isfinite(v) for v in vals):
+        # every process sees the same mean, so all of them stop here
+        raise FloatingPointError("the loss is %s; lower --lr or use --amp none" % vals[0])
     opt.step()
-    return float(loss), {k: float(v) for k, v in parts.items()}
+    return vals[0], dict(zip(names, vals[1:]))
 
 
-@torch.no_grad()
-def evaluate(model, data: SyntheticQSM, n: int, scale: float, device, tkd_threshold=0.19, amp="none"):
-    """Mean metrics over held-out samples 0..n-1 for the model and for TKD."""
-    model.eval()
-    rows = {"model": [], "tkd": []}
-    for i in range(n):
-        field, chi = data.sample(i)
-        field, chi = field.unsqueeze(0), chi.unsqueeze(0)
-        with _autocast(device, amp):
-            pred = model(field / scale)
-        pred = pred.float() * scale
-        rows["model"].append(qsm_metrics(pred, chi))
-        rows["tkd"].append(qsm_metrics(data.tkd(field, tkd_threshold), chi))
-    out = {}
-    for k, lst in rows.items():
-        out[k] = {m: sum(r[m] for r in lst) / len(lst) for m in lst[0]} if lst else {}
-    return out
-
-
-def format_table(results: Dict[str, Dict[str, float]], names: Dict[str, str]) -> str:
-    lines = ["%-28s %10s %8s %9s %8s" % ("method", "PSNR (dB)", "SSIM", "NMSE", "HFEN")]
-    for key, vals in results.items():
-        lines.append("%-28s %10.2f %8.4f %9.4f %8.4f" % (names.get(key, key), vals["psnr"], vals["ssim"],
-                                                          vals["nmse"], vals["hfen"]))
+def format_table(results: Dict[str, Dict[str, float]], columns: Sequence[Tuple[str, str, str]]) -> str:
+    """columns: (metric key, header, number format)."""
+    w = max([len("method")] + [len(n) for n in results])
+    head = "%-*s " % (w, "method") + " ".join("%10s" % h for _, h, _ in columns)
+    lines = [head]
+    for name, vals in results.items():
+        lines.append("%-*s " % (w, name) + " ".join("%10s" % (fmt % vals[k]) for k, _, fmt in columns))
     return "\n".join(lines)
 
 
-def run_qsm(cfg: QSMTrainConfig, *, resume: Optional[str] = None, given: Optional[set] = None, builder=None,
-            log: Callable[[str], None] = print, stream=None) -> Dict:
-    """Train (or continue training) and evaluate. resume: a checkpoint path, or "auto" for
-    OUT/checkpoint.pt. Returns {'step', 'history', 'metrics', 'model', 'config'}."""
+def run_training(cfg, task: Task, *, resume: Optional[str] = None, given: Optional[set] = None, builder=None,
+                 log: Callable[[str], None] = print, stream=None) -> Dict:
+    """Train (or continue training) cfg.model on the task, then evaluate it. resume: a checkpoint path,
+    or "auto" for OUT/checkpoint.pt. Under torchrun (WORLD_SIZE > 1) every process runs this; rank 0
+    writes the checkpoint, the log and metrics.json and prints. Returns {'step', 'history', 'metrics',
+    'model', 'config', 'train_seconds', 'world_size'} (metrics only on rank 0)."""
+    d = init_distributed(cfg.device)
+    try:
+        return _run(cfg, task, d, resume, given, builder, log if d.main else (lambda s: None), stream)
+    finally:
+        if d.initialized_here:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _run(cfg, task, d, resume, given, builder, log, stream):
+    locked = LOCKED + tuple(task.locked)
     saved = None
     if resume is not None:
         path = os.path.join(cfg.out, CKPT_NAME) if resume == "auto" else resume
         saved = load_checkpoint(path)
-        cfg = merge_resumed_config(cfg, saved["config"], given)
-    validate_config(cfg)
-    device = resolve_device(cfg.device)
-    os.makedirs(cfg.out, exist_ok=True)
+        cfg = merge_resumed_config(cfg, saved["config"], given, locked)
+    validate_common(cfg)
+    task.validate(cfg)
+    device = resolve_device(cfg.device, d)
+    if d.main:
+        os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, CKPT_NAME)
 
-    if cfg.features is None and device.type == "cpu" and _accepts(builder or resolve_builder(cfg.model), "features"):
+    if (cfg.features is None and device.type == "cpu" and task.cpu_features is not None
+            and _accepts(builder or resolve_builder(cfg.model), "features")):
         # small by default on the CPU; recorded in the config so that the checkpoint says so
-        cfg = dataclasses.replace(cfg, features=8)
-        log("features=8 (the CPU default; pass --features to change it)")
-    torch.manual_seed(cfg.seed)  # the model's initial weights
-    model = build_model(cfg, device, builder, log)
+        cfg = dataclasses.replace(cfg, features=task.cpu_features)
+        log("features=%d (the CPU default; pass --features to change it)" % task.cpu_features)
+    torch.manual_seed(cfg.seed)  # the model's initial weights (the same in every process)
+    model = build_model(cfg, device, builder, log, task)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    loss_fn = QSMLoss()
-    data = SyntheticQSM(cfg.patch, seed=cfg.seed, stream="train", noise_std=cfg.noise, device=device)
+    data = task.make_data(cfg, device)
     start, history = 0, []
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -330,50 +457,72 @@ def run_qsm(cfg: QSMTrainConfig, *, resume: Optional[str] = None, given: Optiona
         if saved["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng_cuda"])
         log("resumed from %s at step %d" % (resume if resume != "auto" else ckpt_path, start))
-    log("model %s: %d parameters, device %s, patch %d^3, batch %d, amp %s"
-        % (cfg.model, n_params, device, cfg.patch, cfg.batch_size, cfg.amp))
+        was = int(saved.get("world_size", 1))
+        if was != d.world_size:
+            log("note: the checkpoint was written by %d process(es), this run has %d: the data of the next "
+                "steps is split differently than in an uninterrupted run" % (was, d.world_size))
+    train_model = model
+    if d.active:
+        # DDP broadcasts rank 0's parameters and buffers (BatchNorm statistics too, at every forward)
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    log("%s: model %s, %d parameters, device %s, %s%d process(es) x batch %d, amp %s"
+        % (task.name, cfg.model, n_params, device, task.describe(cfg) + ", " if task.describe(cfg) else "",
+           d.world_size, cfg.batch_size, cfg.amp))
 
     log_path = os.path.join(cfg.out, LOG_NAME)
-    _write_log(log_path, history)  # rows beyond the checkpoint step (an interrupted run) are dropped
-    prog = Progress(cfg.steps, start, stream, cfg.log_every, cfg.quiet)
+    prog = Progress(cfg.steps, start, stream, cfg.log_every, cfg.quiet or not d.main)
     t0 = time.perf_counter()
-    with open(log_path, "a", newline="") as logf:
-        writer = csv.writer(logf)
+    logf = writer = None
+    columns = list(history[0]) if history else None
+    try:
         for step in range(start, cfg.steps):
-            field, chi = data.batch(step, cfg.batch_size)
-            loss, parts = train_step(model, opt, loss_fn, field, chi, cfg.data_scale, device, cfg.amp)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            batch = collate(data, sample_indices(step, cfg.batch_size, d.rank, d.world_size))
+            batch = tuple(t.to(device) for t in batch)
+            loss, parts = train_step(train_model, opt, task, batch, cfg, device, d)
             row = {"step": step + 1, "loss": loss, **parts}
             history.append(row)
-            writer.writerow([row[k] for k in ("step", "loss", "l1", "model", "grad")])
-            logf.flush()
+            if d.main:
+                if writer is None:
+                    columns = columns or list(row)
+                    _write_log(log_path, history[:-1], columns)  # rows beyond the checkpoint step are dropped
+                    logf = open(log_path, "a", newline="")
+                    writer = csv.writer(logf)
+                writer.writerow([row.get(k, "") for k in columns])
+                logf.flush()
             prog.update(step + 1, "loss %.4f" % loss)
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(ckpt_path, model, opt, step + 1, cfg, history)
+                if d.main:
+                    save_checkpoint(ckpt_path, model, opt, step + 1, cfg, history, d.world_size)
+                _barrier(d)
+    finally:
+        if logf is not None:
+            logf.close()
     train_s = time.perf_counter() - t0
 
     metrics = {}
-    if cfg.val_size > 0:
-        val = SyntheticQSM(cfg.patch, seed=cfg.seed, stream="val", noise_std=cfg.noise, device=device)
+    if cfg.val_size > 0 and d.main:
         t1 = time.perf_counter()
-        metrics = evaluate(model, val, cfg.val_size, cfg.data_scale, device, cfg.tkd_threshold)
-        names = {"model": cfg.model, "tkd": "TKD (threshold %.2f)" % cfg.tkd_threshold}
-        log("held-out set: %d synthetic volumes of %d^3 (seed %d, stream 'val'), noise %.4g ppm"
-            % (cfg.val_size, cfg.patch, cfg.seed, cfg.noise))
-        log(format_table(metrics, names))
-        report = {"config": dataclasses.asdict(cfg), "step": max(start, cfg.steps),
-                  "parameters": n_params, "device": str(device), "train_seconds_this_run": train_s,
-                  "eval_seconds": time.perf_counter() - t1,
+        metrics, table = task.evaluate(model, cfg, device)
+        log(table)
+        report = {"task": task.name, "config": dataclasses.asdict(cfg), "step": max(start, cfg.steps),
+                  "world_size": d.world_size, "parameters": n_params, "device": str(device),
+                  "train_seconds_this_run": train_s, "eval_seconds": time.perf_counter() - t1,
+                  "threads": torch.get_num_threads(),
                   "final_loss": history[-1]["loss"] if history else None,
-                  "metrics": {names[k]: v for k, v in metrics.items()}}
+                  "metrics": metrics}
         with open(os.path.join(cfg.out, METRICS_NAME), "w") as f:
             json.dump(report, f, indent=2)
+    _barrier(d)
     return {"step": max(start, cfg.steps), "history": history, "metrics": metrics, "model": model, "config": cfg,
-            "train_seconds": train_s}
+            "train_seconds": train_s, "world_size": d.world_size}
 
 
-def _write_log(path, history: List[Dict]):
+def _write_log(path, history: List[Dict], columns: List[str]):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", "loss", "l1", "model", "grad"])
+        w.writerow(columns)
         for r in history:
-            w.writerow([r[k] for k in ("step", "loss", "l1", "model", "grad")])
+            w.writerow([r.get(k, "") for k in columns])
