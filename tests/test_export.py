@@ -1,0 +1,254 @@
+"""Export of models using the package's operators: ONNX (torch.onnx.export(dynamo=True) with the
+translations of medconv_ext.export, run by onnxruntime against eager PyTorch), torch.export,
+torch.jit.trace of the functional API, the legacy TorchScript-based ONNX exporter on the spectral
+path, and torch.jit.script (not supported: it raises). Small sizes: every export takes seconds."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import medconv_ext as M
+from medconv_ext import available_backends, export as E
+from medconv_ext.models import medic_seg, rolling_unet, set_backend
+from medconv_ext.nn import (
+    Involution2d,
+    Involution3d,
+    RollingConv2d,
+    RollingConv3d,
+    RollingConvTranspose2d,
+    RollingConvTranspose3d,
+)
+from medconv_ext.ops import rolling_conv as RC
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+HAS_EXT = available_backends()["cpu"][0]
+
+
+def _has_triton():
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class RawModules(nn.Module):
+    """Every module kind of the package in one graph: 2D and 3D rolling convs (strided, dilated,
+    'same' with an even kernel, reflect padding), transposed convs, involutions (with stride)."""
+
+    def __init__(self, rolling_backend, involution_backend):
+        super().__init__()
+        rb, ib = rolling_backend, involution_backend
+        self.c2 = RollingConv2d(4, 8, 3, stride=2, padding=1, backend=rb)
+        self.c2s = RollingConv2d(8, 4, (4, 3), padding="same", padding_mode="reflect", backend=rb, bias=False)
+        self.t2 = RollingConvTranspose2d(4, 8, 3, stride=2, padding=1, output_padding=1, dilation=1, backend=rb)
+        self.i2 = Involution2d(8, 3, stride=2, group_channels=4, reduction_ratio=2, backend=ib)
+        self.c3 = RollingConv3d(3, 6, 3, padding=2, dilation=2, backend=rb)
+        self.t3 = RollingConvTranspose3d(6, 3, 2, stride=2, backend=rb)
+        self.i3 = Involution3d(3, 3, group_channels=1, reduction_ratio=3, backend=ib)
+
+    def forward(self, x2, x3):
+        y2 = self.i2(self.t2(self.c2s(self.c2(x2))))
+        y3 = self.i3(self.t3(self.c3(x3)))
+        return y2, y3
+
+
+SCENARIOS = {
+    # rolling: the spectral path (routed through the bank while exporting); involution: pure PyTorch
+    "spectral": ("spectral", "reference"),
+    # the compiled ops torch.ops.medconv.rolling_conv*, involution (custom translations)
+    "compiled": ("cpu", "cpu"),
+    # the Triton custom ops (custom translations); eager runs in the Triton interpreter on the CPU
+    "triton": ("triton", "triton"),
+}
+MEDCONV_TARGETS = {
+    "compiled": {"rolling_conv", "rolling_conv_transpose", "involution"},
+    "triton": {"rolling_conv_triton", "rolling_conv_transpose_triton", "involution_triton"},
+    "spectral": set(),
+}
+
+
+def _ort_run(model, inputs):
+    """Run an ONNX model (path or serialized bytes) in onnxruntime on the CPU."""
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
+    return [torch.from_numpy(o) for o in sess.run(None, feeds)]
+
+
+def _op_types(program):
+    return {(n.domain or "", n.op_type) for n in program.model_proto.graph.node}
+
+
+def _assert_standard_onnx(program):
+    """Only standard ONNX operators: no custom domains, no local functions left over."""
+    domains = {d for d, _ in _op_types(program)}
+    assert domains <= {"", "ai.onnx"}, domains
+    assert len(program.model_proto.functions) == 0
+
+
+def _medconv_targets(program):
+    return {n.target._opname for n in program.exported_program.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "namespace", None) == "medconv"}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_onnx_raw_modules(scenario, monkeypatch, tmp_path):
+    if scenario == "compiled" and not HAS_EXT:
+        pytest.skip("compiled extension not built")
+    if scenario == "triton":
+        if not _has_triton():
+            pytest.skip("triton not installed")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    model = RawModules(*SCENARIOS[scenario]).eval()
+    x2, x3 = torch.randn(2, 4, 9, 7), torch.randn(2, 3, 5, 4, 5)
+    batch = torch.export.Dim("batch", min=1, max=8)
+    path = str(tmp_path / "raw.onnx")
+    prog = E.onnx_export(model, (x2, x3), path, dynamic_shapes=({0: batch}, {0: batch}), verbose=False)
+    assert _medconv_targets(prog) == MEDCONV_TARGETS[scenario]
+    _assert_standard_onnx(prog)
+    ops = {t for _, t in _op_types(prog)}
+    assert "Conv" in ops and not ops & {"DFT", "STFT"}
+    onnx.checker.check_model(onnx.load(path))
+    # another batch size than the example: the exported batch axis is dynamic
+    y2, y3 = torch.randn(3, 4, 9, 7), torch.randn(3, 3, 5, 4, 5)
+    with torch.no_grad():
+        eager = model(y2, y3)
+    got = _ort_run(path, (y2, y3))
+    for g, e in zip(got, eager):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+class TwoModels(nn.Module):
+    """The Rolling UNet (every rolling layer on the spectral backend, exported through the bank) and
+    the Med-IC segmenter (its involution on the automatic backend: the compiled op where built) in
+    one graph, so that one export covers both."""
+
+    def __init__(self):
+        super().__init__()
+        self.unet = set_backend(rolling_unet(in_channels=1, num_classes=3, features=4), "spectral")
+        self.medic = medic_seg(in_channels=3, num_classes=2, features=2, convs_per_block=1)
+
+    def forward(self, a, b):
+        return self.unet(a), self.medic(b)
+
+
+def test_onnx_rolling_unet_and_medic_segmenter():
+    torch.manual_seed(1)
+    model = TwoModels().eval()
+    a, b = torch.randn(1, 1, 32, 48), torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        eager = model(a, b)
+    prog = M.export.onnx_export(model, (a, b), verbose=False)
+    assert _medconv_targets(prog) == ({"involution"} if HAS_EXT else set())
+    _assert_standard_onnx(prog)
+    got = _ort_run(prog.model_proto.SerializeToString(), (a, b))
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_export_needs_dynamo():
+    with pytest.raises(ValueError, match="dynamo=True"):
+        E.onnx_export(RollingConv2d(3, 6, 3), (torch.randn(1, 3, 8, 8),), dynamo=False)
+
+
+def test_translation_table_covers_every_forward_op():
+    table = E.onnx_translation_table()
+    names = {t._opname for t in table}
+    assert {"rolling_conv_triton", "rolling_conv_transpose_triton", "involution_triton"} <= names
+    if HAS_EXT:
+        assert {"rolling_conv", "rolling_conv_transpose", "involution"} <= names
+    assert all(isinstance(t, torch._ops.OpOverload) for t in table)
+
+
+def test_export_mode_routes_spectral_only_while_exporting():
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(2, 4, 3, 3)
+    assert not E.is_exporting()
+    assert RC._choose(RC.OP, x, w, "spectral", False, 4)[0] == "spectral"
+    with E.exporting():
+        assert E.is_exporting()
+        assert RC._choose(RC.OP, x, w, "spectral", False, 4)[0] == "reference"
+        assert RC._choose(RC.OP, x, w, "spectral_unfused", False, 4)[0] == "reference"
+        assert RC._choose(RC.OP_T, x, w.transpose(0, 1), "spectral", True, 4)[0] == "reference"
+        if HAS_EXT:  # other explicit choices are kept (they have translations)
+            assert RC._choose(RC.OP, x, w, "cpu", False, 4)[0] == "cpu"
+    assert not E.is_exporting()
+
+
+def test_legacy_onnx_exporter_spectral_path(tmp_path):
+    """The TorchScript-based exporter (dynamo=False) traces: the spectral path takes the bank."""
+    model = RollingConv2d(4, 8, 3, padding=1, backend="spectral").eval()
+    x = torch.randn(1, 4, 7, 7)
+    path = str(tmp_path / "legacy.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), path, dynamo=False)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.export, torch.jit.trace, torch.jit.script
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scenario", ["spectral", "compiled"])
+def test_torch_export_raw_modules(scenario):
+    if scenario == "compiled" and not HAS_EXT:
+        pytest.skip("compiled extension not built")
+    torch.manual_seed(3)
+    model = RawModules(*SCENARIOS[scenario]).eval()
+    x2, x3 = torch.randn(2, 4, 9, 7), torch.randn(2, 3, 5, 4, 5)
+    ep = torch.export.export(model, (x2, x3))
+    y2, y3 = torch.randn(2, 4, 9, 7), torch.randn(2, 3, 5, 4, 5)
+    with torch.no_grad():
+        for g, e in zip(ep.module()(y2, y3), model(y2, y3)):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "spectral"])
+def test_jit_trace_functional_without_n_rolls(backend):
+    torch.manual_seed(4)
+    cases = [
+        (M.rolling_conv2d, torch.randn(2, 6, 7, 5), torch.randn(2, 6, 3, 3), dict(padding=1, stride=2)),
+        (M.rolling_conv3d, torch.randn(1, 3, 4, 5, 3), torch.randn(1, 3, 3, 1, 3), dict(padding=1)),
+        (M.rolling_conv_transpose2d, torch.randn(2, 5, 4, 3), torch.randn(5, 2, 3, 3), dict(stride=2)),
+        (M.rolling_conv_transpose3d, torch.randn(1, 4, 2, 3, 2), torch.randn(4, 1, 2, 2, 2), dict(stride=2)),
+    ]
+    for fn, x, w, kw in cases:
+        def f(x, w):
+            return fn(x, w, backend=backend, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings of the shape checks, trace deprecation
+            traced = torch.jit.trace(f, (x, w))
+        assert "fft" not in str(traced.graph)
+        x2, w2 = torch.randn_like(x), torch.randn_like(w)
+        torch.testing.assert_close(traced(x2, w2), f(x2, w2), rtol=1e-5, atol=1e-5)
+
+
+def test_jit_script_is_not_supported():
+    """TorchScript scripting is not supported (Python backend dispatch): it raises, never misbehaves."""
+    with pytest.raises(Exception):
+        torch.jit.script(RollingConv2d(3, 6, 3))
+    with pytest.raises(Exception):
+        torch.jit.script(Involution2d(4, 3, group_channels=4, reduction_ratio=2))
+
+
+def test_jit_trace_modules():
+    torch.manual_seed(5)
+    model = RawModules("auto", "auto").eval()
+    x2, x3 = torch.randn(2, 4, 9, 7), torch.randn(2, 3, 5, 4, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # check_trace=False: its re-trace differs from the first only in value names (c_in.5 vs c_in.3)
+        traced = torch.jit.trace(model, (x2, x3), check_trace=False)
+    y2, y3 = torch.randn_like(x2), torch.randn_like(x3)
+    with torch.no_grad():
+        for g, e in zip(traced(y2, y3), model(y2, y3)):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
