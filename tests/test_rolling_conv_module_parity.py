@@ -182,3 +182,14 @@ def test_state_dict_unchanged_by_options():
     b = RollingConv2d(4, 8, 3, padding=1)
     assert a.state_dict().keys() == b.state_dict().keys() == {"weight", "bias"}
     b.load_state_dict(a.state_dict())
+
+
+def test_torch_compile_fullgraph_with_new_options():
+    """The padding/unbatched handling adds no graph break (aot_eager: what inductor traces, without codegen)."""
+    torch.manual_seed(6)
+    m = RollingConv2d(3, 6, (4, 3), padding="same", padding_mode="reflect", dtype=torch.float64)
+    t = _dense_twin(m, nn.Conv2d, padding="same", padding_mode="reflect")
+    torch._dynamo.reset()
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 7, 6, dtype=torch.float64)
+    torch.testing.assert_close(cm(x), t(x), **TOL)
