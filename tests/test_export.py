@@ -51,11 +51,18 @@ class RawModules(nn.Module):
         self.c3 = RollingConv3d(3, 6, 3, padding=2, dilation=2, backend=rb)
         self.t3 = RollingConvTranspose3d(6, 3, 2, stride=2, backend=rb)
         self.i3 = Involution3d(3, 3, group_channels=1, reduction_ratio=3, backend=ib3)
+        # awkward options: partial rolls with n_base 2, per-axis stride/padding/dilation, C_in = 1,
+        # a transposed conv with dilation and no bias, a dilated involution
+        self.e1 = RollingConv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), backend=rb)
+        self.e2 = RollingConvTranspose2d(4, 6, (2, 3), stride=(1, 2), padding=(0, 1), output_padding=(0, 1),
+                                         dilation=(2, 1), bias=False, backend=rb)
+        self.e3 = RollingConv2d(1, 3, 3, padding=1, backend=rb)
+        self.e4 = Involution2d(4, 3, dilation=2, group_channels=2, reduction_ratio=4, backend=ib)
 
     def forward(self, x2, x3):
         y2 = self.i2(self.t2(self.c2s(self.c2(x2))))
         y3 = self.i3(self.t3(self.c3(x3)))
-        return y2, y3
+        return y2, y3, self.e1(x2), self.e2(x2), self.e3(x2[:, :1]), self.e4(x2)
 
 
 SCENARIOS = {
