@@ -78,7 +78,6 @@ SCENARIOS = {
 MEDCONV_TARGETS = {
     "compiled": {"rolling_conv", "rolling_conv_transpose", "involution"},
     "triton": {"rolling_conv_triton", "rolling_conv_transpose_triton", "involution_triton"},
-    "spectral": set(),
 }
 
 
@@ -101,12 +100,34 @@ def _assert_standard_onnx(program):
 
 
 def _medconv_targets(program):
-    return {n.target._opname for n in program.exported_program.graph.nodes
+    """Names of the medconv operators in an ONNXProgram's (or an ExportedProgram's) graph."""
+    ep = getattr(program, "exported_program", program)
+    return {n.target._opname for n in ep.graph.nodes
             if n.op == "call_function" and getattr(n.target, "namespace", None) == "medconv"}
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_onnx_raw_modules(scenario, monkeypatch, tmp_path):
+def _check_onnx_against_eager(model, example, run_inputs, path, dynamic_shapes, targets, **kw):
+    """Export with onnx_export to `path`, check the graph, run it in onnxruntime on `run_inputs`
+    (another batch size than `example` where the batch axis is dynamic) against eager PyTorch."""
+    prog = E.onnx_export(model, example, path, dynamic_shapes=dynamic_shapes, verbose=False, **kw)
+    assert _medconv_targets(prog) == targets
+    _assert_standard_onnx(prog)
+    ops = {t for _, t in _op_types(prog)}
+    assert "Conv" in ops and not ops & {"DFT", "STFT"}
+    onnx.checker.check_model(onnx.load(path))
+    with torch.no_grad():
+        eager = model(*run_inputs)
+    got = _ort_run(path, run_inputs)
+    assert len(got) == len(eager)
+    for g, e in zip(got, eager):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+    return prog
+
+
+@pytest.mark.parametrize("scenario", ["compiled", "triton"])
+def test_onnx_raw_modules_custom_ops(scenario, monkeypatch, tmp_path):
+    """The compiled and the Triton custom ops through their translations."""
     if scenario == "compiled" and not HAS_EXT:
         pytest.skip("compiled extension not built")
     if scenario == "triton":
@@ -115,51 +136,37 @@ def test_onnx_raw_modules(scenario, monkeypatch, tmp_path):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     torch.manual_seed(0)
     model = RawModules(*SCENARIOS[scenario]).eval()
-    x2, x3 = torch.randn(2, 4, 9, 7), torch.randn(2, 3, 5, 4, 5)
+    example = (torch.randn(2, 4, 9, 7), torch.randn(2, 3, 5, 4, 5))
+    run = (torch.randn(1, 4, 9, 7), torch.randn(1, 3, 5, 4, 5))
     batch = torch.export.Dim("batch", min=1, max=8)
-    path = str(tmp_path / "raw.onnx")
-    prog = E.onnx_export(model, (x2, x3), path, dynamic_shapes=({0: batch}, {0: batch}), verbose=False)
-    assert _medconv_targets(prog) == MEDCONV_TARGETS[scenario]
-    _assert_standard_onnx(prog)
-    ops = {t for _, t in _op_types(prog)}
-    assert "Conv" in ops and not ops & {"DFT", "STFT"}
-    onnx.checker.check_model(onnx.load(path))
-    # another batch size than the example: the exported batch axis is dynamic
-    y2, y3 = torch.randn(1, 4, 9, 7), torch.randn(1, 3, 5, 4, 5)
-    with torch.no_grad():
-        eager = model(y2, y3)
-    got = _ort_run(path, (y2, y3))
-    for g, e in zip(got, eager):
-        assert g.shape == e.shape
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    _check_onnx_against_eager(model, example, run, str(tmp_path / "raw.onnx"), ({0: batch}, {0: batch}),
+                              MEDCONV_TARGETS[scenario])
 
 
-class TwoModels(nn.Module):
-    """The Rolling UNet (every rolling layer on the spectral backend, exported through the bank) and
-    the Med-IC segmenter (its involution on the automatic backend: the compiled op where built) in
-    one graph, so that one export covers both."""
+class ModelsAndSpectralPath(nn.Module):
+    """In one graph, so that one export covers them: every module kind with the rolling layers on
+    the spectral backend (exported through the bank), the Rolling UNet (every rolling layer on the
+    spectral backend) and the Med-IC segmenter (its involution on the automatic backend: the
+    compiled op where built)."""
 
     def __init__(self):
         super().__init__()
+        self.raw = RawModules(*SCENARIOS["spectral"])
         self.unet = set_backend(rolling_unet(in_channels=1, num_classes=3, features=4), "spectral")
         self.medic = medic_seg(in_channels=3, num_classes=2, features=2, convs_per_block=1)
 
-    def forward(self, a, b):
-        return self.unet(a), self.medic(b)
+    def forward(self, x2, x3, a, b):
+        return self.raw(x2, x3) + (self.unet(a), self.medic(b))
 
 
-def test_onnx_rolling_unet_and_medic_segmenter():
+def test_onnx_rolling_unet_medic_segmenter_and_spectral_path(tmp_path):
     torch.manual_seed(1)
-    model = TwoModels().eval()
-    a, b = torch.randn(1, 1, 32, 48), torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        eager = model(a, b)
-    prog = M.export.onnx_export(model, (a, b), verbose=False)
-    assert _medconv_targets(prog) == ({"involution"} if HAS_EXT else set())
-    _assert_standard_onnx(prog)
-    got = _ort_run(prog.model_proto.SerializeToString(), (a, b))
-    for g, e in zip(got, eager):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+    model = ModelsAndSpectralPath().eval()
+    example = (torch.randn(2, 4, 9, 7), torch.randn(2, 3, 5, 4, 5), torch.randn(1, 1, 32, 48), torch.randn(1, 3, 32, 32))
+    run = (torch.randn(3, 4, 9, 7), torch.randn(3, 3, 5, 4, 5)) + example[2:]
+    batch = torch.export.Dim("batch", min=1, max=8)
+    _check_onnx_against_eager(model, example, run, str(tmp_path / "models.onnx"),
+                              ({0: batch}, {0: batch}, None, None), {"involution"} if HAS_EXT else set())
 
 
 def test_onnx_export_needs_dynamo():
@@ -217,18 +224,33 @@ def test_legacy_onnx_exporter_refuses_compiled_ops(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # torch.export, torch.jit.trace, torch.jit.script
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("scenario", ["spectral", "compiled"])
-def test_torch_export_raw_modules(scenario):
-    if scenario == "compiled" and not HAS_EXT:
-        pytest.skip("compiled extension not built")
+@pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
+def test_torch_export_raw_modules_compiled():
     torch.manual_seed(3)
-    model = RawModules(*SCENARIOS[scenario]).eval()
+    model = RawModules(*SCENARIOS["compiled"]).eval()
     x2, x3 = torch.randn(2, 4, 9, 7), torch.randn(2, 3, 5, 4, 5)
     ep = torch.export.export(model, (x2, x3))
+    assert _medconv_targets(ep) == MEDCONV_TARGETS["compiled"]
     y2, y3 = torch.randn(2, 4, 9, 7), torch.randn(2, 3, 5, 4, 5)
     with torch.no_grad():
         for g, e in zip(ep.module()(y2, y3), model(y2, y3)):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_export_spectral_path_stays_spectral():
+    """torch.export alone keeps the spectral algorithm (its inverse channel FFT is in the graph);
+    the pure-PyTorch involution exports as is."""
+    torch.manual_seed(3)
+    model = nn.Sequential(RollingConv2d(4, 8, 3, padding=1, backend="spectral"),
+                          RollingConvTranspose2d(8, 4, 2, stride=2, backend="spectral"),
+                          Involution2d(4, 3, group_channels=2, reduction_ratio=2, backend="reference")).eval()
+    x = torch.randn(2, 4, 7, 6)
+    ep = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("fft_irfft" in t for t in targets), targets
+    y = torch.randn(2, 4, 7, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(y), model(y), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference", "spectral"])
