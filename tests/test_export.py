@@ -162,7 +162,8 @@ class ModelsAndSpectralPath(nn.Module):
 def test_onnx_rolling_unet_medic_segmenter_and_spectral_path(tmp_path):
     torch.manual_seed(1)
     model = ModelsAndSpectralPath().eval()
-    example = (torch.randn(2, 4, 9, 7), torch.randn(2, 3, 5, 4, 5), torch.randn(1, 1, 32, 48), torch.randn(1, 3, 32, 32))
+    example = (torch.randn(2, 4, 9, 7), torch.randn(2, 3, 5, 4, 5),
+               torch.randn(1, 1, 32, 48), torch.randn(1, 3, 32, 32))
     run = (torch.randn(3, 4, 9, 7), torch.randn(3, 3, 5, 4, 5)) + example[2:]
     batch = torch.export.Dim("batch", min=1, max=8)
     _check_onnx_against_eager(model, example, run, str(tmp_path / "models.onnx"),

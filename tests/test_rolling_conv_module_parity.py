@@ -83,7 +83,8 @@ def test_conv2d_padding_options(k, dil, pad, mode, backend):
     m = RollingConv2d(3, 6, k, stride=stride, padding=pad, dilation=dil, padding_mode=mode, backend=backend,
                       dtype=torch.float64)
     t = _dense_twin(m, nn.Conv2d, stride=stride, padding=pad, dilation=dil, padding_mode=mode)
-    assert m.padding == t.padding and list(m._reversed_padding_repeated_twice) == list(t._reversed_padding_repeated_twice)
+    assert m.padding == t.padding
+    assert list(m._reversed_padding_repeated_twice) == list(t._reversed_padding_repeated_twice)
     for shape in [(2, 3, 7, 6), (0, 3, 7, 6), (3, 8, 7)]:  # batched, empty batch, unbatched
         x = torch.randn(shape, dtype=torch.float64)
         out = m(x)

@@ -68,7 +68,8 @@ class _RollingConvNd(nn.Module):
                 raise ValueError("%s: padding must be an int or a tuple of ints; the strings 'same' and 'valid' "
                                  "are for convolutions, got %r" % (cls, padding))
             if padding not in _PADDING_STRINGS:
-                raise ValueError("%s: invalid padding string %r, should be one of %s" % (cls, padding, _PADDING_STRINGS))
+                raise ValueError("%s: invalid padding string %r, should be one of %s"
+                                 % (cls, padding, _PADDING_STRINGS))
             if padding == "same" and any(s != 1 for s in self.stride):
                 raise ValueError("%s: padding='same' is not supported for strided convolutions, got stride=%s"
                                  % (cls, self.stride))
@@ -152,8 +153,9 @@ class _RollingConvNd(nn.Module):
                   + self.dilation[i] * (self.kernel_size[i] - 1) + 1)
             hi = lo + self.stride[i] - 1
             if not lo <= output_size[i] <= hi:
-                raise ValueError("%s: requested an output size of %s, but valid sizes range from %s to %s along spatial "
-                                 "dim %d (for an input of %s)" % (cls, output_size, lo, hi, i, tuple(x.shape[2:])))
+                raise ValueError("%s: requested an output size of %s, but valid sizes range from %s to %s along "
+                                 "spatial dim %d (for an input of %s)"
+                                 % (cls, output_size, lo, hi, i, tuple(x.shape[2:])))
             res.append(output_size[i] - lo)
         return res
 
