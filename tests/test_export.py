@@ -74,9 +74,12 @@ SCENARIOS = {
     # where the 3D involution kernel is slow (~10 s): that layer stays pure PyTorch (the 2D layer
     # runs the same op, whose translation does not depend on the dimension)
     "triton": ("triton", "triton", "reference"),
+    # the compiled CUDA kernels (the same operators as "compiled"), on a machine with a CUDA device
+    "cuda": ("cuda", "cuda"),
 }
 MEDCONV_TARGETS = {
     "compiled": {"rolling_conv", "rolling_conv_transpose", "involution"},
+    "cuda": {"rolling_conv", "rolling_conv_transpose", "involution"},
     "triton": {"rolling_conv_triton", "rolling_conv_transpose_triton", "involution_triton"},
 }
 
@@ -84,7 +87,7 @@ MEDCONV_TARGETS = {
 def _ort_run(model, inputs):
     """Run an ONNX model (path or serialized bytes) in onnxruntime on the CPU."""
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
+    feeds = {i.name: t.cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
     return [torch.from_numpy(o) for o in sess.run(None, feeds)]
 
 
@@ -115,29 +118,35 @@ def _check_onnx_against_eager(model, example, run_inputs, path, dynamic_shapes, 
     ops = {t for _, t in _op_types(prog)}
     assert "Conv" in ops and not ops & {"DFT", "STFT"}
     onnx.checker.check_model(onnx.load(path))
-    with torch.no_grad():
+    # (on CUDA without TF32, which would round the eager convolutions to 10-bit mantissas)
+    with torch.no_grad(), torch.backends.cudnn.flags(allow_tf32=False):
         eager = model(*run_inputs)
     got = _ort_run(path, run_inputs)
     assert len(got) == len(eager)
     for g, e in zip(got, eager):
         assert g.shape == e.shape
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(g, e.cpu(), rtol=1e-4, atol=1e-4)
     return prog
 
 
-@pytest.mark.parametrize("scenario", ["compiled", "triton"])
+@pytest.mark.parametrize("scenario", ["compiled", "triton", "cuda"])
 def test_onnx_raw_modules_custom_ops(scenario, monkeypatch, tmp_path):
     """The compiled and the Triton custom ops through their translations."""
     if scenario == "compiled" and not HAS_EXT:
         pytest.skip("compiled extension not built")
+    device = "cpu"
+    if scenario == "cuda":
+        if not available_backends()["cuda"][0]:
+            pytest.skip("no CUDA kernels or no CUDA device: " + available_backends()["cuda"][1])
+        device = "cuda"
     if scenario == "triton":
         if not _has_triton():
             pytest.skip("triton not installed")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     torch.manual_seed(0)
-    model = RawModules(*SCENARIOS[scenario]).eval()
-    example = (torch.randn(2, 4, 9, 7), torch.randn(2, 3, 5, 4, 5))
-    run = (torch.randn(1, 4, 9, 7), torch.randn(1, 3, 5, 4, 5))
+    model = RawModules(*SCENARIOS[scenario]).eval().to(device)
+    example = (torch.randn(2, 4, 9, 7, device=device), torch.randn(2, 3, 5, 4, 5, device=device))
+    run = (torch.randn(1, 4, 9, 7, device=device), torch.randn(1, 3, 5, 4, 5, device=device))
     batch = torch.export.Dim("batch", min=1, max=8)
     _check_onnx_against_eager(model, example, run, str(tmp_path / "raw.onnx"), ({0: batch}, {0: batch}),
                               MEDCONV_TARGETS[scenario])
