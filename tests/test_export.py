@@ -280,7 +280,8 @@ def test_jit_trace_functional_without_n_rolls(backend):
             traced = torch.jit.trace(f, (x, w))
         assert "fft" not in str(traced.graph)
         x2, w2 = torch.randn_like(x), torch.randn_like(w)
-        torch.testing.assert_close(traced(x2, w2), f(x2, w2), rtol=1e-5, atol=1e-5)
+        got, ref = traced(x2, w2), f(x2, w2)
+        assert got.shape == ref.shape and (got - ref).abs().max() <= 2e-5 * ref.abs().max()
 
 
 def test_jit_script_is_not_supported():
@@ -291,9 +292,12 @@ def test_jit_script_is_not_supported():
         torch.jit.script(Involution2d(4, 3, group_channels=4, reduction_ratio=2))
 
 
-def test_jit_trace_modules():
+@pytest.mark.parametrize("scenario", ["auto", "spectral", "compiled"])
+def test_jit_trace_modules(scenario):
+    if scenario == "compiled" and not HAS_EXT:
+        pytest.skip("compiled extension not built")
     torch.manual_seed(5)
-    model = RawModules("auto", "auto").eval()
+    model = RawModules(*SCENARIOS.get(scenario, ("auto", "auto"))).eval()
     x2, x3 = torch.randn(2, 4, 9, 7), torch.randn(2, 3, 5, 4, 5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -302,6 +306,8 @@ def test_jit_trace_modules():
     y2, y3 = torch.randn_like(x2), torch.randn_like(x3)
     with torch.no_grad():
         for g, e in zip(traced(y2, y3), model(y2, y3)):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+            # float32; the traced spectral layers are the bank: max |err| / max |ref| as the spectral tests
+            assert g.shape == e.shape
+            assert (g - e).abs().max() <= 2e-5 * e.abs().max()
 
 
