@@ -35,11 +35,12 @@ _POOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
 class _ConvModule(nn.Module):
     """1x1 conv [+ BatchNorm + ReLU], with mmcv ConvModule's child names (conv, bn, activate)."""
 
-    def __init__(self, dims, c_in, c_out, norm_act):
+    def __init__(self, dims, c_in, c_out, norm_act, device=None, dtype=None):
         super().__init__()
-        self.conv = _CONV[dims](c_in, c_out, 1, bias=not norm_act)
+        factory = {"device": device, "dtype": dtype}
+        self.conv = _CONV[dims](c_in, c_out, 1, bias=not norm_act, **factory)
         if norm_act:
-            self.bn = _BN[dims](c_out)
+            self.bn = _BN[dims](c_out, **factory)
             self.activate = nn.ReLU(inplace=False)
         self.norm_act = norm_act
 
@@ -60,7 +61,7 @@ class _InvolutionNd(nn.Module):
     _dims = 2
 
     def __init__(self, channels, kernel_size, stride=1, dilation=1, group_channels=16, reduction_ratio=4,
-                 backend="auto"):
+                 backend="auto", *, device=None, dtype=None):
         super().__init__()
         cls = type(self).__name__
         d = self._dims
@@ -91,8 +92,9 @@ class _InvolutionNd(nn.Module):
         self.padding = tuple(dl * (k - 1) // 2 for k, dl in zip(self.kernel_size, self.dilation))
         self.backend = backend
         taps = math.prod(self.kernel_size)
-        self.conv1 = _ConvModule(d, channels, channels // reduction_ratio, norm_act=True)
-        self.conv2 = _ConvModule(d, channels // reduction_ratio, taps * self.groups, norm_act=False)
+        factory = {"device": device, "dtype": dtype}
+        self.conv1 = _ConvModule(d, channels, channels // reduction_ratio, norm_act=True, **factory)
+        self.conv2 = _ConvModule(d, channels // reduction_ratio, taps * self.groups, norm_act=False, **factory)
         if any(s > 1 for s in self.stride):
             self.avgpool = _POOL[d](self.stride, self.stride, ceil_mode=True)
         else:
@@ -130,7 +132,8 @@ class _InvolutionNd(nn.Module):
 
 class Involution2d(_InvolutionNd):
     """2D involution with the published kernel generation. Input (N, channels, H, W), output
-    (N, channels, ceil(H / stride), ceil(W / stride)); G = channels / group_channels."""
+    (N, channels, ceil(H / stride), ceil(W / stride)); G = channels / group_channels.
+    device=/dtype= create the parameters and buffers there, as torch's factory keywords."""
     _dims = 2
 
 

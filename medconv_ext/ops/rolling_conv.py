@@ -59,7 +59,7 @@ def _check_common(name, x, weight, bias, dims, stride, padding, dilation, n_roll
         raise ValueError("%s: weight must have C_in >= 1, n_base >= 1 and kernel sizes >= 1, got shape %s"
                          % (name, tuple(weight.shape)))
     if n_rolls is None:
-        n_rolls = c_in
+        n_rolls = int(c_in)  # int(): under torch.jit.trace sizes are 0-dim tensors
     if isinstance(n_rolls, bool) or not isinstance(n_rolls, int):
         raise TypeError("%s: n_rolls must be an int, got %r" % (name, n_rolls))
     if not 1 <= n_rolls <= c_in:
@@ -72,8 +72,26 @@ def _check_common(name, x, weight, bias, dims, stride, padding, dilation, n_roll
 
 
 def _choose(op, x, weight, backend, transposed, n_rolls):
-    return resolve(op, backend, x.device, x.dtype, _auto_candidates(x, weight, transposed, n_rolls),
-                   ctx={"transposed": transposed, "x_shape": tuple(x.shape), "w_shape": tuple(weight.shape)})
+    name, fn = resolve(op, backend, x.device, x.dtype, _auto_candidates(x, weight, transposed, n_rolls),
+                       ctx={"transposed": transposed, "x_shape": tuple(x.shape), "w_shape": tuple(weight.shape)})
+    if name.startswith("spectral") and _bank_for_export():
+        # exporters do not translate the channel FFT: the same function as the bank + conv (medconv_ext.export)
+        return resolve(op, "reference", x.device, x.dtype, [])
+    return name, fn
+
+
+_EXPORT_DEPTH = [0]  # > 0 inside medconv_ext.export.exporting()
+
+
+def _bank_for_export() -> bool:
+    """True while a model is exported or traced: medconv_ext.export.exporting(), a torch.onnx export
+    (its torch.export step included) or a torch.jit trace."""
+    if _EXPORT_DEPTH[0] > 0 or torch.jit.is_tracing():
+        return True
+    try:
+        return bool(torch.onnx.is_in_onnx_export())
+    except Exception:  # pragma: no cover - torch.onnx unavailable in this torch build
+        return False
 
 
 # --------------------------------------------------------------------------------------
