@@ -86,3 +86,15 @@ def test_from_published_rejects_wrong_shapes():
     del sd["bnormn_31.running_var"]
     with pytest.raises(ValueError, match="unknown layout"):
         from_published(sd)
+
+
+@pytest.mark.parametrize("padding,padding_mode", [("same", "zeros"), ("same", "reflect"), (1, "circular"),
+                                                  ("valid", "zeros")])
+def test_roll_loop_follows_module_padding(padding, padding_mode):
+    from medconv_ext.nn import RollingConv2d
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(RollingConv2d(5, 5, (3, 4), padding=padding, padding_mode=padding_mode,
+                                              dtype=torch.float64))
+    x = torch.randn(2, 5, 9, 7, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(to_roll_loop(model)(x), model(x)) < 1e-12

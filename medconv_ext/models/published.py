@@ -142,7 +142,8 @@ class RollLoopConv(nn.Module):
             fn = F.conv_transpose2d if self.dims == 2 else F.conv_transpose3d
             return fn(x, self.bank(), m.bias, m.stride, m.padding, m.output_padding, 1, m.dilation)
         fn = F.conv2d if self.dims == 2 else F.conv3d
-        return fn(x, self.bank(), m.bias, m.stride, m.padding, m.dilation)
+        x, padding = m._conv_input(x)  # the module's rule for 'same'/'valid' and padding_mode
+        return fn(x, self.bank(), m.bias, m.stride, padding, m.dilation)
 
 
 _ROLLING = (RollingConv2d, RollingConv3d, RollingConvTranspose2d, RollingConvTranspose3d)
