@@ -31,13 +31,13 @@ def cxx():
 
 
 def torch_flags():
+    """Include flags and library folder of the torch this python runs (CPU libtorch suffices)."""
     import torch
-    from torch.utils import cpp_extension
 
-    inc = cpp_extension.include_paths()
+    base = os.path.dirname(torch.__file__)
+    inc = [os.path.join(base, "include"), os.path.join(base, "include", "torch", "csrc", "api", "include")]
     abi = int(torch.compiled_with_cxx11_abi())
-    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-    return ["-I" + p for p in inc] + ["-D_GLIBCXX_USE_CXX11_ABI=%d" % abi], lib
+    return ["-I" + p for p in inc] + ["-D_GLIBCXX_USE_CXX11_ABI=%d" % abi], os.path.join(base, "lib")
 
 
 def _write_if_changed(path, text):
@@ -117,7 +117,7 @@ def build(src_root=ROOT, out=None, jobs=2, sanitize=True, quiet=False, sources=N
         _write_if_changed(cpp, transform.transform(text, name, path))
         units.append((cpp, os.path.join(out, name[:-3] + ".o")))
         manifest["files"][name] = desc
-    units.append((os.path.join(HERE, "runtime", "control_ops.cpp"), os.path.join(out, "control_ops.o")))
+    units.append((os.path.join(HERE, "runtime", "control.cpp"), os.path.join(out, "control.o")))
     units.append((os.path.join(HERE, "runtime", "context_switch.S"), os.path.join(out, "context_switch.o")))
     log = []
     with ThreadPoolExecutor(max(1, jobs)) as ex:

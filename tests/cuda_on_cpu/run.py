@@ -208,11 +208,38 @@ def coverage(manifest, drivers, sites_text, complete):
     return problems
 
 
+class Ops:
+    """torch.ops.cudaemu (the emulated CUDA ops) plus the runtime's C control functions."""
+
+    def __init__(self, torch, lib):
+        import ctypes
+
+        torch.ops.load_library(lib)
+        self._ops = torch.ops.cudaemu
+        self._c = ctypes.CDLL(lib)
+        self._c.cudaemu_configure.argtypes = [ctypes.c_int64] * 4
+        self._c.cudaemu_launch_sites.restype = ctypes.c_char_p
+        self._i64 = ctypes.c_int64
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    def configure(self, sched, seed, max_grid, cc_major):
+        assert self._c.cudaemu_configure(sched, seed, max_grid, cc_major) == 0
+
+    def stats(self):
+        out = (self._i64 * 5)()
+        self._c.cudaemu_stats(out)
+        return list(out)
+
+    def launch_sites(self):
+        return self._c.cudaemu_launch_sites().decode()
+
+
 def child(args):
     import torch
 
-    torch.ops.load_library(args.lib)
-    ops = torch.ops.cudaemu
+    ops = Ops(torch, args.lib)
     with open(os.path.join(os.path.dirname(args.lib), "manifest.json")) as f:
         manifest = json.load(f)
     logdir = os.path.join(args.out, "logs")
@@ -246,7 +273,8 @@ def child(args):
             t.variants = [v for v in variants if v[0] in ("fwd", "grid2-rand")] or variants[:1]
         else:
             t.variants = variants
-        print("## %s: %s, %d cases, %s" % (d.SOURCE, label, len(cases), ", ".join(str(x)[6:] for x in dts)), flush=True)
+        print("## %s: %s, %d cases, %s (at %.0f s)" % (d.SOURCE, label, len(cases), ", ".join(str(x)[6:] for x in dts),
+                                                      time.time() - t0), flush=True)
         for c in cases:
             if args.only in c[0]:
                 if label.startswith("fuzz"):
@@ -301,7 +329,7 @@ def main(argv=None):
     if "--out" not in cmd:
         cmd += ["--out", args.out]
     rc = subprocess.run(cmd, env=sanitizer_env(os.path.join(args.out, "logs"))).returncode
-    if args.full and args.lib_built_here:
+    if args.full and args.lib_built_here and not args.only and args.fuzz is None:
         import mutants
         bad = mutants.run_mutants(ROOT, args.out, args.jobs, os.path.abspath(__file__))
         print("cuda_on_cpu: mutation test %s" % ("ok" if not bad else "FAILED (%d mutants not flagged)" % bad))

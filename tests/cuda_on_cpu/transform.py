@@ -5,6 +5,7 @@ points compiler diagnostics and sanitizer reports at the original .cu file and l
 
     extern __shared__ T name[];      ->  T* name = reinterpret_cast<T*>(::cudaemu::dyn_smem());
     __shared__ T name[a][b];         ->  static T name[a][b]; ::cudaemu::shared_decl(&name, sizeof(name));
+    __shared__ T name;               ->  static T name; ::cudaemu::shared_decl(&name, sizeof(name));
     kern<T><<<g, b, s, st>>>(args)   ->  ::cudaemu::launcher("kern<T>", "file.cu:LINE", kern<T>, g, b, s, st)(args)
     TORCH_LIBRARY_IMPL(medconv, CUDA, m) { m.impl("op", &fn); }
                                      ->  TORCH_LIBRARY_FRAGMENT(cudaemu, m) { m.def("op", &fn); }
@@ -26,7 +27,7 @@ import sys
 _GLOBAL = re.compile(r"__global__\s+(?:void\s+)?(?:__launch_bounds__\s*\([^)]*\)\s*)?(?:void\s+)?(\w+)\s*\(")
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 _EXT_SHARED = re.compile(r"extern\s+__shared__\s+([^;\[]*?)\s*\b(\w+)\s*\[\s*\]\s*;")
-_SHARED = re.compile(r"__shared__\s+([^;\[]*?\s)(\w+)((?:\s*\[[^\]]*\])+)\s*;")
+_SHARED = re.compile(r"__shared__\s+([^;\[=]*?\s)(\w+)((?:\s*\[[^\]]*\])*)\s*;")
 _CUDA_IMPL = re.compile(r"TORCH_LIBRARY_IMPL\s*\(\s*medconv\s*,\s*CUDA\s*,\s*(\w+)\s*\)\s*\{")
 _IMPL_CALL = re.compile(r"\.impl\s*\(\s*\"(\w+)\"")
 
