@@ -87,3 +87,15 @@ def test_drivers_use_the_gpu_tests_case_lists():
 
         ids = [c[0] for c in d.fixed_cases() + d.fuzz_cases(random.Random(0), 10)]
         assert len(ids) == len(set(ids))
+
+
+def test_a_new_source_without_driver_fails_the_coverage_check():
+    manifest = {"files": {"new_op.cu": {"kernels": ["new_kernel", "orphan_kernel"],
+                                        "launches": [{"kernel": "new_kernel", "site": "new_op.cu:40"}],
+                                        "ops": ["new_op"]}}}
+    problems = run.coverage(manifest, run.load_drivers(), "", complete=True)
+    assert any("op new_op has no emulated test" in p for p in problems)
+    assert any("orphan_kernel has no launch site" in p for p in problems)
+    assert any("new_op.cu:40 was never reached" in p for p in problems)
+    assert run.coverage(manifest, run.load_drivers(), "new_op.cu:40 3\n", complete=True) == [
+        p for p in problems if "never reached" not in p]

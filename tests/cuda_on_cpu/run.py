@@ -16,8 +16,10 @@ in NOT_EMULATED with the reason), and every kernel launch site in the sources wa
 Modes:
   (default) quick: float64 + float32 fixed cases, 3 / 2 schedule variants, 24 random configurations
             per driver, and one float16 case per driver with the WMMA path (every launch site runs)
-  --full    all four dtypes, the WMMA path for every 16-bit case, all five schedule variants, 150
-            random configurations per driver in float64/float32 and 50 in float16/bfloat16
+  --full    all four dtypes, the WMMA path for every 16-bit case, all five schedule variants for
+            every dtype, 150 random configurations per driver in float64/float32 and 50 in
+            float16/bfloat16 (forward + random order with clamped grid), and the mutation test
+            (mutants.py: bugs injected into copies of the real sources must be flagged)
 Options: --only SUBSTR (case ids containing it), --fuzz N --seed S (random configurations only),
          --no-variants, --lib PATH (a prebuilt library, e.g. of mutated sources), -j N (build jobs).
 Usage:   make test-cuda-emu [EMU_ARGS="--full"]   or   python tests/cuda_on_cpu/run.py [options]
@@ -248,7 +250,7 @@ def child(args):
     if args.no_variants:
         variants = variants[:1]
     drivers = load_drivers()
-    t = Checker(torch, ops, variants, wmma=True, logdir=logdir)
+    t = Checker(torch, ops, variants, wmma=True, logdir=logdir, variants_all_dtypes=args.full)
     t0 = time.time()
     # plan: (label, driver, cases, dtypes)
     plan = []

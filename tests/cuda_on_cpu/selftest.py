@@ -4,6 +4,7 @@ must be flagged, the correct one must pass. Seconds; needs g++ only (no torch he
 Each case runs in its own process (so that a sanitizer report belongs to exactly one case) under the
 forward and the reverse schedule. The expectations:
   ok_reduce                 no error, no report, exact result under both schedules
+  ok_votes_atomics          likewise (__ballot_sync, __any_sync, __all_sync, atomicAdd)
   missing_syncthreads       wrong (NaN: poisoned shared memory read) or schedule-dependent result
   store_off_by_one          AddressSanitizer heap-buffer-overflow (global memory)
   dyn_smem_short            AddressSanitizer heap-buffer-overflow (dynamic shared memory)
@@ -81,6 +82,7 @@ def asan(kind):
 EXPECT = {
     # case: (what must be seen, predicate over the runs under schedules 0 and 1)
     "ok_reduce": ("clean and exact", lambda rs: all(clean(r) and r["err"] == 0 and r["nans"] == 0 for r in rs)),
+    "ok_votes_atomics": ("clean and exact", lambda rs: all(clean(r) and r["err"] == 0 and r["nans"] == 0 for r in rs)),
     "missing_syncthreads": ("NaN or a schedule-dependent result",
                             lambda rs: any(r["nans"] for r in rs) or rs[0]["err"] != rs[1]["err"]),
     "store_off_by_one": ("heap-buffer-overflow", asan("heap-buffer-overflow")),
@@ -108,7 +110,8 @@ def main(out=None, verbose=True):
         rs = [run_case(exe, case, s, max_grid) for s in (0, 1)]
         good = bool(ok(rs))
         failures += not good
-        seen = "; ".join("sched %d: %s" % (s, ", ".join("%s=%s" % (k, v) for k, v in r.items() if v not in (None, 0)) or "clean")
+        seen = "; ".join("sched %d: %s" % (s, ", ".join("%s=%s" % (k, str(v)[-70:]) for k, v in r.items()
+                                                        if v not in (None, 0)) or "clean")
                          for s, r in enumerate(rs))
         if verbose or not good:
             print("%s selftest %-26s expect %-42s got %s" % ("ok  " if good else "FAIL", case, want, seen[:300]),

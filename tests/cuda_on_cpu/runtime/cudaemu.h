@@ -6,7 +6,7 @@
 //    then the next fiber runs; the barrier opens when every thread of the block has arrived.
 //    Reaching different __syncthreads() call sites, or a barrier while other threads of the block
 //    have exited, is reported as an error (undefined behaviour / hang on a GPU).
-//  * warp intrinsics (__shfl_*_sync, __syncwarp and the WMMA ops of stand_ins/mma.h) are
+//  * warp intrinsics (__shfl_*_sync, __ballot/__any/__all_sync, __syncwarp and the WMMA ops of stand_ins/mma.h) are
 //    warp-collective: every lane named in the mask must reach the same call site; the values are
 //    exchanged by the scheduler.
 //  * shared memory: static __shared__ arrays become function-local statics (one copy per block, since
@@ -92,7 +92,7 @@ struct Config {
 inline Config cfg;
 
 enum State { READY, AT_BAR, AT_WARP, DONE };
-enum WarpOp { W_IDX, W_UP, W_DOWN, W_XOR, W_SYNC };
+enum WarpOp { W_IDX, W_UP, W_DOWN, W_XOR, W_SYNC, W_BALLOT, W_ANY, W_ALL };
 
 struct Fiber {
   void* sp = nullptr;
@@ -276,10 +276,19 @@ inline bool release_warps(unsigned n) {
     }
     (void)all;
     if (!ready) continue;  // decided by the deadlock check below if nobody can move
+    // votes: bit l set when lane l (named in the mask) passed a non-zero predicate
+    uint64_t ballot = 0;
+    for (unsigned i = w0; i < w1; ++i)
+      if (((f0.mask >> (i - w0)) & 1u) && rt.fibers[i].val != 0) ballot |= 1ull << (i - w0);
     for (unsigned i = w0; i < w1; ++i) {
       Fiber& f = rt.fibers[i];
       if (!((f0.mask >> (i - w0)) & 1u)) continue;
       const int lane = (int)(i - w0);
+      if (f.wop == W_BALLOT || f.wop == W_ANY || f.wop == W_ALL) {
+        f.out = f.wop == W_BALLOT ? ballot : f.wop == W_ANY ? (ballot != 0) : (ballot == (f0.mask & present));
+        f.state = READY;
+        continue;
+      }
       const int width = f.width;
       int src = lane;
       switch (f.wop) {
@@ -515,4 +524,64 @@ inline T __shfl_sync(unsigned mask, T v, int src, int width = 32, const char* fi
                      int line = __builtin_LINE()) {
   return cudaemu::warp_op<T>(cudaemu::W_IDX, mask, v, src, width, file, line);
 }
+inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return static_cast<unsigned>(cudaemu::warp_op<uint64_t>(cudaemu::W_BALLOT, mask, pred != 0, 0, 32, file, line));
+}
+inline int __any_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return static_cast<int>(cudaemu::warp_op<uint64_t>(cudaemu::W_ANY, mask, pred != 0, 0, 32, file, line));
+}
+inline int __all_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return static_cast<int>(cudaemu::warp_op<uint64_t>(cudaemu::W_ALL, mask, pred != 0, 0, 32, file, line));
+}
 #define __trap() ::cudaemu::trap(__FILE__, __LINE__)
+
+// Atomics are plain read-modify-writes: fibers switch only at barriers and warp collectives, so no
+// other thread can run in between. (A kernel whose result depends on the order of its atomics is
+// caught by the schedule variants like any other order dependence.)
+template <typename T>
+inline T atomicAdd(T* p, T v) {
+  const T old = *p;
+  *p = old + v;
+  return old;
+}
+template <typename T>
+inline T atomicSub(T* p, T v) {
+  const T old = *p;
+  *p = old - v;
+  return old;
+}
+template <typename T>
+inline T atomicMax(T* p, T v) {
+  const T old = *p;
+  *p = old < v ? v : old;
+  return old;
+}
+template <typename T>
+inline T atomicMin(T* p, T v) {
+  const T old = *p;
+  *p = v < old ? v : old;
+  return old;
+}
+template <typename T>
+inline T atomicExch(T* p, T v) {
+  const T old = *p;
+  *p = v;
+  return old;
+}
+template <typename T>
+inline T atomicCAS(T* p, T compare, T v) {
+  const T old = *p;
+  if (old == compare) *p = v;
+  return old;
+}
+// One sequentially consistent memory: fences and read-only-cache loads are plain.
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(static_cast<unsigned>(v)); }

@@ -29,6 +29,20 @@ __global__ void ok_reduce(float* out, const float* in) {
   if (t == 0) out[blockIdx.x] = v;
 }
 
+// Correct: warp votes and an atomic counter. out[w] = ballot of odd lanes + any/all flags; out[2] =
+// number of threads of the grid (atomicAdd).
+__global__ void ok_votes_atomics(float* out, unsigned* ballots, int* counter) {
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned b = __ballot_sync(0xffffffffu, lane % 2 == 1);
+  const int any = __any_sync(0xffffffffu, lane == 31 && warp == 1);
+  const int all = __all_sync(0xffffffffu, lane < 32);
+  if (lane == 0) {
+    ballots[warp] = b;
+    out[warp] = static_cast<float>(any * 2 + all);
+  }
+  atomicAdd(counter, 1);
+}
+
 // The same with the first __syncthreads() removed: threads read buf[t + 32] before it is written.
 __global__ void missing_syncthreads(float* out, const float* in) {
   __shared__ float buf[kN];
@@ -128,9 +142,24 @@ void reduce_case(bool racy) {
   std::free(out);
 }
 
+void votes_case() {
+  float* out = nan_buffer(2);
+  unsigned ballots[2] = {0, 0};
+  int counter = 0;
+  ok_votes_atomics<<<3, 64>>>(out, ballots, &counter);
+  const float want[2] = {1.f, 3.f};  // warp 0: any = 0, all = 1; warp 1: any = 1, all = 1
+  double err = std::fabs(counter - 3 * 64);
+  for (int w = 0; w < 2; ++w) err += std::fabs(static_cast<double>(ballots[w]) - 0xAAAAAAAAu);
+  if (err != 0) std::printf("ballots %x %x counter %d\n", ballots[0], ballots[1], counter);
+  const float got[2] = {out[0] + static_cast<float>(err), out[1]};
+  result(got, want, 2);
+  std::free(out);
+}
+
 void run_case(const std::string& c) {
   const int n = 100;
   if (c == "ok_reduce") return reduce_case(false);
+  if (c == "ok_votes_atomics") return votes_case();
   if (c == "missing_syncthreads") return reduce_case(true);
   float* out = nan_buffer(n);
   std::vector<float> want(n, 1.f);
