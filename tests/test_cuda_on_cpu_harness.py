@@ -12,7 +12,7 @@ EMU = os.path.join(HERE, "cuda_on_cpu")
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, EMU)
 
-import build  # noqa: E402
+import builder  # noqa: E402
 import run  # noqa: E402
 import transform  # noqa: E402
 
@@ -64,7 +64,7 @@ def test_transform_refuses_syntax_it_does_not_cover():
 def test_every_cuda_source_is_emulated():
     """Every csrc/cuda/*.cu with kernels or CUDA registrations is built, every op it registers has a
     driver (or a reason in NOT_EMULATED), and every kernel it defines has a launch site."""
-    sources, skipped = build.scan(ROOT)
+    sources, skipped = builder.scan(ROOT)
     assert {name for name, _, _ in sources} >= {"rolling_conv.cu", "involution.cu"}
     for name in skipped:
         with open(os.path.join(ROOT, "csrc", "cuda", name)) as f:

@@ -24,7 +24,7 @@ MUTANTS = [
 
 def run_mutants(root, out, jobs, run_py):
     """Returns the number of mutants that were not flagged (or could not be applied)."""
-    import build
+    import builder
 
     bad = 0
     for i, (name, src, old, new, only) in enumerate(MUTANTS):
@@ -41,7 +41,7 @@ def run_mutants(root, out, jobs, run_py):
             continue
         with open(path, "w") as f:
             f.write(text.replace(old, new))
-        lib, _ = build.build(mroot, os.path.join(mroot, "build"), jobs, sources=[src], quiet=True)
+        lib, _ = builder.build(mroot, os.path.join(mroot, "build"), jobs, sources=[src], quiet=True)
         r = subprocess.run([sys.executable, run_py, "--lib", lib, "--only", only, "--out", os.path.join(mroot, "build")],
                            capture_output=True, text=True)
         fails = [ln for ln in r.stdout.splitlines() if ln.startswith("FAIL")]

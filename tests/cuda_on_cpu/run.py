@@ -1,6 +1,6 @@
 """Run the real CUDA kernels of csrc/cuda on the CPU and check them (docs/cuda_on_cpu.md).
 
-Builds build/cuda_on_cpu/libcudaemu.so (build.py), runs the emulator's self-test (selftest.py), then
+Builds build/cuda_on_cpu/libcudaemu.so (builder.py), runs the emulator's self-test (selftest.py), then
 for every case x dtype x op of every driver (drivers/<source>.py) compares the emulated kernel with
 the float64 reference of the GPU tests and reports:
   * values outside the GPU tests' tolerances, and non-finite values: outputs and workspaces are
@@ -283,6 +283,11 @@ def child(args):
                     print("#", c, flush=True)
                 d.run(c, dts, t)
                 n_cases += 1
+    left = t.san.new()  # a report raised outside any op call (reference code, interpreter exit is later)
+    if left:
+        t.record("sanitizer", "-", "-", False, "report outside the op calls: " + summarize_sanitizer(left)[:800])
+    if n_cases == 0:
+        t.record("selection", "-", "-", False, "no case id contains %r" % args.only)
     complete = not args.only and args.fuzz is None
     problems = coverage(manifest, drivers, ops.launch_sites(), complete)
     for p in problems:
@@ -311,8 +316,8 @@ def main(argv=None):
     failures = 0
     args.lib_built_here = args.lib is None
     if args.lib is None:
-        import build
-        args.lib, _ = build.build(ROOT, args.out, args.jobs)
+        import builder
+        args.lib, _ = builder.build(ROOT, args.out, args.jobs)
         if not args.no_selftest:
             import selftest
             failures += selftest.main(os.path.join(args.out, "selftest"), verbose=False)

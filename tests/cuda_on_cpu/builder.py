@@ -7,7 +7,7 @@ Incremental: a file is recompiled only when its translation, a header it include
 changed. Writes manifest.json next to the library: per source file its kernels, launch sites and
 exported ops (torch.ops.cudaemu.<op>), and the files skipped with the reason.
 
-Usage: python tests/cuda_on_cpu/build.py [--src ROOT] [--out DIR] [-j N] [--no-sanitize]
+Usage: python tests/cuda_on_cpu/builder.py [--src ROOT] [--out DIR] [-j N] [--no-sanitize]
 (normally called by run.py; ROOT must contain csrc/cuda/*.cu, a mutated copy works too)
 """
 import argparse
