@@ -14,7 +14,7 @@ Finally it proves coverage: every op a .cu file registers for CUDA is tested by 
 in NOT_EMULATED with the reason), and every kernel launch site in the sources was reached.
 
 Modes:
-  (default) quick: float64 + float32 fixed cases, 3 / 2 schedule variants, 24 random configurations
+  (default) quick: float64 + float32 fixed cases, 4 / 2 schedule variants, 24 random configurations
             per driver, and one float16 case per driver with the WMMA path (every launch site runs)
   --full    all four dtypes, the WMMA path for every 16-bit case, all five schedule variants for
             every dtype, 150 random configurations per driver in float64/float32 and 50 in
