@@ -15,8 +15,10 @@ FORCE_CUDA ?= $(if $(shell command -v nvcc 2>/dev/null),1,0)
 export FORCE_CUDA
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# make test-cuda-emu EMU_ARGS=--full : all dtypes, the WMMA path, all schedule variants (docs/cuda_on_cpu.md)
+EMU_ARGS ?=
 
-.PHONY: all setup build test bench wheel clean
+.PHONY: all setup build test test-cuda-emu bench wheel clean
 
 all: test
 
@@ -32,6 +34,11 @@ build: setup
 
 test: build
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest tests -ra $(PYTEST_ARGS)
+
+# The CUDA kernels compiled for the CPU and emulated (ASan/UBSan, NaN-poisoned memory, shuffled
+# schedules), checked against the GPU tests' cases and references: no GPU needed (docs/cuda_on_cpu.md).
+test-cuda-emu: build
+	PYTHONPATH=$(CURDIR) $(PYTHON) tests/cuda_on_cpu/run.py $(EMU_ARGS)
 
 bench: build
 	$(PYTHON) -m pip install -q --no-deps -r requirements-bench.txt

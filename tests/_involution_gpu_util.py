@@ -6,6 +6,33 @@ import torch
 import torch.nn.functional as F
 
 
+# The shapes of the CUDA kernel tests, one list for two consumers: tests/test_involution_cuda.py (on a
+# GPU) and tests/cuda_on_cpu (the same kernels compiled for and emulated on the CPU, in CI). A case
+# added here runs in both. They reach every path of csrc/cuda/involution.cu: several tiles per axis,
+# a group larger than one channel chunk (grad_weight's workspace) and partial chunks, stride 2 and 3
+# with odd sizes and gaps, dilation 2 and 3, a dilation so large that the window falls back to global
+# reads (and, in 3D, to one-thread blocks), K = 1, 2, 5, 7, tiny maps (16-thread blocks), 3D, G = 1
+# and G = C.   (id, dims, N, C, G, S, K, stride, padding, dilation)
+CUDA_CASES = [
+    ("rednet-k7", 2, 2, 64, 4, (28, 28), 7, 1, 3, 1),
+    ("group-of-20-two-chunks", 2, 2, 40, 2, (13, 17), 3, 1, 1, 1),
+    ("stride2-odd", 2, 3, 32, 2, (15, 17), 3, 2, 1, 1),
+    ("stride2-k7-G1", 2, 1, 32, 1, (33, 31), 7, 2, 3, 1),
+    ("dilation2-G=C", 2, 1, 16, 16, (20, 19), 3, 1, 2, 2),
+    ("huge-dilation-global-reads", 2, 1, 4, 2, (110, 109), 3, 1, 0, 51),
+    ("wide-many-tiles", 2, 2, 8, 2, (5, 70), 3, 1, 1, 1),
+    ("k1", 2, 1, 8, 2, (5, 6), 1, 1, 0, 1),
+    ("3d-k3", 3, 2, 32, 2, (9, 10, 11), 3, 1, 1, 1),
+    ("3d-k5-stride2-odd", 3, 1, 8, 1, (9, 8, 7), 5, 2, 2, 1),
+    ("3d-dilation2", 3, 1, 6, 3, (7, 6, 9), 3, 1, 2, 2),
+    ("s3-k2-gaps-Cg35", 2, 2, 35, 1, (14, 11), 2, 3, 0, 1),
+    ("tiny-3x3-block16", 2, 2, 6, 3, (3, 3), 3, 1, 1, 1),
+    ("s2-d3-p4-Cg17", 2, 1, 34, 2, (12, 13), 3, 2, 4, 3),
+    ("3d-s2-d2-p3-Cg33", 3, 1, 33, 1, (6, 7, 5), 3, 2, 3, 2),
+    ("3d-big-window-fallback", 3, 1, 3, 1, (40, 40, 40), 3, 1, 0, 19),
+]
+
+
 def out_size(n, k, s, p, d):
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
@@ -45,6 +72,12 @@ TOL = {
     torch.float16: dict(atol=1e-2, rtol=1e-2),
     torch.bfloat16: dict(atol=6e-2, rtol=3e-2),
 }
+
+
+def tolerance(dtype, grad=False):
+    """(rtol, atol) of an output (grad=False) or of a gradient, which sums more products: 4x atol."""
+    t = TOL[dtype]
+    return t["rtol"], t["atol"] * (4 if grad else 1)
 
 
 def ref_outputs_and_grads(x, w, ks, st, pa, di, grad_out=None, seed=1):

@@ -23,6 +23,41 @@ TOL = {
 }
 
 
+# The shapes of the CUDA kernel tests, one list for two consumers: tests/test_rolling_conv_cuda.py (on
+# a GPU) and tests/cuda_on_cpu (the same kernels compiled for and emulated on the CPU, in CI). A case
+# added here runs in both. The shapes reach every path of csrc/cuda/rolling_conv.cu: several pixel
+# and channel tiles, partial K stages, n_rolls < C, stride > kernel (gaps), padding > kernel, k = 1,
+# 3D, channels_last, no bias, grad_weight with several splits, empty batch.
+# (id, transposed, dims, N, C, n_base, n_rolls, k, spatial, stride, padding, output_padding, dilation,
+#  layout, bias)
+CUDA_CASES = [
+    ("conv2d-s2-d2-nb2", False, 2, 2, 5, 2, 3, 3, (9, 8), [2, 2], [1, 1], [0, 0], [2, 2], "channels_last", True),
+    ("conv2d-C1", False, 2, 3, 1, 1, 1, (3, 2), (7, 6), [1, 1], [0, 0], [0, 0], [1, 1], "contiguous", True),
+    ("conv2d-C37-tiles", False, 2, 2, 37, 3, 20, 3, (13, 11), [1, 2], [1, 0], [0, 0], [1, 1], "contiguous", True),
+    ("conv3d-full-roll", False, 3, 1, 6, 1, 6, 3, (5, 6, 7), [1, 2, 1], [1, 1, 0], [0, 0, 0], [1, 1, 2], "channels_last",
+     True),
+    ("conv3d-5x5x5", False, 3, 2, 8, 2, 4, 5, 7, [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1], "contiguous", True),
+    ("convT2d-s2-op1", True, 2, 2, 5, 2, 3, 3, (4, 5), [2, 2], [1, 1], [1, 1], [1, 1], "contiguous", True),
+    ("convT2d-C33", True, 2, 1, 33, 1, 33, 2, (6, 5), [2, 2], [0, 0], [0, 0], [1, 1], "channels_last", True),
+    ("convT3d", True, 3, 1, 4, 2, 2, 3, 3, [2, 1, 2], [1, 1, 0], [1, 0, 1], [1, 2, 1], "contiguous", True),
+    ("conv2d-empty-batch", False, 2, 0, 4, 1, 4, 3, 5, [1, 1], [1, 1], [0, 0], [1, 1], "contiguous", True),
+    ("convT2d-empty-batch", True, 2, 0, 4, 1, 4, 3, 5, [1, 1], [1, 1], [0, 0], [1, 1], "contiguous", True),
+    ("conv2d-splits4-odd", False, 2, 2, 6, 1, 4, 3, (24, 20), [1, 1], [0, 0], [0, 0], [1, 1], "contiguous", True),
+    ("conv2d-s3-k2-gaps", False, 2, 2, 7, 2, 5, 2, (11, 10), [3, 3], [0, 1], [0, 0], [1, 1], "contiguous", True),
+    ("conv2d-pad-gt-k", False, 2, 1, 9, 3, 2, (2, 3), (5, 4), [1, 2], [2, 3], [0, 0], [1, 2], "contiguous", True),
+    ("conv2d-k1-C17", False, 2, 2, 17, 2, 9, 1, (5, 13), [1, 1], [0, 0], [0, 0], [1, 1], "contiguous", True),
+    ("conv2d-A70-E40", False, 2, 1, 40, 2, 35, 3, (9, 9), [2, 1], [1, 1], [0, 0], [1, 3], "contiguous", True),
+    ("conv3d-s2-d2-nb3", False, 3, 2, 5, 3, 2, (3, 2, 3), (7, 6, 9), [2, 1, 2], [1, 0, 2], [0, 0, 0], [2, 1, 2],
+     "contiguous", True),
+    ("convT2d-s3-d2-op2", True, 2, 2, 6, 2, 4, 3, (5, 4), [3, 2], [1, 0], [2, 1], [2, 1], "contiguous", True),
+    ("convT3d-s2-nb2-C9", True, 3, 1, 9, 2, 5, 3, (3, 4, 3), [2, 2, 1], [0, 1, 1], [1, 0, 0], [1, 1, 2], "contiguous",
+     True),
+    ("convT2d-k1-s2", True, 2, 2, 18, 1, 7, 1, (6, 7), [2, 2], [0, 0], [1, 0], [1, 1], "contiguous", True),
+    ("conv2d-nobias-N3", False, 2, 3, 4, 2, 3, 3, (6, 7), [1, 1], [1, 1], [0, 0], [1, 1], "contiguous", False),
+    ("convT2d-splits3-nobias", True, 2, 2, 5, 1, 3, 3, (20, 18), [1, 2], [1, 1], [0, 1], [1, 1], "contiguous", False),
+]
+
+
 def assert_close(actual, expected, dtype, what=""):
     rtol, atol = TOL[dtype]
     assert actual.shape == expected.shape, "%s: shape %s != %s" % (what, tuple(actual.shape), tuple(expected.shape))

@@ -12,6 +12,7 @@ import medconv_ext
 from medconv_ext import _ext
 
 from _rolling_gpu_util import (
+    CUDA_CASES,
     assert_close,
     eq7_grad_weight,
     eq7_grad_weight_transpose,
@@ -46,36 +47,27 @@ def _call(transposed, x, w, b, stride, padding, output_padding, dilation, n_roll
     return f(x, w, b, stride, padding, dilation, n_rolls=n_rolls, backend="cuda")
 
 
-# (transposed, dims, N, C, n_base, n_rolls, k, spatial, stride, padding, output_padding, dilation, layout)
-SHAPES = [
-    pytest.param(False, 2, 2, 5, 2, 3, 3, (9, 8), [2, 2], [1, 1], [0, 0], [2, 2], "channels_last", id="conv2d-s2-d2-nb2"),
-    pytest.param(False, 2, 3, 1, 1, 1, (3, 2), (7, 6), [1, 1], [0, 0], [0, 0], [1, 1], "contiguous", id="conv2d-C1"),
-    pytest.param(False, 2, 2, 37, 3, 20, 3, (13, 11), [1, 2], [1, 0], [0, 0], [1, 1], "contiguous", id="conv2d-C37-tiles"),
-    pytest.param(False, 3, 1, 6, 1, 6, 3, (5, 6, 7), [1, 2, 1], [1, 1, 0], [0, 0, 0], [1, 1, 2], "channels_last",
-                 id="conv3d-full-roll"),
-    pytest.param(False, 3, 2, 8, 2, 4, 5, 7, [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1], "contiguous", id="conv3d-5x5x5"),
-    pytest.param(True, 2, 2, 5, 2, 3, 3, (4, 5), [2, 2], [1, 1], [1, 1], [1, 1], "contiguous", id="convT2d-s2-op1"),
-    pytest.param(True, 2, 1, 33, 1, 33, 2, (6, 5), [2, 2], [0, 0], [0, 0], [1, 1], "channels_last", id="convT2d-C33"),
-    pytest.param(True, 3, 1, 4, 2, 2, 3, 3, [2, 1, 2], [1, 1, 0], [1, 0, 1], [1, 2, 1], "contiguous", id="convT3d"),
-    pytest.param(False, 2, 0, 4, 1, 4, 3, 5, [1, 1], [1, 1], [0, 0], [1, 1], "contiguous", id="conv2d-empty-batch"),
-    pytest.param(True, 2, 0, 4, 1, 4, 3, 5, [1, 1], [1, 1], [0, 0], [1, 1], "contiguous", id="convT2d-empty-batch"),
-]
+# One list with the CPU emulation of these kernels (tests/cuda_on_cpu): see _rolling_gpu_util.CUDA_CASES.
+SHAPES = [pytest.param(*c[1:], id=c[0]) for c in CUDA_CASES]
+ARGS = "transposed,dims,N,C,nb,n_rolls,k,spatial,stride,padding,output_padding,dilation,layout,bias"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("transposed,dims,N,C,nb,n_rolls,k,spatial,stride,padding,output_padding,dilation,layout", SHAPES)
+@pytest.mark.parametrize(ARGS, SHAPES)
 def test_cuda_vs_reference(dtype, transposed, dims, N, C, nb, n_rolls, k, spatial, stride, padding, output_padding,
-                           dilation, layout):
-    x, w, b = make_case(transposed, dims, N, C, nb, n_rolls, k, spatial, dtype, "cuda")
+                           dilation, layout, bias):
+    x, w, b = make_case(transposed, dims, N, C, nb, n_rolls, k, spatial, dtype, "cuda", bias=bias)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
     x.requires_grad_()
     w.requires_grad_()
-    b.requires_grad_()
-    ry, rgx, rgw, rgb, go = reference_all(transposed, x.cpu(), w.cpu(), b.cpu(), stride, padding, output_padding,
+    if b is not None:
+        b.requires_grad_()
+    bc = b.cpu() if b is not None else None
+    ry, rgx, rgw, rgb, go = reference_all(transposed, x.cpu(), w.cpu(), bc, stride, padding, output_padding,
                                           dilation, n_rolls, grad_out=None)
     go = go.to(dtype)  # the kernel and the reference see the same rounded grad_out
-    ry, rgx, rgw, rgb, go = reference_all(transposed, x.cpu(), w.cpu(), b.cpu(), stride, padding, output_padding,
+    ry, rgx, rgw, rgb, go = reference_all(transposed, x.cpu(), w.cpu(), bc, stride, padding, output_padding,
                                           dilation, n_rolls, grad_out=go.double())
     poison_allocator(max(ry.numel(), x.numel(), w.numel()) * 4)
     y = _call(transposed, x, w, b, stride, padding, output_padding, dilation, n_rolls)
@@ -85,7 +77,8 @@ def test_cuda_vs_reference(dtype, transposed, dims, N, C, nb, n_rolls, k, spatia
     y.backward(go.to("cuda", dtype))
     assert_close(x.grad, rgx, dtype, "grad_input")
     assert_close(w.grad, rgw, dtype, "grad_weight")
-    assert_close(b.grad, rgb, dtype, "grad_bias")
+    if b is not None:
+        assert_close(b.grad, rgb, dtype, "grad_bias")
     if N > 0:  # the paper's equations, literally
         kk = list(w.shape[2:])
         if transposed:
@@ -98,15 +91,15 @@ def test_cuda_vs_reference(dtype, transposed, dims, N, C, nb, n_rolls, k, spatia
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("transposed,dims,N,C,nb,n_rolls,k,spatial,stride,padding,output_padding,dilation,layout", SHAPES)
+@pytest.mark.parametrize(ARGS, SHAPES)
 def test_cuda_mma_vs_reference(monkeypatch, dtype, transposed, dims, N, C, nb, n_rolls, k, spatial, stride, padding,
-                               output_padding, dilation, layout):
+                               output_padding, dilation, layout, bias):
     """The opt-in tensor-core (WMMA) GEMM kernel, MEDCONV_CUDA_MMA=1: the same checks."""
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("the WMMA kernel needs compute capability >= 8.0")
     monkeypatch.setenv("MEDCONV_CUDA_MMA", "1")
     test_cuda_vs_reference(dtype, transposed, dims, N, C, nb, n_rolls, k, spatial, stride, padding, output_padding,
-                           dilation, layout)
+                           dilation, layout, bias)
 
 
 @pytest.mark.parametrize("transposed,dims", [(False, 2), (False, 3), (True, 2), (True, 3)])
