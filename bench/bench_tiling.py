@@ -12,7 +12,7 @@ light-sheet volume of the paper.
     python bench/bench_tiling.py [--quick] [--device cuda] [--features N] [--blocks N]
 On a loaded CPU run it with OMP_NUM_THREADS=1: oversubscribed OpenMP barriers penalise the many
 small convolution calls of any tiled inference far more than the work itself.
-CSV: bench/results/<device>/tiling.csv (harness columns + voxels_per_s, max_abs_diff, net, tile).
+CSV: bench/out/<device>/tiling.csv (harness columns + voxels_per_s, max_abs_diff, net, tile).
 """
 import argparse
 import math

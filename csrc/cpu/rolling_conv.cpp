@@ -1,4 +1,4 @@
-// CPU kernels of rolling convolution (DESIGN.md §1): forward, grad_input and grad_weight of
+// CPU kernels of rolling convolution (docs/design.md §1): forward, grad_input and grad_weight of
 // the rolling conv and of the transposed rolling conv, 1D/2D/3D, float32 and float64.
 //
 // The C_out x C_in x k filter bank is never built. Every weight is read from the base by an
