@@ -86,9 +86,10 @@ def summarize(root, since, names):
         for r in _read_csvs(root, "involution", since):
             if r["impl"] in ("unfold", "reference", "naive_per_output") or not r.get("speedup_vs_unfold"):
                 continue
+            mem = _f(r.get("mem_ratio_vs_unfold"))
+            note = "published: unfold" + ("; unfold's peak memory / this: %.1fx" % mem if mem == mem else "")
             out.append(("involution", "%s %s" % (r["shape"], r["dtype"]), r["mode"], r["impl"], _f(r["median_ms"]),
-                        float("nan"), _f(r["speedup_vs_unfold"]),
-                        "published: unfold; memory %.1fx less" % _f(r.get("mem_ratio_vs_unfold"))))
+                        float("nan"), _f(r["speedup_vs_unfold"]), note))
     if "models" in names:
         rows = _read_csvs(root, "models", since)
         by = {(r["impl"], r["mode"], r["shape"]): r for r in rows}
@@ -126,12 +127,13 @@ def print_summary(rows, goals, root):
     if not rows:
         print("(no results were written by this run)")
         return
-    head = "%-13s %-38s %-9s %-8s %10s %9s %9s  %s" % ("benchmark", "case", "mode", "impl", "ms", "vs dense",
-                                                     "vs publ.", "note")
+    head = "%-13s %-46s %-9s %-13s %10s %9s %9s  %s" % ("benchmark", "case", "mode", "impl", "ms", "vs dense",
+                                                      "vs publ.", "note")
     print(head)
     print("-" * len(head))
     for bench, case, mode, impl, ms, vd, vp, note in rows:
-        print("%-13s %-38s %-9s %-8s %10.4g %9s %9s  %s" % (bench, case[:38], mode[:9], impl[:8], ms, _x(vd), _x(vp), note))
+        print("%-13s %-46s %-9s %-13s %10.4g %9s %9s  %s" % (bench, case[:46], mode[:9], impl[:13], ms, _x(vd), _x(vp),
+                                                            note))
     if goals:
         print("\nGoals:")
         for text, value, need in goals:
