@@ -10,9 +10,9 @@ else
 PYTHON ?= $(VENV)/bin/python
 STAMP := $(VENV)/.medconv-deps
 endif
-# Build the CUDA sources whenever nvcc is present, even without a GPU (MEDCONV_CPU_ONLY=1 skips).
-FORCE_CUDA ?= $(if $(shell command -v nvcc 2>/dev/null),1,0)
-export FORCE_CUDA
+# setup.py builds the CUDA sources whenever nvcc and a CUDA build of torch are present, even
+# without a GPU (the same rule as `pip install .`); FORCE_CUDA=1 requires them, FORCE_CUDA=0 or
+# MEDCONV_CPU_ONLY=1 skips them.
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 # make test-cuda-emu EMU_ARGS=--full : all dtypes, the WMMA path, all schedule variants (docs/cuda_on_cpu.md)
@@ -40,12 +40,17 @@ test: build
 test-cuda-emu: build
 	PYTHONPATH=$(CURDIR) $(PYTHON) tests/cuda_on_cpu/run.py $(EMU_ARGS)
 
+# Representative set (at most ~10 min on 2 CPU cores), results in bench/out/ (untracked), then a
+# summary table. Every case: make bench BENCH_ARGS=--full; committed results: BENCH_ARGS=--update-results
 bench: build
 	$(PYTHON) -m pip install -q --no-deps -r requirements-bench.txt
 	PYTHONPATH=$(CURDIR) $(PYTHON) bench/run_all.py $(BENCH_ARGS)
 
+# A wheel with the CUDA kernels (FORCE_CUDA=1: fails if nvcc or a CUDA torch is missing); it
+# requires exactly the torch release it was built with. CPU-only wheel: make wheel FORCE_CUDA=0
+FORCE_CUDA ?= 1
 wheel: setup
-	FORCE_CUDA=1 $(PYTHON) -m pip wheel --no-build-isolation --no-deps -w dist .
+	FORCE_CUDA=$(FORCE_CUDA) $(PYTHON) -m pip wheel -v --no-build-isolation --no-deps -w dist .
 
 clean:
-	rm -rf build dist *.egg-info medconv_ext/_C*.so
+	rm -rf build dist *.egg-info medconv_ext/_C*.so medconv_ext/_build_info.py

@@ -1,18 +1,25 @@
 """Build medconv_ext._C: C++ CPU kernels always, CUDA kernels when they can be built.
 
-Build switches (environment variables, printed at build time):
+The CUDA kernels are built whenever a CUDA toolkit (nvcc) and a CUDA build of torch are present,
+with or without a visible GPU: the same rule for `make`, `pip install .` and `pip wheel .`.
+Build switches (environment variables, printed at build time; `pip install -v` shows them):
   MEDCONV_CPU_ONLY=1     never build the CUDA sources
-  FORCE_CUDA=1           build the CUDA sources even when no GPU is visible (needs nvcc and a
-                         CUDA-enabled torch); without it they are built only when a GPU is visible
+  FORCE_CUDA=1           require the CUDA sources (an error when nvcc or a CUDA torch is missing)
+  FORCE_CUDA=0           do not build the CUDA sources
   CUDA_HOME              CUDA toolkit root (the folder whose bin/ has nvcc and lib64/ libcudart);
                          found automatically when unset, even behind an nvcc wrapper script
   TORCH_CUDA_ARCH_LIST   CUDA architectures (default: "8.0;9.0+PTX", plus "12.0" where nvcc knows
                          sm_120, plus any visible GPU not covered: runs on Ampere, Hopper, Blackwell)
   MEDCONV_DEBUG=1        -O0 -g, no -DNDEBUG
   MAX_JOBS               parallel compile jobs (ninja)
+
+What was built (torch version, CUDA kernels or why not) is recorded next to the compiled library
+in medconv_ext/_build_info.py: the package checks at import that it runs with the same torch, and
+`python -m medconv_ext` prints it. The wheel requires exactly the torch release it was built with.
 """
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -59,7 +66,9 @@ def _find_cuda_home():
 
 
 CPU_ONLY = _env_flag("MEDCONV_CPU_ONLY")
-FORCE_CUDA = _env_flag("FORCE_CUDA")
+_FORCE_CUDA_RAW = os.environ.get("FORCE_CUDA", "").strip()
+FORCE_CUDA = _env_flag("FORCE_CUDA")           # FORCE_CUDA=1: CUDA kernels required
+NO_CUDA = _FORCE_CUDA_RAW != "" and not FORCE_CUDA  # FORCE_CUDA=0 (or false/no/off): none
 DEBUG = _env_flag("MEDCONV_DEBUG")
 if not CPU_ONLY:
     _cuda_home = _find_cuda_home()
@@ -95,17 +104,23 @@ def _nvidia_include_dirs():
 
 
 def _decide_cuda():
+    """(build the CUDA kernels?, why): nvcc and a CUDA torch present, unless a switch says otherwise."""
     if CPU_ONLY:
         return False, "MEDCONV_CPU_ONLY=1"
+    if NO_CUDA:
+        return False, "FORCE_CUDA=%s" % _FORCE_CUDA_RAW
+    missing = None
     if torch.version.cuda is None:
-        return False, "torch %s is not a CUDA build" % torch.__version__
-    if CUDA_HOME is None or not _is_cuda_root(CUDA_HOME):
-        return False, "no CUDA toolkit found (set CUDA_HOME to the folder with bin/nvcc)"
-    if torch.cuda.is_available():
-        return True, "GPU visible"
-    if FORCE_CUDA:
-        return True, "FORCE_CUDA=1 (no GPU visible)"
-    return False, "no GPU visible and FORCE_CUDA is not set"
+        missing = "torch %s is not a CUDA build" % torch.__version__
+    elif CUDA_HOME is None or not _is_cuda_root(CUDA_HOME):
+        missing = "no nvcc / CUDA toolkit found (set CUDA_HOME to the folder with bin/nvcc)"
+    if missing:
+        if FORCE_CUDA:
+            sys.exit("medconv_ext: FORCE_CUDA=1, but the CUDA kernels cannot be built: %s. "
+                     "Unset FORCE_CUDA (or set MEDCONV_CPU_ONLY=1) for a CPU-only build." % missing)
+        return False, missing
+    gpu = "GPU visible" if torch.cuda.is_available() else "no GPU visible"
+    return True, "nvcc and CUDA torch found, %s%s" % (gpu, ", FORCE_CUDA=1" if FORCE_CUDA else "")
 
 
 def _default_arch_list():
@@ -164,8 +179,68 @@ else:
         extra_link_args=["-fopenmp"],
     )
 
+def _read_version():
+    with open(os.path.join(ROOT, "medconv_ext", "_version.py")) as f:
+        m = re.search(r'^__version__\s*=\s*"([^"]+)"', f.read(), re.M)
+    if not m:
+        sys.exit("medconv_ext: no __version__ in medconv_ext/_version.py")
+    return m.group(1)
+
+
+VERSION = _read_version()
+# The compiled library links against this torch's C++ ABI: the wheel requires the same release
+# (a local label such as +cu130 is left out; PEP 440 `==` matches every local variant).
+TORCH_RELEASE = torch.__version__.split("+")[0]
+
+BUILD_INFO = {
+    "version": VERSION,
+    "torch_version": torch.__version__,
+    "torch_cuda": torch.version.cuda,
+    "with_cuda": WITH_CUDA,
+    "cuda_reason": CUDA_REASON,
+    "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if WITH_CUDA else None,
+}
+
+
+def _build_info_text():
+    lines = ['"""Written by setup.py when medconv_ext._C was built (not tracked by git): what was built,',
+             'against which torch. medconv_ext/_ext.py checks it before loading the library."""']
+    for k in ("version", "torch_version", "torch_cuda", "with_cuda", "cuda_reason", "cuda_arch_list"):
+        lines.append("%s = %r" % (k.upper(), BUILD_INFO[k]))
+    return "\n".join(lines) + "\n"
+
+
+def _read_build_info(path):
+    info = {}
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), {}, info)
+    except (OSError, SyntaxError):
+        return None
+    return info
+
+
+class BuildExt(BuildExtension):
+    """torch's BuildExtension, plus: rebuild when the recorded torch or CUDA choice differs from
+    this build's (setuptools only compares file times), and write _build_info.py beside _C."""
+
+    def run(self):
+        info_path = os.path.join(os.path.dirname(self.get_ext_fullpath("medconv_ext._C")), "_build_info.py")
+        old = _read_build_info(info_path)
+        if old is None or old.get("TORCH_VERSION") != torch.__version__ or old.get("WITH_CUDA") != WITH_CUDA:
+            self.force = True
+        super().run()
+        os.makedirs(os.path.dirname(info_path), exist_ok=True)
+        with open(info_path, "w") as f:
+            f.write(_build_info_text())
+        print("medconv_ext: built %s with torch %s: %s" % (
+            os.path.basename(self.get_ext_fullpath("medconv_ext._C")), torch.__version__,
+            "C++ CPU kernels and CUDA kernels (arch %s)" % BUILD_INFO["cuda_arch_list"] if WITH_CUDA
+            else "C++ CPU kernels only (no CUDA kernels: %s)" % CUDA_REASON), file=sys.stderr)
+
+
 def _print_config():
-    print("medconv_ext build configuration:", file=sys.stderr)
+    print("medconv_ext %s build configuration:" % VERSION, file=sys.stderr)
     print("  torch            %s (CUDA %s)" % (torch.__version__, torch.version.cuda), file=sys.stderr)
     print("  CUDA kernels     %s (%s)" % ("yes" if WITH_CUDA else "no", CUDA_REASON), file=sys.stderr)
     if WITH_CUDA:
@@ -178,16 +253,17 @@ _print_config()
 
 setup(
     name="medconv_ext",
-    version="0.1.0",
+    version=VERSION,
     description="Fast, exact rolling convolution and involution operators for lightweight medical-imaging CNNs",
     packages=find_packages(include=["medconv_ext", "medconv_ext.*"]) + ["medconv_ext.triton_kernels"],
     # The top-level folder triton_kernels/ is installed as medconv_ext.triton_kernels: the
     # top-level name `triton_kernels` belongs to an unrelated PyPI package.
     package_dir={"medconv_ext.triton_kernels": "triton_kernels"},
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExt},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch==%s" % TORCH_RELEASE, "numpy"],
+    license="BSD-3-Clause",
     # Optional file formats of exact tiled inference (python -m medconv_ext.tile): Zarr / OME-Zarr,
     # TIFF stacks, NIfTI. Without them .npy works and the other formats name the missing package.
     extras_require={"io": ["zarr>=3", "tifffile>=2024.8", "nibabel>=5"]},

@@ -1,9 +1,9 @@
-"""Involution benchmark (issues 3 and 5): time and peak memory of every available backend
+"""Involution benchmark: time and peak memory of every available backend
 against the unfold baseline (the published implementation; backend "reference").
 
-CPU list (issue 3), batch 8: 2D K in {3, 7} at C = 64, 128, 256 at 56, 28, 14 px, G = C/16;
+CPU list, batch 8: 2D K in {3, 7} at C = 64, 128, 256 at 56, 28, 14 px, G = C/16;
 3D K = 3, C = 32 at 32^3 (batch 2: the unfold baseline needs about 1 GB per 3D sample).
-GPU list (issue 5, when a CUDA device is present), batch 32: RedNet shapes C = 64, 128, 256,
+GPU list (when a CUDA device is present), batch 32: RedNet shapes C = 64, 128, 256,
 512 at 56, 28, 14, 7 px, K = 3, G = C/16; 3D K = 3, C = 32 at 64^3 (batch 2); float32 and
 bfloat16; backends cuda and triton against unfold and `naive_per_output` (from
 bench/naive_involution.py when that file exists).
@@ -11,7 +11,7 @@ Modes: "fwd" (no autograd) and "fwd+bwd" (forward, then backward to x and weight
 
     python bench/bench_involution.py [--quick] [--device cpu|cuda|all] [--only TEXT] [--out CSV] [--no-plot]
 
-CSV: bench/results/<device>/involution.csv (columns of bench/harness.py plus the ratios to
+CSV: bench/out/<device>/involution.csv (columns of bench/harness.py plus the ratios to
 unfold), a plot beside it (involution.png).
 """
 import argparse
@@ -228,7 +228,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="two tiny shapes (seconds; used by the tests)")
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                     help="cpu: the CPU list; cuda: the GPU list; all (default): CPU list, plus GPU list if CUDA is present")
-    ap.add_argument("--out", default=None, help="CSV path (default bench/results/<device>/involution.csv); "
+    ap.add_argument("--out", default=None, help="CSV path (default bench/out/<device>/involution.csv); "
                     "with --device all and a GPU the GPU CSV gets the suffix _cuda")
     ap.add_argument("--only", default=None, help="keep only shapes whose label contains this text, e.g. 'C=64 S=56 K=7'")
     ap.add_argument("--no-plot", action="store_true")

@@ -8,7 +8,7 @@ CPU: inference time and peak memory per 512x512 slice (batch 1, fp32, torch.infe
 CUDA (when a GPU is visible): training step time (forward + backward + Adam step) and peak memory
   for unet, rolling_unet, qsmnet and rolling_qsmnet, fp32 and bf16 autocast, at
   UNet: batch 8 of 512x512 slices (cross-entropy, 3 classes); QSMnet: batch 16 of 64^3 patches (L1).
-CSV: bench/results/<device>/models.csv.  --quick: fewer repetitions.
+CSV: bench/out/<device>/models.csv.  --quick: fewer repetitions.
 
 Target on the 2-core CPU: rolling_unet at most 3.0 s per 512^2 slice and faster than unet.
 """

@@ -1,4 +1,4 @@
-"""Rolling-convolution microbenchmark (issue 2): every available medconv backend against the
+"""Rolling-convolution microbenchmark: every available medconv backend against the
 published approach and the dense layer it replaces.
 
 Cases: 2D 3x3 with C in {32, 64, 128, 256, 512} and 3D 5x5x5 with C in {16, 32, 64, 128, 256},
@@ -14,7 +14,7 @@ Impls:
   depthwise_separable  depthwise kxk + pointwise 1x1, same in/out channels
 
 Output: a line per measurement, ratio tables (time of each impl / time of roll_loop and / dense:
-below 1 is faster), bench/results/<device>/rolling_conv.csv (harness columns + vs_roll_loop,
+below 1 is faster), bench/out/<device>/rolling_conv.csv (harness columns + vs_roll_loop,
 vs_dense, max_rel_err) and rolling_conv.png (speed-up over dense per shape and impl).
 
     python bench/bench_rolling_conv.py [--quick] [--device cpu|cuda] [--dtype float32,bfloat16]
@@ -41,7 +41,7 @@ CONV = {2: F.conv2d, 3: F.conv3d}
 ROLLING = {2: medconv_ext.rolling_conv2d, 3: medconv_ext.rolling_conv3d}
 
 # (dims, N, C, S, k). Sizes so that the dense conv takes ~1-100 ms forward on the 2-core CPU.
-# The two cases the issue's targets name: 2D C=512 at 32^2 and 3D C=128 at 16^3.
+# The two cases the project's goals name: 2D C=512 at 32^2 and 3D C=128 at 16^3.
 CPU_SHAPES = [
     (2, 1, 32, 128, 3), (2, 1, 64, 96, 3), (2, 1, 128, 64, 3), (2, 1, 256, 48, 3), (2, 1, 512, 32, 3),
     (3, 1, 16, 32, 5), (3, 1, 32, 24, 5), (3, 1, 64, 16, 5), (3, 1, 128, 16, 5), (3, 1, 256, 8, 5),
@@ -49,7 +49,7 @@ CPU_SHAPES = [
 # On a GPU the same cases with a batch large enough to fill the device.
 CUDA_SHAPES = [(d, 8 * n, c, s, k) for d, n, c, s, k in CPU_SHAPES]
 QUICK_SHAPES = [(2, 1, 64, 32, 3), (2, 1, 512, 32, 3), (3, 1, 16, 16, 5), (3, 1, 128, 16, 5)]
-TARGETS = {  # (shape, minimum forward speed-up of "auto" over dense) from issue 2, CPU float32
+TARGETS = {  # (shape, minimum forward speed-up of "auto" over dense) the project's goals, CPU float32
     "2d N=1 C=512 S=32 k=3": 3.0,
     "3d N=1 C=128 S=16 k=5": 5.0,
 }
@@ -214,7 +214,7 @@ def print_tables(rows: List[dict], impls: List[str]) -> None:
 
 
 def check_targets(rows: List[dict]) -> List[str]:
-    """Issue 2's CPU targets, as lines of text (PASS/MISS)."""
+    """The project's CPU goals, as lines of text (PASS/MISS)."""
     lines = []
     for (dt, mode, sh), by_impl in _by_key(rows).items():
         if "auto" in by_impl and "roll_loop" in by_impl:
@@ -277,7 +277,8 @@ def main(argv=None) -> int:
                         "of the main thread, for a CPU shared with other jobs, only with --threads 1")
     p.add_argument("--no-peak-mem", action="store_true",
                    help="skip the peak-memory measurement (each one runs gc.collect(), ~0.2-0.7 s)")
-    p.add_argument("--out-dir", default=None, help="where to write the CSV and plot (default bench/results/<device>)")
+    p.add_argument("--out-dir", default=None, help="where to write the CSV and plot (default <results root>/<device>, "
+                   "bench/out/ unless MEDCONV_BENCH_RESULTS is set)")
     a = p.parse_args(argv)
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -325,9 +326,9 @@ def main(argv=None) -> int:
     print_tables(res.rows, impls)
     targets = check_targets(res.rows)
     if targets:
-        print("\nTargets (issue 2; meaningful on the 2-core CPU at full size):")
+        print("\nGoals (meaningful on the 2-core CPU at full size):")
         print("\n".join("  " + t for t in targets))
-    out_dir = a.out_dir or os.path.join(harness.ROOT, "bench", "results",
+    out_dir = a.out_dir or os.path.join(harness.results_root(),
                                         harness.device_slug(device) + ("-threadtime" if a.timer == "thread" else ""))
     os.makedirs(out_dir, exist_ok=True)
     res.write_csv(os.path.join(out_dir, "rolling_conv.csv"))

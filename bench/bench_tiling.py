@@ -12,7 +12,7 @@ light-sheet volume of the paper.
     python bench/bench_tiling.py [--quick] [--device cuda] [--features N] [--blocks N] [--part compare|scale|all]
 On a loaded CPU run it with OMP_NUM_THREADS=1: oversubscribed OpenMP barriers penalise the many
 small convolution calls of any tiled inference far more than the work itself.
-CSV: bench/results/<device>/tiling.csv (harness columns + voxels_per_s, max_abs_diff, net, tile).
+CSV: <results root>/<device>/tiling.csv (bench/out/ unless run_all.py --update-results; see harness.py) (harness columns + voxels_per_s, max_abs_diff, net, tile).
 
 --part scale: file-to-file runs of `python -m medconv_ext.tile` (.npy in, .npy and Zarr out) with 1 and
 2 processes under torchrun on a CPU (1 OpenMP thread each), or 1 process on a GPU: output voxels per
@@ -20,7 +20,7 @@ second of the tile loop and its read / compute / write split (seconds summed ove
 output checked bit-identical to the one-process .npy run. On CUDA: valid_srnet (64 features, 7 blocks,
 bf16) and the extrapolated time for the 2000x2000x5839 light-sheet volume on 1 and 8 GPUs (8 GPUs:
 linear scaling of the one-GPU rate, an upper bound that holds only while storage keeps up).
-CSV: bench/results/<device>/tiling_scale.csv.
+CSV: <results root>/<device>/tiling_scale.csv.
 """
 import argparse
 import json

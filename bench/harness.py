@@ -2,7 +2,9 @@
 
 Every bench/bench_<op>.py uses it so that all results share one CSV layout:
     op, impl, device, dtype, mode, shape, median_ms, peak_mem_mb, [extra columns...]
-written to bench/results/<device-slug>/<name>.csv, with plots beside it.
+written to <results root>/<device-slug>/<name>.csv, with plots beside it. The results root is
+bench/out/ (not tracked by git) unless MEDCONV_BENCH_RESULTS names another folder;
+`bench/run_all.py --update-results` sets it to bench/results/, the committed results.
 """
 import csv
 import gc
@@ -41,7 +43,7 @@ def device_name(device: torch.device) -> str:
 
 
 def device_slug(device: torch.device) -> str:
-    """Folder name under bench/results/ for this device."""
+    """Folder name under the results root for this device."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -49,8 +51,18 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+RESULTS_ENV = "MEDCONV_BENCH_RESULTS"
+UNTRACKED_ROOT = os.path.join(ROOT, "bench", "out")        # .gitignore'd: every ordinary run
+COMMITTED_ROOT = os.path.join(ROOT, "bench", "results")    # only with run_all.py --update-results
+
+
+def results_root() -> str:
+    """Folder that holds <device-slug>/ result folders (see the module docstring)."""
+    return os.path.abspath(os.environ.get(RESULTS_ENV) or UNTRACKED_ROOT)
+
+
 def results_dir(device: torch.device) -> str:
-    d = os.path.join(ROOT, "bench", "results", device_slug(device))
+    d = os.path.join(results_root(), device_slug(device))
     os.makedirs(d, exist_ok=True)
     return d
 

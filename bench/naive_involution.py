@@ -1,4 +1,4 @@
-"""Baseline `naive_per_output` of the GPU involution benchmark (issue 5).
+"""Baseline `naive_per_output` of the GPU involution benchmark.
 
 Stands for the published CuPy involution kernels (Li et al. 2021): one thread per output element,
 no shared memory, no reuse of a weight value across the channels of its group, and the same

@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(medconv, m) {
-  // ---- rolling convolution (DESIGN.md §1) ---------------------------------------------
+  // ---- rolling convolution (docs/design.md §1) ---------------------------------------------
   // x (N, C_in, *S), weight = base (n_base, C_in, *k), out (N, n_rolls * n_base, *S_out);
   // output channel o = r * n_base + b uses W[o, c] = weight[b, (c - r) mod C_in].
   m.def("rolling_conv(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
@@ -23,7 +23,7 @@ TORCH_LIBRARY(medconv, m) {
   m.def("rolling_conv_transpose_grad_weight(Tensor grad_out, Tensor x, int[] weight_size, "
         "int[] stride, int[] padding, int[] dilation, int n_rolls) -> Tensor");
 
-  // ---- involution (DESIGN.md §2) -------------------------------------------------------
+  // ---- involution (docs/design.md §2) -------------------------------------------------------
   // x (N, C, *S), weight (N, G, *K, *S_out), channel c uses group c // (C / G).
   m.def("involution(Tensor x, Tensor weight, int[] kernel_size, int[] stride, int[] padding, "
         "int[] dilation) -> Tensor");

@@ -26,6 +26,7 @@ def _map_source_triton_kernels():
 
 _map_source_triton_kernels()
 
+from ._version import __version__  # noqa: E402,F401
 from . import _ext  # noqa: E402,F401  (loads the compiled ops, or records why not)
 from .backends import available_backends  # noqa: E402,F401
 from .ops.rolling_conv import (  # noqa: E402,F401
@@ -36,5 +37,3 @@ from .ops.rolling_conv import (  # noqa: E402,F401
 )
 from .ops.involution import involution2d, involution3d  # noqa: E402,F401
 from . import nn  # noqa: E402,F401
-
-__version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 Every operator has implementations registered per backend name:
   "reference"  pure PyTorch, written for clarity (materializes what the math defines); any device
-  "spectral"   rolling conv only: the exact channel-FFT algorithm (DESIGN.md §1); any device. A fused
+  "spectral"   rolling conv only: the exact channel-FFT algorithm (docs/design.md §1); any device. A fused
                kernel runs where one is registered for the input's device (see
                ops/rolling_conv_spectral.py), the composition of torch ops elsewhere
   "spectral_unfused"  rolling conv only: always the composition of torch ops (rfft, depthwise conv,
@@ -69,9 +69,9 @@ def _probe_backends() -> Dict[str, Tuple[bool, str]]:
     if not _ext.has_compiled_ops():
         out["cuda"] = (False, _ext.EXT_ERROR)
     elif not _ext.has_cuda_kernels():
-        out["cuda"] = (False, "medconv_ext._C was built without CUDA kernels (no nvcc or MEDCONV_CPU_ONLY=1 at build time)")
+        out["cuda"] = (False, _ext.no_cuda_kernels_reason())
     elif not torch.cuda.is_available():
-        out["cuda"] = (False, "CUDA kernels are compiled in, but no CUDA device is visible")
+        out["cuda"] = (False, "CUDA kernels are compiled in, but no GPU is visible (torch.cuda.is_available() is False)")
     else:
         out["cuda"] = (True, "compiled CUDA kernels on %s" % torch.cuda.get_device_name())
     out["triton"] = _triton_status()

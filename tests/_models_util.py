@@ -1,5 +1,5 @@
 """Test helpers of the models tests: the published Rolling-Filters forward pass, written from
-../shared/data/rolling-filters-official/README.md on the raw state dict, independently of
+the checkpoints' key layout (docs/data.md) on the raw state dict, independently of
 medconv_ext.models (torch.roll loop + torch.cat + F.conv, BatchNorm, ReLU, max-pool, transposed
 roll, cat [up, skip], 1x1 out)."""
 import os
@@ -7,10 +7,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from conftest import DATA_DIR  # noqa: F401  (re-exported for the tests)
+from conftest import data_file, needs_data  # noqa: F401  (re-exported for the tests)
 
-SEGMENT = os.path.join(DATA_DIR, "segment.pth")
-RECON = os.path.join(DATA_DIR, "recon.pth")
+SEGMENT = data_file("segment.pth")  # None without MEDCONV_DATA_DIR: tests using it carry needs_data
+RECON = data_file("recon.pth")
 
 
 def load(path):

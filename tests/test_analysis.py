@@ -1,4 +1,4 @@
-"""Learned-filter analysis (issue 8): known answers, bad input, the report CLI."""
+"""Learned-filter analysis: known answers, bad input, the report CLI."""
 import json
 import math
 import os
@@ -216,11 +216,12 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys):
 
 
 def test_published_checkpoint_expands_rolling_bases():
-    from conftest import DATA_DIR
+    from conftest import data_file, data_missing
 
-    path = os.path.join(DATA_DIR, "segment.pth")
-    if not os.path.isfile(path):
-        pytest.skip("published checkpoints not present (%s)" % DATA_DIR)
+    why = data_missing("segment.pth")
+    if why:
+        pytest.skip(why)
+    path = data_file("segment.pth")
     from medconv_ext.models import from_published
 
     sd = torch.load(path, map_location="cpu", weights_only=True)

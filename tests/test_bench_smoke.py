@@ -1,7 +1,9 @@
-"""Smoke test of bench/bench_rolling_conv.py on tiny shapes (seconds), so the script cannot rot:
-it must time every impl in both modes, check the medconv outputs against the reference, and
-write the CSV (harness columns + ratios) and the plot."""
+"""Smoke tests of the benchmarks on tiny shapes (seconds), so the scripts cannot rot:
+bench/bench_rolling_conv.py must time every impl in both modes, check the medconv outputs against
+the reference, and write the CSV (harness columns + ratios) and the plot; bench/run_all.py must
+write into the untracked folder (or the one given) and end with a correct summary table."""
 import csv
+import glob
 import importlib.util
 import os
 
@@ -56,3 +58,88 @@ def test_parse_shape_rejects_garbage():
     assert bench.parse_shape("3d N=1 C=128 S=16 k=5") == (3, 1, 128, 16, 5)
     with pytest.raises(Exception):
         bench.parse_shape("4d N=1 C=1 S=1 k=1")
+
+
+def _load(name):
+    path = os.path.join(ROOT, "bench", name + ".py")
+    spec = importlib.util.spec_from_file_location("bench_" + name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_results_go_to_the_untracked_folder_by_default(monkeypatch, tmp_path):
+    import sys
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    sys.modules.pop("harness", None)
+    harness = _load("harness")
+    monkeypatch.delenv("MEDCONV_BENCH_RESULTS", raising=False)
+    assert harness.results_root() == os.path.join(ROOT, "bench", "out")
+    with open(os.path.join(ROOT, ".gitignore")) as f:
+        assert "bench/out/" in f.read().split()
+    monkeypatch.setenv("MEDCONV_BENCH_RESULTS", str(tmp_path))
+    assert harness.results_dir(torch.device("cpu")).startswith(str(tmp_path))
+
+
+def _write(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_run_all_summary_ratios(tmp_path, capsys):
+    run_all = _load("run_all")
+    d = tmp_path / "cpu-2threads"
+    base = dict(op="", device="cpu (2 threads)", dtype="float32", peak_mem_mb="1")
+    _write(str(d / "rolling_conv.csv"), [
+        dict(base, impl="auto", mode="fwd", shape="2d N=1 C=512 S=32 k=3", median_ms="10", vs_roll_loop="0.25",
+             vs_dense="0.5"),
+        dict(base, impl="dense", mode="fwd", shape="2d N=1 C=512 S=32 k=3", median_ms="20", vs_roll_loop="0.5",
+             vs_dense="1"),
+        dict(base, impl="auto", mode="fwdbwd", shape="3d N=1 C=16 S=32 k=5", median_ms="10", vs_roll_loop="1.25",
+             vs_dense="1")])
+    _write(str(d / "involution.csv"), [
+        dict(base, impl="cpu", mode="fwd", shape="2d C=64", median_ms="2", speedup_vs_unfold="10",
+             mem_ratio_vs_unfold="20"),
+        dict(base, impl="unfold", mode="fwd", shape="2d C=64", median_ms="20", speedup_vs_unfold="1",
+             mem_ratio_vs_unfold="1")])
+    _write(str(d / "models.csv"), [
+        dict(base, impl="rolling_unet[auto]", mode="infer", shape="1x1x64x64", median_ms="2"),
+        dict(base, impl="unet", mode="infer", shape="1x1x64x64", median_ms="3"),
+        dict(base, impl="rolling_unet[roll_loop]", mode="infer", shape="1x1x64x64", median_ms="4")])
+    _write(str(d / "tiling.csv"), [
+        dict(base, impl="predict_tiled", mode="3d", shape="s", median_ms="1", voxels_per_s="300", max_abs_diff="0",
+             net="valid_srnet"),
+        dict(base, impl="monai_sliding_window", mode="3d", shape="s", median_ms="1", voxels_per_s="100",
+             max_abs_diff="0.25", net="valid_srnet")])
+    rows, goals = run_all.summarize(str(tmp_path), 0, list(run_all.BENCHMARKS))
+    by = {(r[0], r[2]): r for r in rows}
+    assert by[("rolling_conv", "fwd")][5:7] == (2.0, 4.0)          # 2x faster than dense, 4x than the roll loop
+    assert by[("rolling_conv", "fwdbwd")][6] == pytest.approx(0.8)  # slower than the roll loop
+    assert by[("involution", "fwd")][6] == 10.0 and len([r for r in rows if r[0] == "involution"]) == 1
+    assert by[("models", "infer")][5:7] == (1.5, 2.0)
+    assert by[("tiling", "3d")][6] == 3.0
+    status = {text: value >= need for text, value, need in goals}
+    assert status["auto vs dense, fwd 2d N=1 C=512 S=32 k=3"] is False   # 2x < the 3x goal
+    assert status["auto never slower than the roll loop, fwdbwd 3d N=1 C=16 S=32 k=5"] is False
+    run_all.print_summary(rows, goals, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "vs dense" in out and "missed" in out and "met" in out
+    # CSVs older than the run are not summarised
+    assert run_all.summarize(str(tmp_path), 4e9, list(run_all.BENCHMARKS)) == ([], [])
+
+
+def test_run_all_smoke_end_to_end(tmp_path):
+    """`run_all.py --smoke` runs a benchmark in its own process, writes into the given folder only,
+    and ends with the summary table."""
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run_all.py"), "--smoke", "--only", "rolling_conv",
+                        "--results-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Summary: speed-up of medconv" in p.stdout
+    assert "rolling_conv" in p.stdout.split("Summary:")[1]
+    assert glob.glob(str(tmp_path / "*" / "rolling_conv.csv"))

@@ -1,13 +1,12 @@
 """from_published: the published checkpoints load into our models and give the published logits."""
-import os
 
 import pytest
 import torch
 
-from _models_util import DATA_DIR, RECON, SEGMENT, count_params, load, published_forward, rel_err
+from _models_util import RECON, SEGMENT, needs_data as _needs, count_params, load, published_forward, rel_err
 from medconv_ext.models import from_published, rolling_qsmnet, rolling_unet, to_roll_loop
 
-needs_data = pytest.mark.skipif(not os.path.isdir(DATA_DIR), reason="published checkpoints not found in %s" % DATA_DIR)
+needs_data = _needs("segment.pth", "recon.pth")
 
 
 @needs_data

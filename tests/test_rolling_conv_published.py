@@ -1,19 +1,16 @@
 """A layer of the published Rolling UNet (segment.pth) through rolling_conv2d equals the
 published construction: roll the base along its channel axis, concatenate, dense conv."""
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import medconv_ext as mc
-from conftest import DATA_DIR
+from conftest import data_file, needs_data
 from _rolling_util import OP, OP_T, backend_params, skip_unsupported
 
-# MEDCONV_DATA_DIR overrides the default location (e.g. when running from a worktree elsewhere)
-DATA = os.environ.get("MEDCONV_DATA_DIR", DATA_DIR)
-SEGMENT = os.path.join(DATA, "segment.pth")
-pytestmark = pytest.mark.skipif(not os.path.isfile(SEGMENT), reason="published checkpoints not found in %s" % DATA)
+SEGMENT = data_file("segment.pth")  # in MEDCONV_DATA_DIR (docs/data.md)
+pytestmark = needs_data("segment.pth")
 
 
 def published_bank(w, n_rolls):

@@ -1,4 +1,4 @@
-"""Triton kernels of involution (DESIGN.md §2), 2D and 3D: forward, grad_input, grad_weight.
+"""Triton kernels of involution (docs/design.md §2), 2D and 3D: forward, grad_input, grad_weight.
 
     out[n, c, p] = sum_t weight[n, g(c), t, p] * x[n, c, p*s + t*d - pad],   g(c) = c // (C // G)
 

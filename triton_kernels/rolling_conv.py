@@ -1,4 +1,4 @@
-"""Triton kernels of rolling convolution (DESIGN.md §1), installed as medconv_ext.triton_kernels.rolling_conv.
+"""Triton kernels of rolling convolution (docs/design.md §1), installed as medconv_ext.triton_kernels.rolling_conv.
 
 The six rolling ops reduce to two generic kernels over the logical dense weight
     G[o, c, t] = base[b, (c - r) mod C, t]   (conv, base (n_base, C, *k))

@@ -1,4 +1,4 @@
-// Involution on the CPU (DESIGN.md §2): forward, grad_input and grad_weight, 2D and 3D,
+// Involution on the CPU (docs/design.md §2): forward, grad_input and grad_weight, 2D and 3D,
 // float32 and float64.
 //
 //   out[n, c, p] = sum_t weight[n, g(c), t, p] * x[n, c, p*s + t*d - pad],  g(c) = c / (C / G)

@@ -1,4 +1,4 @@
-// CPU kernels of rolling convolution (DESIGN.md §1): forward, grad_input and grad_weight of
+// CPU kernels of rolling convolution (docs/design.md §1): forward, grad_input and grad_weight of
 // the rolling conv and of the transposed rolling conv, 1D/2D/3D, float32 and float64.
 //
 // The C_out x C_in x k filter bank is never built. Every weight is read from the base by an
@@ -276,8 +276,12 @@ MEDCONV_INLINE void corr_tile(const CorrArgs<T>& a, i64 n, i64 o0, i64 o1, i64 n
               if (UNIT) {
                 std::memcpy(&xv[v], xp + v * NL, VB);
               } else {
+                // Gather the lanes into a plain array, then one copy into the vector: writing
+                // single lanes of an unset vector reads it first (-Wmaybe-uninitialized).
+                T lanes[NL];
 #pragma GCC unroll 16
-                for (int l = 0; l < NL; ++l) xv[v][l] = xp[(v * NL + l) * s2];
+                for (int l = 0; l < NL; ++l) lanes[l] = xp[(v * NL + l) * s2];
+                std::memcpy(&xv[v], lanes, VB);
               }
             }
 #pragma GCC unroll 16
@@ -423,9 +427,11 @@ MEDCONV_INLINE void vload(V* dst, const T* src, i64 stride) {
     if (UNIT || stride == 1) {
       std::memcpy(&dst[v], src + v * NL, sizeof(V));
     } else {
-      dst[v] = V{};
+      // Lanes gathered into a plain array, then one copy (no lane writes into an unset vector).
+      T lanes[NL];
 #pragma GCC unroll 16
-      for (int l = 0; l < NL; ++l) dst[v][l] = src[(v * NL + l) * stride];
+      for (int l = 0; l < NL; ++l) lanes[l] = src[(v * NL + l) * stride];
+      std::memcpy(&dst[v], lanes, sizeof(V));
     }
   }
 }

@@ -1,4 +1,4 @@
-// CUDA kernels of involution (DESIGN.md §2), 2D and 3D, registered as
+// CUDA kernels of involution (docs/design.md §2), 2D and 3D, registered as
 // TORCH_LIBRARY_IMPL(medconv, CUDA): involution, involution_grad_input, involution_grad_weight.
 //
 //   out[n, c, p] = sum_t weight[n, g(c), t, p] * x[n, c, p*s + t*d - pad],   g(c) = c / (C / G)

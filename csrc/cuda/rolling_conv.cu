@@ -1,4 +1,4 @@
-// CUDA kernels of the six rolling-convolution ops (schemas in csrc/ops.cpp, DESIGN.md §1).
+// CUDA kernels of the six rolling-convolution ops (schemas in csrc/ops.cpp, docs/design.md §1).
 //
 // All six ops reduce to three generic kernels over one "logical" dense weight
 //     G[o, c, t] = base[b, (c - r) mod C, t]      o = r * n_base + b   (conv, base (n_base, C, *k))

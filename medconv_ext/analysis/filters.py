@@ -1,4 +1,4 @@
-"""Filter extraction, the PCA basis and the KL shift of the CNN Filter DB method (DESIGN.md §4)."""
+"""Filter extraction, the PCA basis and the KL shift of the CNN Filter DB method (docs/design.md §4)."""
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 

@@ -1,4 +1,4 @@
-"""Per-layer degeneration statistics of the CNN Filter DB method (DESIGN.md §4)."""
+"""Per-layer degeneration statistics of the CNN Filter DB method (docs/design.md §4)."""
 import math
 from typing import Dict, List
 

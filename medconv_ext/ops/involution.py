@@ -1,7 +1,7 @@
 """Involution: functional API, argument checks, backend choice, and the torch.library
 registrations (fake kernels, autograd) of the compiled ops.
 
-Definition (DESIGN.md §2), x (N, C, *S), weight (N, G, *K, *S_out):
+Definition (docs/design.md §2), x (N, C, *S), weight (N, G, *K, *S_out):
     out[n, c, p] = sum_t weight[n, g(c), t, p] * x[n, c, p*s + t*d - pad],  g(c) = c // (C // G)
     S_out = floor((S + 2*padding - dilation*(K-1) - 1) / stride) + 1
 

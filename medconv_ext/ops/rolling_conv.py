@@ -1,7 +1,7 @@
 """Rolling convolution: functional API, argument checks, backend choice, and the
 torch.library registrations (fake kernels, autograd) of the compiled ops.
 
-Definition (DESIGN.md §1): base `weight` (n_base, C_in, *k); output channel o = r * n_base + b
+Definition (docs/design.md §1): base `weight` (n_base, C_in, *k); output channel o = r * n_base + b
 (0 <= r < n_rolls) is base b rolled by r along its channel axis:
     W[o, c] = weight[b, (c - r) mod C_in]
 Transposed: base (C_in, n_base, *k), W_t[c, o] = weight[(c - r) mod C_in, b], then an ordinary
@@ -137,7 +137,7 @@ def _auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool, n_
 
 
 # CPU rule, from bench/bench_rolling_conv.py shapes (N=1, single roll, stride 1, "same" padding),
-# float32, measured as thread CPU time with 1 thread (the 2-core machine was shared by 8 engineers,
+# float32, measured as thread CPU time with 1 thread (the 2-core machine was shared with other jobs,
 # load average 9-12, so wall-clock medians were unusable for decisions). spectral / reference time:
 #   2D 3x3    C=32 128^2   fwd 1.81  fwd+bwd 1.06      3D 5^3  C=16 32^3   fwd 0.62  fwd+bwd 2.08
 #             C=64 96^2        0.76          0.99              C=32 24^3       0.31          1.02
@@ -152,7 +152,7 @@ def _auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool, n_
 # automatic choice on the CPU; backend="cpu" still selects it. Kernels with few taps (1x1, the 2x2
 # up-sampling of the published nets) keep the reference: the spectral transforms cost as much as the
 # conv itself there. Transposed layers use the same thresholds (not measured separately).
-# Re-measured by the lead on a quiet machine (2 threads, wall clock, one 2D 3x3 layer, N=1, inference):
+# Re-measured on a quiet machine (2 threads, wall clock, one 2D 3x3 layer, N=1, inference):
 # spectral / reference ms at C=64 512^2 328/303, C=64 256^2 with n_base=2 231/175, C=128 256^2
 # 220/244, C=256 128^2 153/251, C=512 64^2 99/241, C=1024 32^2 80/236: 2D inference from C_in=128.
 _CPU_SPECTRAL_MIN_C = {(2, False): 128, (2, True): 128, (3, False): 16, (3, True): 64}

@@ -1,4 +1,4 @@
-"""Backend "spectral" of rolling convolution (DESIGN.md §1): channel rFFT, per-frequency
+"""Backend "spectral" of rolling convolution (docs/design.md §1): channel rFFT, per-frequency
 depthwise complex convolution, inverse rFFT. Exact (same result as the dense bank up to
 floating-point rounding), on any device, for 2D and 3D, forward and transposed.
 
@@ -162,7 +162,7 @@ def _depthwise_transpose(u, w, stride, padding, output_padding, dilation):
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Transforms and accumulation in float32 for 16-bit inputs (DESIGN.md §1).
+    # Transforms and accumulation in float32 for 16-bit inputs (docs/design.md §1).
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 

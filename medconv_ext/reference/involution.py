@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of involution (DESIGN.md §2), written for clarity, never for speed.
+"""Pure-PyTorch reference of involution (docs/design.md §2), written for clarity, never for speed.
 
     out[n, c, p] = sum_t weight[n, g(c), t, p] * x[n, c, p*s + t*d - pad],  g(c) = c // (C // G)
 

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of rolling convolution (DESIGN.md §1), written for clarity.
+"""Pure-PyTorch reference of rolling convolution (docs/design.md §1), written for clarity.
 
 It materializes the full filter bank from the base with one index gather and calls torch's
 convolution. Tests use it in float64 as the ground truth for every backend.
