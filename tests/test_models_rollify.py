@@ -20,7 +20,7 @@ def _small_net():
         nn.ConvTranspose2d(12, 24, 2, stride=2),             # 5 transposed double roll
         nn.Conv2d(24, 10, 3, groups=2),                      # 6 grouped: kept
         nn.Conv2d(10, 25, 3, padding=1),                     # 7 no layout (n_base 3 does not divide 25)
-        nn.Conv2d(25, 25, (1, 3), padding=(0, 1), padding_mode="circular"),  # 8 kept (padding mode)
+        nn.Conv2d(25, 25, (1, 4), padding="same", padding_mode="circular"),  # 8 padding mode, asymmetric 'same'
         nn.Conv2d(25, 7, (3, 1), padding=(1, 0)),            # 9 non-square kernel: converted
     )
 
@@ -41,11 +41,12 @@ def test_rollify_report_and_function():
     report = rollify(net)
     conv = {int(r.layer): r for r in report}
     assert len(report) == 9
-    assert [i for i, r in conv.items() if r.converted] == [2, 4, 5, 9]
+    assert [i for i, r in conv.items() if r.converted] == [2, 4, 5, 8, 9]
     assert "input layer" in conv[0].note and "min_kernel" in conv[3].note and "groups=2" in conv[6].note
-    assert "no rolling layout" in conv[7].note and "padding_mode" in conv[8].note
+    assert "no rolling layout" in conv[7].note
+    assert (net[8].padding, net[8].padding_mode) == ("same", "circular")
     assert isinstance(net[2], RollingConv2d) and (net[2].n_base, net[2].n_rolls) == (2, 8)
-    assert (net[4].n_base, net[4].n_rolls, net[4].padding, net[4].bias) == (1, 12, (2, 2), None)
+    assert (net[4].n_base, net[4].n_rolls, net[4].padding, net[4].bias) == (1, 12, "same", None)
     assert isinstance(net[5], RollingConvTranspose2d) and (net[5].n_base, net[5].n_rolls) == (2, 12)
     assert conv[2].shape_before == (16, 8, 3, 3) and conv[2].shape_after == (2, 8, 3, 3)
     assert conv[2].params_before == 16 * 8 * 9 + 16 and conv[2].params_after == 2 * 8 * 9 + 16
@@ -56,7 +57,7 @@ def test_rollify_report_and_function():
     assert report.model_params_before - report.model_params_after == \
         report.conv_params_before - report.conv_params_after > 0
     text = str(report)
-    assert "4 of 9 conv layers converted" in text and "kept dense: input layer" in text
+    assert "5 of 9 conv layers converted" in text and "kept dense: input layer" in text
     assert "{:,}".format(report.model_params_after) in text
     # the converted model is the dense model whose weights are the expanded rolling weights
     x = torch.randn(2, 4, 13, 11, dtype=torch.float64)

@@ -85,22 +85,6 @@ def _model_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() already skips shared duplicates
 
 
-def _numeric_padding(conv) -> Optional[Tuple[int, ...]]:
-    """Per-side padding of a conv (resolving padding='same'/'valid'); None when 'same' would need
-    asymmetric padding (even extent), which the rolling layers cannot express."""
-    if not isinstance(conv.padding, str):
-        return tuple(conv.padding)
-    if conv.padding == "valid":
-        return (0,) * len(conv.kernel_size)
-    out = []
-    for k, d in zip(conv.kernel_size, conv.dilation):
-        total = d * (k - 1)
-        if total % 2:
-            return None
-        out.append(total // 2)
-    return tuple(out)
-
-
 def project_to_rolling(dense: torch.Tensor, n_base: int, n_rolls: int) -> torch.Tensor:
     """Least-squares closest rolling base (n_base, C_in, *k) to a dense bank (n_rolls * n_base, C_in, *k):
     w[b, m] = mean_r W[r * n_base + b, (m + r) mod C_in] (each roll rolled back, then averaged).
@@ -121,10 +105,6 @@ def _why_not(conv, min_kernel: int) -> Optional[str]:
         return "groups=%d (rolling layers need groups=1)" % conv.groups
     if max(conv.kernel_size) < min_kernel:
         return "kernel %s < min_kernel=%d" % ("x".join(map(str, conv.kernel_size)), min_kernel)
-    if getattr(conv, "padding_mode", "zeros") != "zeros":
-        return "padding_mode=%r (rolling layers pad with zeros)" % conv.padding_mode
-    if _numeric_padding(conv) is None:
-        return "padding='same' with an even kernel extent needs asymmetric padding"
     try:
         rolling_layout(conv.in_channels, conv.out_channels)
     except ValueError:
@@ -138,9 +118,12 @@ def _convert(conv, bias: Optional[bool], init: str) -> nn.Module:
     use_bias = (conv.bias is not None) if bias is None else bool(bias)
     transposed = cls in (RollingConvTranspose2d, RollingConvTranspose3d)
     w = conv.weight
-    kw = dict(stride=conv.stride, padding=_numeric_padding(conv), dilation=conv.dilation, bias=use_bias)
+    # the rolling layers take torch's padding rules ('same'/'valid', padding_mode) as they are
+    kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=use_bias)
     if transposed:
         kw["output_padding"] = conv.output_padding
+    else:
+        kw["padding_mode"] = conv.padding_mode
     with torch.device(w.device):  # create the new parameters where the old ones live (also "meta")
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, **kw)
     new = new.to(dtype=w.dtype)
@@ -165,9 +148,9 @@ def rollify(model: nn.Module, *, keep_first: bool = True, min_kernel: int = 2, b
             init: str = "reset") -> RollifyReport:
     """Replace the dense convolutions of `model` with rolling convolutions, in place.
 
-    Converted: exact nn.Conv2d / Conv3d / ConvTranspose2d / ConvTranspose3d with groups=1, zero
-    padding and a kernel of at least `min_kernel` along some axis (so 1x1 convs stay dense by
-    default), whose out_channels has a rolling layout (n_base = ceil(out / in) must divide out).
+    Converted: exact nn.Conv2d / Conv3d / ConvTranspose2d / ConvTranspose3d with groups=1 (any
+    padding and padding_mode: the rolling layers follow torch's rules) and a kernel of at least
+    `min_kernel` along some axis (so 1x1 convs stay dense by default), whose out_channels has a rolling layout (n_base = ceil(out / in) must divide out).
     keep_first: keep the input layer dense (the first conv in `model.modules()` order, which is
         the input layer for models that register layers in forward order).
     bias: None keeps each layer's bias setting; True / False forces a bias on / off.
