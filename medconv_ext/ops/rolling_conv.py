@@ -15,7 +15,9 @@ from .. import _ext
 from ..backends import register_impl, resolve, supports_any, supports_device_dtypes
 from ..reference import rolling_conv as _ref
 from ._common import (
+    apply_epilogue,
     autocast_inputs,
+    check_epilogue,
     check_kernel_fits,
     check_positive,
     check_rank,
@@ -150,21 +152,29 @@ def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool
 # --------------------------------------------------------------------------------------
 # public functional API
 # --------------------------------------------------------------------------------------
-def _rolling_conv_nd(dims, x, weight, bias, stride, padding, dilation, n_rolls, backend):
+def _rolling_conv_nd(dims, x, weight, bias, stride, padding, dilation, n_rolls, backend,
+                     scale=None, shift=None, relu=False):
     name = "rolling_conv%dd" % dims
-    x, weight, bias = autocast_inputs(x, weight, bias)
-    stride, padding, dilation, n_rolls, _ = _check_common(
+    x, weight, bias, scale, shift = autocast_inputs(x, weight, bias, scale, shift)
+    stride, padding, dilation, n_rolls, c_out = _check_common(
         name, x, weight, bias, dims, stride, padding, dilation, n_rolls, transposed=False)
     check_kernel_fits(x.shape[2:], weight.shape[2:], padding, dilation, name)
+    check_epilogue(name, x, c_out, scale, shift, relu)
     _, fn = _choose(OP, x, weight, backend, transposed=False, n_rolls=n_rolls)
-    return fn(x, weight, bias, stride, padding, dilation, n_rolls)
+    if scale is None and shift is None and not relu:
+        return fn(x, weight, bias, stride, padding, dilation, n_rolls)
+    if getattr(fn, "supports_epilogue", False):
+        return fn(x, weight, bias, stride, padding, dilation, n_rolls, scale=scale, shift=shift, relu=relu)
+    return apply_epilogue(fn(x, weight, bias, stride, padding, dilation, n_rolls), scale, shift, relu)
 
 
-def _rolling_conv_transpose_nd(dims, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend):
+def _rolling_conv_transpose_nd(dims, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend,
+                               scale=None, shift=None, relu=False):
     name = "rolling_conv_transpose%dd" % dims
-    x, weight, bias = autocast_inputs(x, weight, bias)
-    stride, padding, dilation, n_rolls, _ = _check_common(
+    x, weight, bias, scale, shift = autocast_inputs(x, weight, bias, scale, shift)
+    stride, padding, dilation, n_rolls, c_out = _check_common(
         name, x, weight, bias, dims, stride, padding, dilation, n_rolls, transposed=True)
+    check_epilogue(name, x, c_out, scale, shift, relu)
     output_padding = ntuple(output_padding, dims, "output_padding", name)
     check_positive(output_padding, "output_padding", name, minimum=0)
     for op_, s, d in zip(output_padding, stride, dilation):
@@ -176,32 +186,44 @@ def _rolling_conv_transpose_nd(dims, x, weight, bias, stride, padding, output_pa
     if any(o < 1 for o in out):
         raise ValueError("%s: the output would be empty (computed spatial size %s); reduce padding" % (name, out))
     _, fn = _choose(OP_T, x, weight, backend, transposed=True, n_rolls=n_rolls)
-    return fn(x, weight, bias, stride, padding, output_padding, dilation, n_rolls)
+    args = (x, weight, bias, stride, padding, output_padding, dilation, n_rolls)
+    if scale is None and shift is None and not relu:
+        return fn(*args)
+    if getattr(fn, "supports_epilogue", False):
+        return fn(*args, scale=scale, shift=shift, relu=relu)
+    return apply_epilogue(fn(*args), scale, shift, relu)
 
 
-def rolling_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, n_rolls=None, backend="auto"):
+def rolling_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, n_rolls=None, backend="auto", *,
+                   scale=None, shift=None, relu=False):
     """2D rolling convolution. x (N, C_in, H, W), weight = base (n_base, C_in, kH, kW),
     bias (n_rolls * n_base,) or None. Returns (N, n_rolls * n_base, H_out, W_out); output
-    channel r * n_base + b is base b rolled by r along its channel axis. n_rolls defaults to C_in."""
-    return _rolling_conv_nd(2, x, weight, bias, stride, padding, dilation, n_rolls, backend)
+    channel r * n_base + b is base b rolled by r along its channel axis. n_rolls defaults to C_in.
+    Epilogue (keyword-only, per output channel): y = relu?((conv + bias) * scale + shift), fused into
+    the kernel by the backends that can (the spectral CPU kernel), applied after the op otherwise."""
+    return _rolling_conv_nd(2, x, weight, bias, stride, padding, dilation, n_rolls, backend, scale, shift, relu)
 
 
-def rolling_conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, n_rolls=None, backend="auto"):
+def rolling_conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, n_rolls=None, backend="auto", *,
+                   scale=None, shift=None, relu=False):
     """3D rolling convolution; as rolling_conv2d with x (N, C_in, D, H, W), weight (n_base, C_in, kD, kH, kW)."""
-    return _rolling_conv_nd(3, x, weight, bias, stride, padding, dilation, n_rolls, backend)
+    return _rolling_conv_nd(3, x, weight, bias, stride, padding, dilation, n_rolls, backend, scale, shift, relu)
 
 
 def rolling_conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, n_rolls=None,
-                             backend="auto", dilation=1):
+                             backend="auto", dilation=1, *, scale=None, shift=None, relu=False):
     """2D transposed rolling convolution. x (N, C_in, H, W), weight = base (C_in, n_base, kH, kW);
-    W_t[c, r * n_base + b] = weight[(c - r) mod C_in, b], then conv_transpose2d with W_t."""
-    return _rolling_conv_transpose_nd(2, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend)
+    W_t[c, r * n_base + b] = weight[(c - r) mod C_in, b], then conv_transpose2d with W_t.
+    Epilogue keywords as in rolling_conv2d."""
+    return _rolling_conv_transpose_nd(2, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend,
+                                      scale, shift, relu)
 
 
 def rolling_conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_padding=0, n_rolls=None,
-                             backend="auto", dilation=1):
+                             backend="auto", dilation=1, *, scale=None, shift=None, relu=False):
     """3D transposed rolling convolution; as rolling_conv_transpose2d with one more spatial axis."""
-    return _rolling_conv_transpose_nd(3, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend)
+    return _rolling_conv_transpose_nd(3, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend,
+                                      scale, shift, relu)
 
 
 # --------------------------------------------------------------------------------------
