@@ -38,6 +38,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -129,12 +130,26 @@ struct Plan {
   const T* sh = nullptr;
   bool relu = false;
   T* out = nullptr;  // (N, O0, O1, O2, Cout)
+  // Folded channel DFT (x[c] +- x[C-c] first: half the multiply-adds): per base, Rn input channels
+  // (channel of roll r of base b: r*NBi + b), C the transform length.
+  bool fold_in = false;
+  i64 C = 0, Rn = 0, h = 0, Ku = 0, Kv = 0;
+  const T* Bu = nullptr;  // (Ku, Hp): [x0, u_1..u_h, x_{C/2}] -> Re slots
+  const T* Bv = nullptr;  // (Kv, Hp): [v_1..v_h, nyq] -> Im slots (slot 0: Nyquist)
+  // Folded inverse: E (even part, K = Hp + 1) and O (odd part, K = Hp - 1) for r = 0..C/2, then
+  // y[r] = E[r] + O[r], y[C - r] = E[r] - O[r]; out channel r*NBo + bo, r < Rout.
+  bool fold_out = false;
+  i64 Rout = 0, NpE = 0;
+  const T* Ge = nullptr;  // (Hp + 1, NpE)
+  const T* Go = nullptr;  // (Hp - 1, NpE)
   i64 SP() const { return NBi * 2 * Hp; }
 };
 
 // ------------------------------------------------------------------------------------------
 // register-blocked GEMM: C[m][n] = sum_k A[m*ams + k*aks] B[k*ldb + n] (+ epilogue)
 // ------------------------------------------------------------------------------------------
+// A tile of MR rows x NV vectors: MR*NV accumulators, NV loads of B and MR broadcasts of A per k
+// (6 x 2 on AVX2: 12 of the 16 vector registers hold accumulators).
 template <typename T, int VB, int MR, int NV, bool EPI>
 MEDCONV_INLINE void gemm_tile(i64 K, const T* A, i64 ams, i64 aks, const T* B, i64 ldb, T* C, i64 ldc, i64 n0,
                               i64 nvalid, const T* sc, const T* sh, bool relu) {
@@ -146,13 +161,17 @@ MEDCONV_INLINE void gemm_tile(i64 K, const T* A, i64 ams, i64 aks, const T* B, i
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[m][v] = V{};
   const T* b = B + n0;
-  for (i64 kk = 0; kk < K; ++kk) {
+  const T* a = A;
+  for (i64 kk = 0; kk < K; ++kk, a += aks, b += ldb) {
     V bv[NV];
 #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + kk * ldb + v * NL, sizeof(V));
+    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + v * NL, sizeof(V));
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
-      const V av = V{} + A[m * ams + kk * aks];
+      V av;
+      const T am = a[m * ams];
+#pragma GCC unroll 16
+      for (int l = 0; l < NL; ++l) av[l] = am;
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
     }
@@ -185,18 +204,15 @@ MEDCONV_INLINE void gemm_tile(i64 K, const T* A, i64 ams, i64 aks, const T* B, i
 template <typename T, int VB, int MR, bool EPI>
 MEDCONV_INLINE void gemm_rows(i64 K, const T* A, i64 ams, i64 aks, const T* B, i64 ldb, T* C, i64 ldc, i64 n0,
                               int nv, i64 nvalid, const T* sc, const T* sh, bool relu) {
-  switch (nv) {
-    case 3: gemm_tile<T, VB, MR, 3, EPI>(K, A, ams, aks, B, ldb, C, ldc, n0, nvalid, sc, sh, relu); break;
-    case 2: gemm_tile<T, VB, MR, 2, EPI>(K, A, ams, aks, B, ldb, C, ldc, n0, nvalid, sc, sh, relu); break;
-    default: gemm_tile<T, VB, MR, 1, EPI>(K, A, ams, aks, B, ldb, C, ldc, n0, nvalid, sc, sh, relu); break;
-  }
+  if (nv == 2) gemm_tile<T, VB, MR, 2, EPI>(K, A, ams, aks, B, ldb, C, ldc, n0, nvalid, sc, sh, relu);
+  else gemm_tile<T, VB, MR, 1, EPI>(K, A, ams, aks, B, ldb, C, ldc, n0, nvalid, sc, sh, relu);
 }
 
 // Np: columns of B (a multiple of the vector width), nvalid <= Np: columns stored.
 template <typename T, int VB, bool EPI>
 MEDCONV_INLINE void gemm(i64 M, i64 K, const T* A, i64 ams, i64 aks, const T* B, i64 ldb, i64 Np, T* C, i64 ldc,
                          i64 nvalid, const T* sc, const T* sh, bool relu) {
-  constexpr int NL = VB / sizeof(T), MR = 4, NV = 3;
+  constexpr int NL = VB / sizeof(T), MR = 6, NV = 2;
   for (i64 n0 = 0; n0 < Np; n0 += NV * NL) {
     const int nv = (int)std::min<i64>(NV, (Np - n0) / NL);
     i64 m0 = 0;
@@ -205,6 +221,8 @@ MEDCONV_INLINE void gemm(i64 M, i64 K, const T* A, i64 ams, i64 aks, const T* B,
     const T* Am = A + m0 * ams;
     T* Cm = C + m0 * ldc;
     switch (M - m0) {
+      case 5: gemm_rows<T, VB, 5, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
+      case 4: gemm_rows<T, VB, 4, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
       case 3: gemm_rows<T, VB, 3, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
       case 2: gemm_rows<T, VB, 2, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
       case 1: gemm_rows<T, VB, 1, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
@@ -221,6 +239,7 @@ struct Ring {
   i64 span = 1, slab = 0;
   std::vector<T> data;
   std::vector<i64> tag;  // (n * L0 + j0) held by each slot, -1 if none
+  std::vector<T> fold;   // folded input of one row of pixels (fold_in)
 };
 
 // source index of buffer coordinate j, or -1
@@ -232,19 +251,61 @@ MEDCONV_INLINE i64 src_index(i64 j, i64 off, i64 su, i64 size) {
 }
 
 // Channel DFT of source row m0 of batch n into a slab (positions never written stay zero).
+// Folded input of M pixels: per pixel and base, [x0, u_1..u_h, (x_{C/2})] then [v_1..v_h, nyq].
+template <typename T>
+MEDCONV_INLINE void fold_pixels(const Plan<T>& p, const T* a, i64 M, T* F) {
+  const i64 C = p.C, Rn = p.Rn, h = p.h, nb = p.NBi, K = p.Ku + p.Kv;
+  const bool even = C % 2 == 0;
+  for (i64 m = 0; m < M; ++m) {
+    const T* px = a + m * p.sS[2];
+    for (i64 b = 0; b < nb; ++b) {
+      T* f = F + (m * nb + b) * K;
+      auto xc = [&](i64 c) -> T { return c < Rn ? px[(c * nb + b) * p.sC] : T(0); };
+      const T x0 = xc(0);
+      T nyq = x0;
+      f[0] = x0;
+      for (i64 c = 1; c <= h; ++c) {
+        const T lo = xc(c), hi = xc(C - c);
+        f[c] = lo + hi;
+        f[p.Ku + c - 1] = lo - hi;
+        if (even) nyq += (c % 2) ? -(lo + hi) : (lo + hi);
+      }
+      if (even) {
+        const T xm = xc(C / 2);
+        f[h + 1] = xm;
+        nyq += ((C / 2) % 2) ? -xm : xm;
+      }
+      f[p.Ku + h] = even ? nyq : T(0);
+    }
+  }
+}
+
 template <typename T, int VB>
-MEDCONV_INLINE void fill_slab(const Plan<T>& p, i64 n, i64 m0, T* slab) {
+MEDCONV_INLINE void fill_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 m0, T* slab) {
   const i64 SP = p.SP();
   const i64 m2lo = std::max<i64>(0, ceil_div(p.off[2], p.su[2]));
   const i64 m2hi = std::min<i64>(p.S[2], ceil_div(p.L[2] + p.off[2], p.su[2]));
   if (m2hi <= m2lo) return;
   const i64 j2lo = m2lo * p.su[2] - p.off[2];
+  const i64 M = m2hi - m2lo, K = p.Ku + p.Kv;
   for (i64 m1 = 0; m1 < p.S[1]; ++m1) {
     const i64 j1 = m1 * p.su[1] - p.off[1];
     if (j1 < 0 || j1 >= p.L[1]) continue;
     const T* a = p.src + n * p.sN + m0 * p.sS[0] + m1 * p.sS[1] + m2lo * p.sS[2];
-    gemm<T, VB, false>(m2hi - m2lo, p.Csrc, a, p.sS[2], p.sC, p.Dm, SP, SP, slab + (j1 * p.L[2] + j2lo) * SP,
-                       p.su[2] * SP, SP, nullptr, nullptr, false);
+    T* dst = slab + (j1 * p.L[2] + j2lo) * SP;
+    if (!p.fold_in) {
+      gemm<T, VB, false>(M, p.Csrc, a, p.sS[2], p.sC, p.Dm, SP, SP, dst, p.su[2] * SP, SP, nullptr, nullptr, false);
+      continue;
+    }
+    if ((i64)ring.fold.size() < M * p.NBi * K) ring.fold.resize(M * p.NBi * K);
+    fold_pixels<T>(p, a, M, ring.fold.data());
+    for (i64 b = 0; b < p.NBi; ++b) {
+      const T* F = ring.fold.data() + b * K;
+      gemm<T, VB, false>(M, p.Ku, F, p.NBi * K, 1, p.Bu, p.Hp, p.Hp, dst + b * 2 * p.Hp, p.su[2] * SP, p.Hp, nullptr,
+                         nullptr, false);
+      gemm<T, VB, false>(M, p.Kv, F + p.Ku, p.NBi * K, 1, p.Bv, p.Hp, p.Hp, dst + b * 2 * p.Hp + p.Hp, p.su[2] * SP,
+                         p.Hp, nullptr, nullptr, false);
+    }
   }
 }
 
@@ -254,7 +315,7 @@ MEDCONV_INLINE const T* get_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 j0,
   const i64 slot = j0 % ring.span, key = n * p.L[0] + j0;
   T* s = ring.data.data() + slot * ring.slab;
   if (ring.tag[slot] != key) {
-    fill_slab<T, VB>(p, n, m0, s);
+    fill_slab<T, VB>(p, ring, n, m0, s);
     ring.tag[slot] = key;
   }
   return s;
@@ -318,7 +379,7 @@ MEDCONV_INLINE void dw_tile(const Plan<T>& p, const T* const* slabs, const TapRe
 // One output row (n, o0): depthwise over the slabs, inverse GEMM with epilogue into the output.
 template <typename T, int VB>
 MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, std::vector<TapRef>& taps,
-                             std::vector<T>& Y) {
+                             std::vector<T>& Y, std::vector<T>& E) {
   constexpr int MP = 4;
   const i64 SP = p.SP(), L2 = p.L[2];
   std::vector<const T*> slabs(ring.span, nullptr);
@@ -361,8 +422,32 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, std
         }
       }
     }
-    gemm<T, VB, true>(npx, ystride, Y.data(), ystride, 1, p.Gm, p.Np, p.Np, outrow + qb * O2 * p.Cout, p.Cout,
-                      p.Cout, p.sc, p.sh, p.relu);
+    T* orow = outrow + qb * O2 * p.Cout;
+    if (!p.fold_out) {
+      gemm<T, VB, true>(npx, ystride, Y.data(), ystride, 1, p.Gm, p.Np, p.Np, orow, p.Cout, p.Cout, p.sc, p.sh,
+                        p.relu);
+      continue;
+    }
+    const i64 NpE = p.NpE, Hp = p.Hp, half = p.C / 2;
+    if ((i64)E.size() < 2 * npx * NpE) E.resize(2 * npx * NpE);
+    T* Eb = E.data();
+    T* Ob = E.data() + npx * NpE;
+    for (i64 bo = 0; bo < p.NBo; ++bo) {
+      const T* Yb = Y.data() + bo * 2 * Hp;
+      gemm<T, VB, false>(npx, Hp + 1, Yb, ystride, 1, p.Ge, NpE, NpE, Eb, NpE, NpE, nullptr, nullptr, false);
+      gemm<T, VB, false>(npx, Hp - 1, Yb + Hp + 1, ystride, 1, p.Go, NpE, NpE, Ob, NpE, NpE, nullptr, nullptr, false);
+      for (i64 q = 0; q < npx; ++q) {
+        const T* e = Eb + q * NpE;
+        const T* o = Ob + q * NpE;
+        T* y = orow + q * p.Cout + bo;
+        for (i64 r = 0; r < p.Rout; ++r) {
+          const i64 ch = r * p.NBo;
+          const T v = r <= half ? e[r] + o[r] : e[p.C - r] - o[p.C - r];
+          const T z = v * p.sc[ch + bo] + p.sh[ch + bo];
+          y[ch] = p.relu && !(z > T(0)) ? T(0) : z;
+        }
+      }
+    }
   }
 }
 
@@ -374,8 +459,8 @@ MEDCONV_INLINE void conv_rows(const Plan<T>& p, i64 begin, i64 end) {
   ring.data.assign(ring.span * ring.slab, T(0));
   ring.tag.assign(ring.span, -1);
   std::vector<TapRef> taps;
-  std::vector<T> Y;
-  for (i64 row = begin; row < end; ++row) conv_row<T, VB>(p, ring, row / p.O[0], row % p.O[0], taps, Y);
+  std::vector<T> Y, E;
+  for (i64 row = begin; row < end; ++row) conv_row<T, VB>(p, ring, row / p.O[0], row % p.O[0], taps, Y, E);
 }
 
 template <typename T>
@@ -635,6 +720,15 @@ void check_vec(const std::optional<at::Tensor>& v, const at::Tensor& x, i64 Cq, 
               "], got ", shape_str(v->sizes()));
 }
 
+// MEDCONV_SPECTRAL_NO_FOLD=1 computes the channel transforms as plain GEMMs (a check and a baseline).
+bool fold_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("MEDCONV_SPECTRAL_NO_FOLD");
+    return !(e && e[0] == '1');
+  }();
+  return on;
+}
+
 at::MemoryFormat cl_format(int dims) { return dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast; }
 
 // Base weight of spectral base b, channel c, tap t (layout (nb, C, *k) or, transposed, (C, nb, *k)).
@@ -715,6 +809,50 @@ std::vector<T> make_gm(const Spec& sp, bool adjoint, i64 nb, i64 n_rolls, i64 Np
   return G;
 }
 
+// Folded forward DFT tables (see fold_pixels); Rn input channels per base (rolls beyond are zero).
+template <typename T>
+void set_fold_in(Plan<T>& p, const Spec& sp, i64 Rn, std::vector<T>& Bu, std::vector<T>& Bv) {
+  const i64 C = sp.C, Hp = sp.Hp, H = sp.H;
+  p.fold_in = true;
+  p.C = C;
+  p.Rn = Rn;
+  p.h = (C - 1) / 2;  // pure complex bins 1..h
+  const bool even = C % 2 == 0;
+  p.Ku = 1 + p.h + (even ? 1 : 0);
+  p.Kv = p.h + 1;
+  Bu.assign((size_t)(p.Ku * Hp), T(0));
+  Bv.assign((size_t)(p.Kv * Hp), T(0));
+  for (i64 f = 0; f < H; ++f) {
+    Bu[f] = T(1);
+    for (i64 c = 1; c <= p.h; ++c) {
+      Bu[c * Hp + f] = (T)dft_entry(sp, c, f);
+      if (f > 0) Bv[(c - 1) * Hp + f] = (T)dft_entry(sp, c, Hp + f);
+    }
+    if (even) Bu[(p.h + 1) * Hp + f] = (T)((f % 2) ? -1.0 : 1.0);
+  }
+  Bv[p.h * Hp + 0] = T(1);
+  p.Bu = Bu.data();
+  p.Bv = Bv.data();
+}
+
+// Folded inverse tables, used when more than C/2 + 1 rolls are kept.
+template <typename T>
+void set_fold_out(Plan<T>& p, const Spec& sp, i64 Rout, std::vector<T>& Ge, std::vector<T>& Go) {
+  const i64 Hp = sp.Hp, half = sp.C / 2;
+  p.fold_out = true;
+  p.C = sp.C;
+  p.Rout = Rout;
+  p.NpE = round_up(half + 1, kAlignBytes / (i64)sizeof(T));
+  Ge.assign((size_t)((Hp + 1) * p.NpE), T(0));
+  Go.assign((size_t)((Hp - 1) * p.NpE), T(0));
+  for (i64 r = 0; r <= half; ++r) {
+    for (i64 j = 0; j <= Hp; ++j) Ge[j * p.NpE + r] = (T)idft_entry(sp, j, r);
+    for (i64 j = 0; j < Hp - 1; ++j) Go[j * p.NpE + r] = (T)idft_entry(sp, Hp + 1 + j, r);
+  }
+  p.Ge = Ge.data();
+  p.Go = Go.data();
+}
+
 // Source operand, with any strides (no copy), as 3 internal dims.
 template <typename T>
 void set_source(Plan<T>& p, const at::Tensor& src, int dims) {
@@ -775,6 +913,12 @@ at::Tensor spectral_driver(const at::Tensor& src, const at::Tensor& weight, cons
     p.Cout = Cout;
     p.Np = round_up(Cout, kAlignBytes / (i64)sizeof(T));
     std::vector<T> Gm = make_gm<T>(sp, adjoint, g.nb, g.n_rolls, p.Np);
+    std::vector<T> Bu, Bv, Ge, Go;
+    if (fold_enabled()) {
+      set_fold_in<T>(p, sp, adjoint ? g.n_rolls : g.C, Bu, Bv);
+      const i64 rout = adjoint ? g.C : g.n_rolls;
+      if (rout > g.C / 2 + 1) set_fold_out<T>(p, sp, rout, Ge, Go);
+    }
     std::vector<T> sc((size_t)p.Np, T(1)), sh((size_t)p.Np, T(0));
     at::Tensor bc, scc, shc;
     if (bias.has_value()) bc = bias->contiguous();
@@ -917,6 +1061,8 @@ at::Tensor spectral_gw(const at::Tensor& small, const at::Tensor& big, const Geo
     p.NBi = conv ? 1 : g.nb;
     p.taps = taps;
     std::vector<T> Db = make_dm<T>(sp, !conv, g.nb, g.n_rolls);
+    std::vector<T> Bu, Bv;
+    if (fold_enabled()) set_fold_in<T>(p, sp, conv ? g.C : g.n_rolls, Bu, Bv);
     std::vector<T> Ds = make_dm<T>(sp, conv, g.nb, g.n_rolls);
     p.Dm = Db.data();
     q.ssrc = small.data_ptr<T>();
