@@ -168,10 +168,7 @@ MEDCONV_INLINE void gemm_tile(i64 K, const T* A, i64 ams, i64 aks, const T* B, i
     for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + v * NL, sizeof(V));
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
-      V av;
-      const T am = a[m * ams];
-#pragma GCC unroll 16
-      for (int l = 0; l < NL; ++l) av[l] = am;
+      const V av = a[m * ams] - V{};  // a broadcast (x - 0 folds to x; a lane loop became inserts)
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
     }
@@ -201,11 +198,38 @@ MEDCONV_INLINE void gemm_tile(i64 K, const T* A, i64 ams, i64 aks, const T* B, i
     }
 }
 
+// Each register tile is its own (not inlined) function: inlined into the large row drivers, the
+// accumulators were spilled to the stack.
+#define MEDCONV_GEMM_ARGS i64 K, const T *A, i64 ams, i64 aks, const T *B, i64 ldb, T *C, i64 ldc, i64 n0, \
+    i64 nvalid, const T *sc, const T *sh, bool relu
+#define MEDCONV_GEMM_PASS K, A, ams, aks, B, ldb, C, ldc, n0, nvalid, sc, sh, relu
+template <typename T, int MR, int NV, bool EPI>
+__attribute__((noinline)) void gemm_tile16(MEDCONV_GEMM_ARGS) {
+  gemm_tile<T, 16, MR, NV, EPI>(MEDCONV_GEMM_PASS);
+}
+#ifdef MEDCONV_X86_DISPATCH
+template <typename T, int MR, int NV, bool EPI>
+__attribute__((noinline, target("avx2,fma"))) void gemm_tile32(MEDCONV_GEMM_ARGS) {
+  gemm_tile<T, 32, MR, NV, EPI>(MEDCONV_GEMM_PASS);
+}
+#endif
+
+template <typename T, int VB, int MR, int NV, bool EPI>
+MEDCONV_INLINE void gemm_tile_call(MEDCONV_GEMM_ARGS) {
+#ifdef MEDCONV_X86_DISPATCH
+  if constexpr (VB == 32) {
+    gemm_tile32<T, MR, NV, EPI>(MEDCONV_GEMM_PASS);
+    return;
+  }
+#endif
+  gemm_tile16<T, MR, NV, EPI>(MEDCONV_GEMM_PASS);
+}
+
 template <typename T, int VB, int MR, bool EPI>
 MEDCONV_INLINE void gemm_rows(i64 K, const T* A, i64 ams, i64 aks, const T* B, i64 ldb, T* C, i64 ldc, i64 n0,
                               int nv, i64 nvalid, const T* sc, const T* sh, bool relu) {
-  if (nv == 2) gemm_tile<T, VB, MR, 2, EPI>(K, A, ams, aks, B, ldb, C, ldc, n0, nvalid, sc, sh, relu);
-  else gemm_tile<T, VB, MR, 1, EPI>(K, A, ams, aks, B, ldb, C, ldc, n0, nvalid, sc, sh, relu);
+  if (nv == 2) gemm_tile_call<T, VB, MR, 2, EPI>(K, A, ams, aks, B, ldb, C, ldc, n0, nvalid, sc, sh, relu);
+  else gemm_tile_call<T, VB, MR, 1, EPI>(K, A, ams, aks, B, ldb, C, ldc, n0, nvalid, sc, sh, relu);
 }
 
 // Np: columns of B (a multiple of the vector width), nvalid <= Np: columns stored.
@@ -256,6 +280,29 @@ template <typename T>
 MEDCONV_INLINE void fold_pixels(const Plan<T>& p, const T* a, i64 M, T* F) {
   const i64 C = p.C, Rn = p.Rn, h = p.h, nb = p.NBi, K = p.Ku + p.Kv;
   const bool even = C % 2 == 0;
+  if (nb == 1 && Rn == C && p.sC == 1) {  // contiguous channels (channels-last input): plain loops
+    for (i64 m = 0; m < M; ++m) {
+      const T* px = a + m * p.sS[2];
+      T* f = F + m * K;
+      T* fv = f + p.Ku - 1;
+      f[0] = px[0];
+      for (i64 c = 1; c <= h; ++c) {
+        const T lo = px[c], hi = px[C - c];
+        f[c] = lo + hi;
+        fv[c] = lo - hi;
+      }
+      T nyq = T(0);
+      if (even) {
+        f[h + 1] = px[C / 2];
+        T se = T(0), so = T(0);
+        for (i64 c = 0; c < C; c += 2) se += px[c];
+        for (i64 c = 1; c < C; c += 2) so += px[c];
+        nyq = se - so;
+      }
+      f[p.Ku + h] = nyq;
+    }
+    return;
+  }
   for (i64 m = 0; m < M; ++m) {
     const T* px = a + m * p.sS[2];
     for (i64 b = 0; b < nb; ++b) {
@@ -376,6 +423,31 @@ MEDCONV_INLINE void dw_tile(const Plan<T>& p, const T* const* slabs, const TapRe
   }
 }
 
+#define MEDCONV_DW_ARGS const Plan<T>&p, const T *const *slabs, const TapRef *taps, i64 ntaps, i64 pxo, T *Y, \
+    i64 ystride
+#define MEDCONV_DW_PASS p, slabs, taps, ntaps, pxo, Y, ystride
+template <typename T, int MP>
+__attribute__((noinline)) void dw_tile16(MEDCONV_DW_ARGS) {
+  dw_tile<T, 16, MP>(MEDCONV_DW_PASS);
+}
+#ifdef MEDCONV_X86_DISPATCH
+template <typename T, int MP>
+__attribute__((noinline, target("avx2,fma"))) void dw_tile32(MEDCONV_DW_ARGS) {
+  dw_tile<T, 32, MP>(MEDCONV_DW_PASS);
+}
+#endif
+
+template <typename T, int VB, int MP>
+MEDCONV_INLINE void dw_tile_call(MEDCONV_DW_ARGS) {
+#ifdef MEDCONV_X86_DISPATCH
+  if constexpr (VB == 32) {
+    dw_tile32<T, MP>(MEDCONV_DW_PASS);
+    return;
+  }
+#endif
+  dw_tile16<T, MP>(MEDCONV_DW_PASS);
+}
+
 // One output row (n, o0): depthwise over the slabs, inverse GEMM with epilogue into the output.
 template <typename T, int VB>
 MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, std::vector<TapRef>& taps,
@@ -410,14 +482,14 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, std
         T* yrow = Y.data() + (q1 - qb) * O2 * ystride;
         i64 q2 = 0;
         for (; q2 + MP <= O2; q2 += MP)
-          dw_tile<T, VB, MP>(p, slabs.data(), taps.data(), (i64)taps.size(), rowo + q2 * p.ks[2] * SP,
+          dw_tile_call<T, VB, MP>(p, slabs.data(), taps.data(), (i64)taps.size(), rowo + q2 * p.ks[2] * SP,
                              yrow + q2 * ystride, ystride);
         const i64 pxo = rowo + q2 * p.ks[2] * SP;
         T* yq = yrow + q2 * ystride;
         switch (O2 - q2) {
-          case 3: dw_tile<T, VB, 3>(p, slabs.data(), taps.data(), (i64)taps.size(), pxo, yq, ystride); break;
-          case 2: dw_tile<T, VB, 2>(p, slabs.data(), taps.data(), (i64)taps.size(), pxo, yq, ystride); break;
-          case 1: dw_tile<T, VB, 1>(p, slabs.data(), taps.data(), (i64)taps.size(), pxo, yq, ystride); break;
+          case 3: dw_tile_call<T, VB, 3>(p, slabs.data(), taps.data(), (i64)taps.size(), pxo, yq, ystride); break;
+          case 2: dw_tile_call<T, VB, 2>(p, slabs.data(), taps.data(), (i64)taps.size(), pxo, yq, ystride); break;
+          case 1: dw_tile_call<T, VB, 1>(p, slabs.data(), taps.data(), (i64)taps.size(), pxo, yq, ystride); break;
           default: break;
         }
       }
@@ -436,15 +508,20 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, std
       const T* Yb = Y.data() + bo * 2 * Hp;
       gemm<T, VB, false>(npx, Hp + 1, Yb, ystride, 1, p.Ge, NpE, NpE, Eb, NpE, NpE, nullptr, nullptr, false);
       gemm<T, VB, false>(npx, Hp - 1, Yb + Hp + 1, ystride, 1, p.Go, NpE, NpE, Ob, NpE, NpE, nullptr, nullptr, false);
+      const i64 r1 = std::min(p.Rout, half + 1), nbo = p.NBo;
+      const T* scb = p.sc + bo;
+      const T* shb = p.sh + bo;
       for (i64 q = 0; q < npx; ++q) {
         const T* e = Eb + q * NpE;
         const T* o = Ob + q * NpE;
         T* y = orow + q * p.Cout + bo;
-        for (i64 r = 0; r < p.Rout; ++r) {
-          const i64 ch = r * p.NBo;
-          const T v = r <= half ? e[r] + o[r] : e[p.C - r] - o[p.C - r];
-          const T z = v * p.sc[ch + bo] + p.sh[ch + bo];
-          y[ch] = p.relu && !(z > T(0)) ? T(0) : z;
+        for (i64 r = 0; r < r1; ++r) {
+          const T z = (e[r] + o[r]) * scb[r * nbo] + shb[r * nbo];
+          y[r * nbo] = p.relu && !(z > T(0)) ? T(0) : z;
+        }
+        for (i64 r = r1; r < p.Rout; ++r) {
+          const T z = (e[p.C - r] - o[p.C - r]) * scb[r * nbo] + shb[r * nbo];
+          y[r * nbo] = p.relu && !(z > T(0)) ? T(0) : z;
         }
       }
     }
