@@ -132,6 +132,30 @@ _CPU_SPECTRAL_MIN_TAPS = {2: 9, 3: 27}
 _CPU_SPECTRAL_MIN_C_OUT_2D = 256
 
 
+# With the fused spectral CPU kernel (float32/float64, C_in <= 256; rolling_conv_spectral_cpu.py),
+# measured as thread CPU time, 1 thread, machine lightly loaded (load average ~4 on 2 cores),
+# reference / spectral time (above 1: spectral faster), "same" padding, N=1:
+#   2D 3x3 C=4 256^2   fwd 0.36  fwd+bwd 0.93     3D 3^3 C=4 32^3   fwd 3.5   fwd+bwd 5.6
+#          C=8 256^2       0.61          1.14            C=8 32^3       10.3          13.2
+#          C=16 256^2      0.90          1.53     3D 5^3 C=64 24^3 (vs dense)  8.7 fwd
+#          C=64->32 256^2  0.79          1.12            C=128 16^3 (vs dense) 11.9 fwd
+#   2D 3x3 C=64 256^2 (vs dense) 2.5 fwd;  C=128 128^2 (vs dense) 2.8 fwd
+#   2D 1x1 C=64 128^2  0.63  0.64;  2D 2x2 C=16 128^2  0.45  0.60   (few taps: reference)
+# and 2 threads, wall clock (same load): fwd+bwd vs dense 2D C=64 256^2 2.2x, C=128 128^2 3.3x,
+# 3D 5^3 C=64 24^3 9.8x, C=128 16^3 12.6x; 2D half roll C=128->64 at 256^2 fwd 2.0x vs reference.
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def _cpu_auto_candidates_fused(dims: int, c_in: int, c_out: int, taps: int, training: bool) -> List[str]:
+    if taps < _CPU_SPECTRAL_MIN_TAPS[dims]:
+        return ["reference"]
+    if dims == 3:
+        return ["spectral"]
+    if training:
+        return ["spectral"] if c_in >= 8 else ["reference"]
+    return ["spectral"] if c_in >= 32 and c_out >= 64 else ["reference"]
+
+
 def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool, n_rolls=None) -> List[str]:
     dims = weight.dim() - 2
     c_in = x.shape[1]
@@ -139,6 +163,11 @@ def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool
     for k in weight.shape[2:]:
         taps *= int(k)
     training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if x.dtype in _FUSED_DTYPES and _fused_spectral_cpu_runs(x, weight, transposed):
+        n_base = weight.shape[1] if transposed else weight.shape[0]
+        c_out = (c_in if n_rolls is None else n_rolls) * n_base
+        return _cpu_auto_candidates_fused(dims, c_in, c_out, taps, training)
+    # without the fused kernel (16-bit dtypes, C_in > 256, no compiled extension): the composition
     min_c = _CPU_SPECTRAL_MIN_C.get((dims, training))
     n_base = weight.shape[1] if transposed else weight.shape[0]
     c_out = (c_in if n_rolls is None else n_rolls) * n_base
@@ -147,6 +176,11 @@ def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool
     if min_c is not None and c_in >= min_c and taps >= _CPU_SPECTRAL_MIN_TAPS[dims]:
         return ["spectral"]
     return ["reference"]
+
+
+def _fused_spectral_cpu_runs(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> bool:
+    from . import rolling_conv_spectral_cpu as fused  # imported late: it registers itself on import
+    return fused.available() and fused.supports(x, weight, transposed) is None
 
 
 # --------------------------------------------------------------------------------------
