@@ -238,3 +238,38 @@ def test_torch_compile_fullgraph():
     gw_want, = torch.autograd.grad(want, w)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(gw, gw_want)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_unet_eval_folds_batchnorm_relu(dims, monkeypatch):
+    """A rolling UNet in eval mode folds conv -> BN -> ReLU into the epilogue: same output as module
+    by module; training mode is unchanged (batch statistics)."""
+    import sys
+    from medconv_ext.models.unet import ConvUnit, UNet
+    from medconv_ext.nn import fuse
+    unet_mod = sys.modules["medconv_ext.models.unet"]
+    torch.manual_seed(0)
+    model = UNet(dims, 2, 3, features=4, kernel_size=3, kind="rolling", first_kind="dense", depth=1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 2, *([8] * dims))
+    calls = []
+    real = fuse.rolling_conv_bn_relu
+    monkeypatch.setattr(unet_mod, "rolling_conv_bn_relu", lambda *a: calls.append(1) or real(*a))
+    model.eval()
+    with torch.no_grad():
+        fused_out = model(x)
+        assert calls, "no conv unit was folded"
+        monkeypatch.setattr(ConvUnit, "forward", torch.nn.Sequential.forward)
+        plain = model(x)
+    torch.testing.assert_close(fused_out, plain, rtol=1e-4, atol=1e-5)
+    monkeypatch.undo()
+    monkeypatch.setattr(unet_mod, "rolling_conv_bn_relu", lambda *a: calls.append(1) or real(*a))
+    model.train()
+    calls.clear()
+    model(x)
+    assert not calls  # training mode: never folded
