@@ -152,7 +152,7 @@ def time_thread_ms(fn, warmup: int = 2, min_reps: int = 5, max_reps: int = 50, b
 
 
 def bench_case(res: harness.Results, shape, device, dtype, modes, budget_s: float, skipped: Dict[str, str],
-               timer: str = "wall", peak_mem: bool = True):
+               timer: str = "wall", peak_mem: bool = True, only: Optional[List[str]] = None):
     dims, n, c, s, k = shape
     pad = k // 2
     sh = shape_str(*shape)
@@ -178,6 +178,8 @@ def bench_case(res: harness.Results, shape, device, dtype, modes, budget_s: floa
         if why is not None:
             skipped.setdefault(name, why)
     names = [m for m, why in impls.items() if why is None] + BASELINES
+    if only:
+        names = [m for m in names if m in only]
     # Correctness guard: a backend that computes garbage must not produce a benchmark number.
     with torch.no_grad():
         ref_out = ROLLING[dims](tensors["x"].double(), tensors["w"].double(), None, padding=pad, backend="reference")
@@ -334,6 +336,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="all", choices=["fwd", "fwdbwd", "all"])
     p.add_argument("--budget", type=float, default=0.5, help="seconds of repeats per measurement (>= 5 repeats)")
     p.add_argument("--shape", action="append", type=parse_shape, help="custom case, e.g. '3d N=1 C=128 S=16 k=5'")
+    p.add_argument("--impls", default=None, help="comma list: time only these impls (e.g. spectral,auto,dense,dense_cl)")
     p.add_argument("--set", default="default", choices=["default", "fused"],
                    help="fused: the shapes of the fused spectral CPU kernel's targets")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -376,7 +379,8 @@ def main(argv=None) -> int:
     skipped: Dict[str, str] = {}
     for dt in dtype_names:
         for shape in shapes:
-            bench_case(res, shape, device, DTYPES[dt], modes, a.budget, skipped, a.timer, not a.no_peak_mem)
+            bench_case(res, shape, device, DTYPES[dt], modes, a.budget, skipped, a.timer, not a.no_peak_mem,
+                       a.impls.split(",") if a.impls else None)
     for name, why in skipped.items():
         print("not timed: %s (%s)" % (name, why))
 
