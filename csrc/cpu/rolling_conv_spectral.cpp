@@ -264,6 +264,7 @@ struct Ring {
   std::vector<T> data;
   std::vector<i64> tag;  // (n * L0 + j0) held by each slot, -1 if none
   std::vector<T> fold;   // folded input of one row of pixels (fold_in)
+  std::vector<T> xt;     // one row of a channel-major input, transposed to pixel-major
 };
 
 // source index of buffer coordinate j, or -1
@@ -276,13 +277,14 @@ MEDCONV_INLINE i64 src_index(i64 j, i64 off, i64 su, i64 size) {
 
 // Channel DFT of source row m0 of batch n into a slab (positions never written stay zero).
 // Folded input of M pixels: per pixel and base, [x0, u_1..u_h, (x_{C/2})] then [v_1..v_h, nyq].
+// a: pixel m, channel ch at a[m*ps + ch*cs].
 template <typename T>
-MEDCONV_INLINE void fold_pixels(const Plan<T>& p, const T* a, i64 M, T* F) {
+MEDCONV_INLINE void fold_pixels(const Plan<T>& p, const T* a, i64 ps, i64 cs, i64 M, T* F) {
   const i64 C = p.C, Rn = p.Rn, h = p.h, nb = p.NBi, K = p.Ku + p.Kv;
   const bool even = C % 2 == 0;
-  if (nb == 1 && Rn == C && p.sC == 1) {  // contiguous channels (channels-last input): plain loops
+  if (nb == 1 && Rn == C && cs == 1) {  // contiguous channels (channels-last input): plain loops
     for (i64 m = 0; m < M; ++m) {
-      const T* px = a + m * p.sS[2];
+      const T* px = a + m * ps;
       T* f = F + m * K;
       T* fv = f + p.Ku - 1;
       f[0] = px[0];
@@ -304,10 +306,10 @@ MEDCONV_INLINE void fold_pixels(const Plan<T>& p, const T* a, i64 M, T* F) {
     return;
   }
   for (i64 m = 0; m < M; ++m) {
-    const T* px = a + m * p.sS[2];
+    const T* px = a + m * ps;
     for (i64 b = 0; b < nb; ++b) {
       T* f = F + (m * nb + b) * K;
-      auto xc = [&](i64 c) -> T { return c < Rn ? px[(c * nb + b) * p.sC] : T(0); };
+      auto xc = [&](i64 c) -> T { return c < Rn ? px[(c * nb + b) * cs] : T(0); };
       const T x0 = xc(0);
       T nyq = x0;
       f[0] = x0;
@@ -345,7 +347,19 @@ MEDCONV_INLINE void fill_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 m0, T*
       continue;
     }
     if ((i64)ring.fold.size() < M * p.NBi * K) ring.fold.resize(M * p.NBi * K);
-    fold_pixels<T>(p, a, M, ring.fold.data());
+    if (p.sC != 1 && p.sS[2] == 1) {
+      // channel-major input (NC(D)HW): transpose the row to pixel-major first, reading every
+      // channel's pixels contiguously (gathering C strided channels per pixel was the bottleneck)
+      if ((i64)ring.xt.size() < M * p.Csrc) ring.xt.resize(M * p.Csrc);
+      T* xt = ring.xt.data();
+      for (i64 ch = 0; ch < p.Csrc; ++ch) {
+        const T* src = a + ch * p.sC;
+        for (i64 m = 0; m < M; ++m) xt[m * p.Csrc + ch] = src[m];
+      }
+      fold_pixels<T>(p, xt, p.Csrc, 1, M, ring.fold.data());
+    } else {
+      fold_pixels<T>(p, a, p.sS[2], p.sC, M, ring.fold.data());
+    }
     for (i64 b = 0; b < p.NBi; ++b) {
       const T* F = ring.fold.data() + b * K;
       gemm<T, VB, false>(M, p.Ku, F, p.NBi * K, 1, p.Bu, p.Hp, p.Hp, dst + b * 2 * p.Hp, p.su[2] * SP, p.Hp, nullptr,
