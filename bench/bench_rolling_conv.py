@@ -49,11 +49,20 @@ CPU_SHAPES = [
 # On a GPU the same cases with a batch large enough to fill the device.
 CUDA_SHAPES = [(d, 8 * n, c, s, k) for d, n, c, s, k in CPU_SHAPES]
 QUICK_SHAPES = [(2, 1, 64, 32, 3), (2, 1, 512, 32, 3), (3, 1, 16, 16, 5), (3, 1, 128, 16, 5)]
+# --set fused: the shapes of the fused spectral CPU kernel's targets (dense / spectral time, 2 threads,
+# float32, N=1, "same" padding): (forward, forward+backward) minimum speed-ups.
+FUSED_SHAPES = [(2, 1, 64, 256, 3), (2, 1, 64, 512, 3), (2, 1, 128, 128, 3), (2, 1, 128, 256, 3),
+                (2, 1, 512, 32, 3), (3, 1, 64, 24, 5), (3, 1, 128, 16, 5)]
+FUSED_TARGETS = {
+    "2d N=1 C=64 S=256 k=3": (2.5, 1.5), "2d N=1 C=64 S=512 k=3": (2.5, 1.5),
+    "2d N=1 C=128 S=128 k=3": (3.0, 2.0), "2d N=1 C=128 S=256 k=3": (3.0, 2.0),
+    "2d N=1 C=512 S=32 k=3": (6.0, 3.0), "3d N=1 C=64 S=24 k=5": (6.0, 3.0), "3d N=1 C=128 S=16 k=5": (10.0, 5.0),
+}
 TARGETS = {  # (shape, minimum forward speed-up of "auto" over dense) the project's goals, CPU float32
     "2d N=1 C=512 S=32 k=3": 3.0,
     "3d N=1 C=128 S=16 k=5": 5.0,
 }
-BASELINES = ["roll_loop", "dense", "depthwise_separable"]
+BASELINES = ["roll_loop", "dense", "dense_cl", "depthwise_separable"]
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 
@@ -105,6 +114,9 @@ def _make_fn(impl: str, mode: str, dims: int, tensors: Dict[str, torch.Tensor], 
     elif impl == "dense":
         params = [x, tensors["w_dense"]]
         fwd = lambda: CONV[dims](x, tensors["w_dense"], None, 1, pad)  # noqa: E731
+    elif impl == "dense_cl":  # the same dense conv on channels-last activations and weights
+        params = [tensors["x_cl"], tensors["w_dense_cl"]]
+        fwd = lambda: CONV[dims](tensors["x_cl"], tensors["w_dense_cl"], None, 1, pad)  # noqa: E731
     elif impl == "depthwise_separable":
         params = [x, tensors["w_dw"], tensors["w_pw"]]
         fwd = lambda: CONV[dims](CONV[dims](x, tensors["w_dw"], None, 1, pad, 1, x.shape[1]), tensors["w_pw"])  # noqa: E731
@@ -140,7 +152,7 @@ def time_thread_ms(fn, warmup: int = 2, min_reps: int = 5, max_reps: int = 50, b
 
 
 def bench_case(res: harness.Results, shape, device, dtype, modes, budget_s: float, skipped: Dict[str, str],
-               timer: str = "wall", peak_mem: bool = True):
+               timer: str = "wall", peak_mem: bool = True, only: Optional[List[str]] = None):
     dims, n, c, s, k = shape
     pad = k // 2
     sh = shape_str(*shape)
@@ -157,12 +169,17 @@ def bench_case(res: harness.Results, shape, device, dtype, modes, budget_s: floa
         "w_dw": rnd(c, 1, *([k] * dims), scale=k ** (-dims / 2)),
         "w_pw": rnd(c, c, *([1] * dims), scale=c ** -0.5),
     }
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    tensors["x_cl"] = tensors["x"].contiguous(memory_format=fmt)
+    tensors["w_dense_cl"] = tensors["w_dense"].contiguous(memory_format=fmt)
     grad_out = rnd(n, c, *([s] * dims))
     impls = medconv_impls(device, dtype, shape)
     for name, why in impls.items():
         if why is not None:
             skipped.setdefault(name, why)
     names = [m for m, why in impls.items() if why is None] + BASELINES
+    if only:
+        names = [m for m in names if m in only]
     # Correctness guard: a backend that computes garbage must not produce a benchmark number.
     with torch.no_grad():
         ref_out = ROLLING[dims](tensors["x"].double(), tensors["w"].double(), None, padding=pad, backend="reference")
@@ -172,7 +189,7 @@ def bench_case(res: harness.Results, shape, device, dtype, modes, budget_s: floa
         for impl in names:
             fn = _make_fn(impl, mode, dims, tensors, pad, grad_out)
             err = ""
-            if impl not in ("dense", "depthwise_separable") and mode == "fwd":
+            if impl not in ("dense", "dense_cl", "depthwise_separable") and mode == "fwd":
                 y = fn()
                 err = ((y.double() - ref_out).abs().max() / ref_out.abs().max()).item()
             if timer == "thread":
@@ -180,8 +197,45 @@ def bench_case(res: harness.Results, shape, device, dtype, modes, budget_s: floa
             else:
                 ms = harness.time_ms(fn, device, budget_s=budget_s)
             mem = harness.measure_peak_mb(fn, device) if peak_mem else float("nan")
+            gb, gf = work(impl, mode, shape, dtype)
             res.add(op=OP, impl=impl, dtype=str(dtype).replace("torch.", ""), mode=mode, shape=sh,
-                    median_ms=ms, peak_mem_mb=mem, max_rel_err=err)
+                    median_ms=ms, peak_mem_mb=mem, max_rel_err=err, gbytes=gb, gflop=gf,
+                    bw_frac=gb / (ms * 1e-3) / MACHINE["copy_gbs"] if MACHINE.get("copy_gbs") else float("nan"),
+                    flop_frac=gf / (ms * 1e-3) / MACHINE["peak_gflops"] if MACHINE.get("peak_gflops") else float("nan"))
+
+
+# Measured in the same run (see measure_machine): copy bandwidth (GB/s, read + write bytes) and the
+# float32 GEMM rate (GFLOP/s) standing for the peak, so that the distance to the limit is visible.
+MACHINE: Dict[str, float] = {}
+
+
+def measure_machine(device: torch.device, dtype: torch.dtype) -> Dict[str, float]:
+    a = torch.empty(64 * 2 ** 20 // 4, device=device, dtype=torch.float32).fill_(1.0)
+    b = torch.empty_like(a)
+    ms = harness.time_ms(lambda: b.copy_(a), device, budget_s=0.2)
+    m = torch.randn(1024, 1024, device=device, dtype=dtype)
+    ms_mm = harness.time_ms(lambda: torch.mm(m, m), device, budget_s=0.2)
+    return {"copy_gbs": 2 * a.numel() * 4 / (ms * 1e-3) / 1e9,
+            "peak_gflops": 2 * 1024 ** 3 / (ms_mm * 1e-3) / 1e9}
+
+
+def work(impl: str, mode: str, shape, dtype: torch.dtype):
+    """(GB moved, GFLOP) of one call, by the algorithm behind impl (mode fwdbwd: about 3x fwd).
+    Bytes: the activations read and written once (the least any implementation moves), plus weights.
+    FLOPs (2 per multiply-add): dense C*C*taps per pixel; spectral: channel DFT C*C, per-frequency
+    complex depthwise 2*C*taps (4 real multiply-adds per frequency, C/2 frequencies), inverse C*C."""
+    dims, n, c, s, k = shape
+    taps, px = k ** dims, n * s ** dims
+    es = torch.finfo(dtype).bits // 8
+    bytes_ = 2 * c * px * es + (c * c * taps if impl.startswith("dense") else c * taps) * es
+    if impl in ("dense", "dense_cl", "roll_loop", "reference", "cpu"):
+        macs = c * c * taps * px
+    elif impl == "depthwise_separable":
+        macs = (c * taps + c * c) * px
+    else:  # spectral / spectral_unfused / auto (counted as spectral)
+        macs = (c * c + 2 * c * taps + c * c) * px
+    f = 3 if mode == "fwdbwd" else 1
+    return f * bytes_ / 1e9, f * 2 * macs / 1e9
 
 
 def _by_key(rows):
@@ -193,8 +247,11 @@ def _by_key(rows):
 
 def add_ratios(rows: List[dict]) -> None:
     for by_impl in _by_key(rows).values():
+        best = min((by_impl[d] for d in ("dense", "dense_cl") if d in by_impl), key=lambda r: r["median_ms"],
+                   default=None)
         for base, col in (("roll_loop", "vs_roll_loop"), ("dense", "vs_dense")):
-            b = by_impl.get(base)
+            # vs_dense: against the faster of the NC(D)HW and channels-last dense conv
+            b = best if base == "dense" else by_impl.get(base)
             for r in by_impl.values():
                 r[col] = r["median_ms"] / b["median_ms"] if b and b["median_ms"] > 0 else float("nan")
 
@@ -217,6 +274,14 @@ def check_targets(rows: List[dict]) -> List[str]:
     """The project's CPU goals, as lines of text (PASS/MISS)."""
     lines = []
     for (dt, mode, sh), by_impl in _by_key(rows).items():
+        dense = [by_impl[d]["median_ms"] for d in ("dense", "dense_cl") if d in by_impl]
+        if dt == "float32" and sh in FUSED_TARGETS and dense:
+            want = FUSED_TARGETS[sh][0 if mode == "fwd" else 1]
+            for impl in ("spectral", "auto"):
+                if impl in by_impl:
+                    ratio = min(dense) / by_impl[impl]["median_ms"]
+                    lines.append("%s %-8s vs dense  %-7s %-24s %6.2fx faster (target >= %.1fx)"
+                                 % ("PASS" if ratio >= want else "MISS", impl, mode, sh, ratio, want))
         if "auto" in by_impl and "roll_loop" in by_impl:
             ratio = by_impl["roll_loop"]["median_ms"] / by_impl["auto"]["median_ms"]
             lines.append("%s auto vs roll_loop  %-7s %-24s %6.2fx faster" % ("PASS" if ratio >= 1 else "MISS", mode, sh, ratio))
@@ -271,6 +336,9 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="all", choices=["fwd", "fwdbwd", "all"])
     p.add_argument("--budget", type=float, default=0.5, help="seconds of repeats per measurement (>= 5 repeats)")
     p.add_argument("--shape", action="append", type=parse_shape, help="custom case, e.g. '3d N=1 C=128 S=16 k=5'")
+    p.add_argument("--impls", default=None, help="comma list: time only these impls (e.g. spectral,auto,dense,dense_cl)")
+    p.add_argument("--set", default="default", choices=["default", "fused"],
+                   help="fused: the shapes of the fused spectral CPU kernel's targets")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--timer", default="wall", choices=["wall", "thread"],
                    help="wall: median wall time (the default, what the targets mean); thread: median CPU time "
@@ -293,7 +361,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     if a.timer == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
         p.error("--timer thread needs --device cpu and --threads 1")
-    shapes = a.shape or (QUICK_SHAPES if a.quick else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES))
+    shapes = a.shape or (QUICK_SHAPES if a.quick else FUSED_SHAPES if a.set == "fused" else
+                         (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES))
     if device.type == "cuda":
         # Exact fp32 for every impl alike (no TF32), so the comparison is between algorithms.
         torch.backends.cudnn.allow_tf32 = False
@@ -310,11 +379,16 @@ def main(argv=None) -> int:
         print("  backend spectral on CUDA: %s; spectral_unfused: the torch-op composition (cuFFT + cuDNN)"
               % ("the fused Triton kernel where it supports the input" if "cuda" in spectral_mod._FUSED
                  else "no fused kernel registered, the torch-op composition"))
-    res = harness.Results("rolling_conv", device, extra_columns=["vs_roll_loop", "vs_dense", "max_rel_err"])
+    res = harness.Results("rolling_conv", device, extra_columns=["vs_roll_loop", "vs_dense", "max_rel_err", "gbytes",
+                                                                 "gflop", "bw_frac", "flop_frac"])
+    MACHINE.update(measure_machine(device, DTYPES[dtype_names[0]]))
+    print("  machine: copy %.1f GB/s, %s GEMM %.1f GFLOP/s (measured now; bw_frac / flop_frac columns)"
+          % (MACHINE["copy_gbs"], dtype_names[0], MACHINE["peak_gflops"]))
     skipped: Dict[str, str] = {}
     for dt in dtype_names:
         for shape in shapes:
-            bench_case(res, shape, device, DTYPES[dt], modes, a.budget, skipped, a.timer, not a.no_peak_mem)
+            bench_case(res, shape, device, DTYPES[dt], modes, a.budget, skipped, a.timer, not a.no_peak_mem,
+                       a.impls.split(",") if a.impls else None)
     for name, why in skipped.items():
         print("not timed: %s (%s)" % (name, why))
 
@@ -331,8 +405,9 @@ def main(argv=None) -> int:
     out_dir = a.out_dir or os.path.join(harness.results_root(),
                                         harness.device_slug(device) + ("-threadtime" if a.timer == "thread" else ""))
     os.makedirs(out_dir, exist_ok=True)
-    res.write_csv(os.path.join(out_dir, "rolling_conv.csv"))
-    plot(res.rows, impls, os.path.join(out_dir, "rolling_conv.png"))
+    stem = "rolling_conv" + ("_fused" if a.set == "fused" and not a.shape else "")
+    res.write_csv(os.path.join(out_dir, stem + ".csv"))
+    plot(res.rows, impls, os.path.join(out_dir, stem + ".png"))
     return 0
 
 

@@ -23,6 +23,23 @@ TORCH_LIBRARY(medconv, m) {
   m.def("rolling_conv_transpose_grad_weight(Tensor grad_out, Tensor x, int[] weight_size, "
         "int[] stride, int[] padding, int[] dilation, int n_rolls) -> Tensor");
 
+  // ---- spectral rolling convolution (fused CPU kernel; same definition as above) -------
+  // Channel DFT -> per-frequency complex depthwise conv -> inverse DFT of the n_rolls kept rows,
+  // with an optional epilogue y = relu?((conv + bias) * scale + shift) per output channel
+  // (scale/shift None: 1/0). The result is in channels-last memory.
+  m.def("rolling_conv_spectral(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+        "bool relu, int[] stride, int[] padding, int[] dilation, int n_rolls) -> Tensor");
+  m.def("rolling_conv_spectral_grad_input(Tensor grad_out, Tensor weight, int[] input_size, int[] stride, "
+        "int[] padding, int[] dilation, int n_rolls) -> Tensor");
+  m.def("rolling_conv_spectral_grad_weight(Tensor grad_out, Tensor x, int[] weight_size, int[] stride, "
+        "int[] padding, int[] dilation, int n_rolls) -> Tensor");
+  m.def("rolling_conv_transpose_spectral(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+        "bool relu, int[] stride, int[] padding, int[] output_padding, int[] dilation, int n_rolls) -> Tensor");
+  m.def("rolling_conv_transpose_spectral_grad_input(Tensor grad_out, Tensor weight, int[] input_size, "
+        "int[] stride, int[] padding, int[] dilation, int n_rolls) -> Tensor");
+  m.def("rolling_conv_transpose_spectral_grad_weight(Tensor grad_out, Tensor x, int[] weight_size, "
+        "int[] stride, int[] padding, int[] dilation, int n_rolls) -> Tensor");
+
   // ---- involution (docs/design.md §2) -------------------------------------------------------
   // x (N, C, *S), weight (N, G, *K, *S_out), channel c uses group c // (C / G).
   m.def("involution(Tensor x, Tensor weight, int[] kernel_size, int[] stride, int[] padding, "

@@ -39,13 +39,13 @@ def test_bench_rolling_conv_tiny(tmp_path, capsys):
                 "vs_dense", "max_rel_err"):
         assert col in rows[0], col
     impls = {r["impl"] for r in rows}
-    assert {"reference", "spectral", "auto", "roll_loop", "dense", "depthwise_separable"} <= impls
+    assert {"reference", "spectral", "auto", "roll_loop", "dense", "dense_cl", "depthwise_separable"} <= impls
     assert {r["shape"] for r in rows} == {"2d N=1 C=4 S=6 k=3", "3d N=2 C=3 S=5 k=3"}
     assert {r["mode"] for r in rows} == {"fwd", "fwdbwd"}
     assert len(rows) == 2 * 2 * len(impls)
     for r in rows:
         assert float(r["median_ms"]) > 0
-        if r["mode"] == "fwd" and r["impl"] not in ("dense", "depthwise_separable"):
+        if r["mode"] == "fwd" and r["impl"] not in ("dense", "dense_cl", "depthwise_separable"):
             assert float(r["max_rel_err"]) < 1e-5, r  # the benchmark's own correctness guard
         if r["impl"] == "roll_loop":
             assert float(r["vs_roll_loop"]) == pytest.approx(1.0)

@@ -65,6 +65,20 @@ def _opcheck_samples(device):
         ("rolling_conv_transpose", (x, wt, b, spt[0], spt[1], [1, 0], spt[2], 3)),
         ("rolling_conv_transpose_grad_input", (gyt, wt.detach(), list(x.shape), *spt)),
         ("rolling_conv_transpose_grad_weight", (gyt, x.detach(), list(wt.shape), *spt)),
+    ] + (_spectral_samples(x, w, b, sp, gy, wt, spt, gyt) if device == "cpu" else [])
+
+
+def _spectral_samples(x, w, b, sp, gy, wt, spt, gyt):
+    """The fused spectral CPU ops (CPU kernels only): forward with the epilogue, both gradients."""
+    sc = torch.rand(6, dtype=x.dtype) + 0.5
+    sh = torch.randn(6, dtype=x.dtype)
+    return [
+        ("rolling_conv_spectral", (x, w, b, sc, sh, True, *sp)),
+        ("rolling_conv_spectral_grad_input", (gy, w.detach(), list(x.shape), *sp)),
+        ("rolling_conv_spectral_grad_weight", (gy, x.detach(), list(w.shape), *sp)),
+        ("rolling_conv_transpose_spectral", (x, wt, b, None, None, False, spt[0], spt[1], [1, 0], spt[2], 3)),
+        ("rolling_conv_transpose_spectral_grad_input", (gyt, wt.detach(), list(x.shape), *spt)),
+        ("rolling_conv_transpose_spectral_grad_weight", (gyt, x.detach(), list(wt.shape), *spt)),
     ]
 
 
@@ -77,7 +91,8 @@ def test_opcheck_every_rolling_op(device):
         torch.library.opcheck(getattr(torch.ops.medconv, name).default, args)
         checked.add(name)
     # The Triton custom ops (medconv::rolling_conv*_triton*) are opchecked in test_rolling_conv_triton.py.
-    registered = {n for n in dir(torch.ops.medconv) if n.startswith("rolling_conv") and "_triton" not in n}
+    registered = {n for n in dir(torch.ops.medconv) if n.startswith("rolling_conv") and "_triton" not in n
+                  and (device == "cpu" or "_spectral" not in n)}  # the fused spectral ops are CPU kernels
     assert registered <= checked, "ops without an opcheck: %s" % sorted(registered - checked)
 
 

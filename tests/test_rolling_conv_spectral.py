@@ -216,18 +216,30 @@ def test_compile_fullgraph_forward_and_backward():
 
 def test_cpu_auto_rule():
     from medconv_ext.ops.rolling_conv import _cpu_auto_candidates as rule
-    w2 = lambda c, k=3: torch.randn(1, c, k, k)  # noqa: E731
-    assert rule(torch.randn(1, 512, 4, 4), w2(512), False) == ["spectral"]
-    assert rule(torch.randn(1, 32, 4, 4), w2(32), False) == ["reference"]
-    assert rule(torch.randn(1, 512, 4, 4), w2(512, 1), False) == ["reference"]  # 1x1: no gain
-    assert rule(torch.randn(1, 64, 4, 4), w2(64), False) == ["reference"]  # 2D inference from C_in=128
-    assert rule(torch.randn(1, 256, 4, 4), w2(256), False) == ["spectral"]
-    assert rule(torch.randn(1, 256, 4, 4), w2(256), False, 128) == ["reference"]  # half roll: C_out < 256
-    assert rule(torch.randn(1, 512, 4, 4), w2(512), False, 256) == ["spectral"]
-    x = torch.randn(1, 128, 4, 4, requires_grad=True)
-    assert rule(x, w2(128), False) == ["spectral"]  # training: 2D from C_in=128 too
-    x3 = torch.randn(1, 16, 4, 4, 4, requires_grad=True)
-    assert rule(x3, torch.randn(1, 16, 5, 5, 5), False) == ["reference"]  # 3D training: higher threshold
+    from medconv_ext.ops import rolling_conv_spectral_cpu as fused
+    w2 = lambda c, k=3, dt=torch.float32: torch.randn(1, c, k, k, dtype=dt)  # noqa: E731
+    x2 = lambda c, dt=torch.float32, **kw: torch.randn(1, c, 4, 4, dtype=dt, **kw)  # noqa: E731
+    assert rule(x2(512), w2(512), False) == ["spectral"]
+    assert rule(x2(512), w2(512, 1), False) == ["reference"]  # 1x1: no gain
+    if fused.available():  # with the fused CPU kernel (float32/float64, C_in <= 256)
+        assert rule(x2(16), w2(16), False) == ["reference"]  # 2D inference from C_in=32, C_out=64
+        assert rule(x2(64), w2(64), False) == ["spectral"]
+        assert rule(x2(64), w2(64), False, 32) == ["reference"]  # half roll: C_out < 64
+        assert rule(x2(16, requires_grad=True), w2(16), False) == ["spectral"]  # 2D training from C_in=8
+        assert rule(x2(4, requires_grad=True), w2(4), False) == ["reference"]
+        assert rule(torch.randn(1, 4, 4, 4, 4), torch.randn(1, 4, 3, 3, 3), False) == ["spectral"]  # 3D: any C
+        assert rule(torch.randn(1, 16, 4, 4, 4), torch.randn(1, 16, 2, 2, 2), False) == ["reference"]
+    # without it (16-bit inputs, C_in > 256): the composition's rule
+    bf = torch.bfloat16
+    assert rule(x2(32, bf), w2(32, 3, bf), False) == ["reference"]
+    assert rule(x2(64, bf), w2(64, 3, bf), False) == ["reference"]  # 2D inference from C_in=128
+    assert rule(x2(256, bf), w2(256, 3, bf), False) == ["spectral"]
+    assert rule(x2(256, bf), w2(256, 3, bf), False, 128) == ["reference"]  # half roll: C_out < 256
+    assert rule(x2(512), w2(512), False, 256) == ["spectral"]
+    x = x2(128, bf, requires_grad=True)
+    assert rule(x, w2(128, 3, bf), False) == ["spectral"]  # training: 2D from C_in=128 too
+    x3 = torch.randn(1, 16, 4, 4, 4, dtype=bf, requires_grad=True)
+    w3 = torch.randn(1, 16, 5, 5, 5, dtype=bf)
+    assert rule(x3, w3, False) == ["reference"]  # 3D training: higher threshold
     with torch.no_grad():
-        assert rule(x3, torch.randn(1, 16, 5, 5, 5), False) == ["spectral"]
-    assert rule(torch.randn(1, 16, 4, 4, 4), torch.randn(1, 16, 5, 5, 5), False) == ["spectral"]
+        assert rule(x3, w3, False) == ["spectral"]

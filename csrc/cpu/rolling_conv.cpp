@@ -29,21 +29,13 @@
 #include <string>
 #include <vector>
 
+#include "cpu/cpu_dispatch.h"
+
 namespace medconv {
 namespace {
 
 using i64 = int64_t;
 using A3 = std::array<i64, 3>;
-
-#if defined(__GNUC__)
-#define MEDCONV_INLINE inline __attribute__((always_inline))
-#else
-#define MEDCONV_INLINE inline
-#endif
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define MEDCONV_X86_DISPATCH 1
-#endif
 
 constexpr int RT = 4;  // output channels per register tile
 
@@ -370,11 +362,6 @@ __attribute__((target("avx2,fma"))) void corr_rows_avx2(const CorrArgs<T>& a, i6
     if (a.s[2] == 1) corr_row_impl<T, 2, 32, true>(a, row, scratch);
     else corr_row_impl<T, 2, 32, false>(a, row, scratch);
   }
-}
-
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
 }
 #endif
 

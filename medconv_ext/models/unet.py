@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..nn import RollingConv2d, RollingConv3d, RollingConvTranspose2d, RollingConvTranspose3d
+from ..nn.fuse import can_fold, rolling_conv_bn_relu
 
 KINDS = ("dense", "rolling", "depthwise", "flattened")
 
@@ -80,6 +81,12 @@ class ConvUnit(nn.Sequential):
         self.conv = _make_conv(kind, dims, cin, cout, k)
         self.bn = _BN[dims](cout)
         self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        # eval mode: a rolling conv folds BatchNorm + ReLU into its epilogue (exact; see nn/fuse.py)
+        if not self.training and can_fold(self.conv, self.bn):
+            return rolling_conv_bn_relu(self.conv, self.bn, True, x)
+        return super().forward(x)
 
 
 def _block(kinds: Sequence[str], dims: int, cin: int, cout: int, k: int) -> nn.Sequential:

@@ -76,3 +76,34 @@ def check_kernel_fits(spatial: Sequence[int], ksize: Sequence[int], padding: Seq
                 "%s: the kernel (size %d, dilation %d: extent %d) is larger than the padded input "
                 "along spatial dim %d (size %d + 2*padding %d = %d)" % (op, k, d, d * (k - 1) + 1, i, n, p, n + 2 * p)
             )
+
+
+def check_epilogue(op: str, x: torch.Tensor, c_out: int, scale, shift, relu) -> None:
+    """The optional epilogue y = relu?((conv + bias) * scale + shift): scale and shift are None or
+    (C_out,) tensors of x's dtype and device; relu a bool."""
+    if not isinstance(relu, bool):
+        raise TypeError("%s: relu must be a bool, got %r" % (op, relu))
+    for name, v in (("scale", scale), ("shift", shift)):
+        if v is None:
+            continue
+        if not isinstance(v, torch.Tensor):
+            raise TypeError("%s: %s must be a tensor of shape (C_out,) or None, got %s" % (op, name, type(v).__name__))
+        if v.dim() != 1 or v.shape[0] != c_out:
+            raise ValueError("%s: %s must have shape (C_out,) = (%d,), got %s" % (op, name, c_out, tuple(v.shape)))
+        if v.dtype != x.dtype:
+            raise TypeError("%s: %s has dtype %s but x has dtype %s; they must match" % (op, name, v.dtype, x.dtype))
+        if v.device != x.device:
+            raise ValueError("%s: %s is on %s but x is on %s; they must be on the same device" % (op, name, v.device, x.device))
+
+
+def apply_epilogue(y: torch.Tensor, scale, shift, relu: bool) -> torch.Tensor:
+    """y * scale + shift (per channel, dim 1), then ReLU: the epilogue of the backends that do not
+    fuse it (the fused kernels compute the same in-kernel)."""
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    if scale is not None:
+        y = y * scale.view(shape)
+    if shift is not None:
+        y = y + shift.view(shape)
+    if relu:
+        y = torch.relu(y)
+    return y

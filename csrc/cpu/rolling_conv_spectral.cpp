@@ -1,0 +1,1261 @@
+// Fused CPU kernels of the spectral rolling convolution (DESIGN.md §1, docs/rolling_conv_spectral.md):
+// forward, grad_input and grad_weight of the rolling conv and of the transposed rolling conv,
+// 2D and 3D, float32 and float64.
+//
+// A rolling layer is block-circulant over channels: a DFT along the channel axis turns it into one
+// complex depthwise spatial convolution per channel frequency. Per output row (2D) or slice (3D):
+//   1. the channel DFT of the input rows the row needs (a GEMM with a precomputed real DFT matrix,
+//      any C), kept in a small per-thread ring of transformed rows ("slabs"), so every input row is
+//      transformed once per thread chunk and stays in cache while the k0 output rows that read it
+//      are computed;
+//   2. the per-frequency complex depthwise convolution over the slabs (SIMD over frequencies,
+//      a register tile of 4 output pixels);
+//   3. the inverse DFT restricted to the n_rolls rows that are kept (a GEMM), with the epilogue
+//      (bias, per-channel scale and shift, ReLU) applied to the accumulators, stored directly into
+//      the channels-last output.
+// Spectra are stored "packed real": C values per pixel and base. Slot f < H = ceil(C/2) holds
+// [Re X[f]] in the first half and [Im X[f]] in the second half (padded to Hp lanes each); the
+// imaginary slot of f = 0 (always 0 for real input) holds the Nyquist bin Re X[C/2] (C even).
+// A complex product with a spectral weight is then out_re += A*xr + B*xi, out_im += Cc*xi + D*xr
+// with four weight vectors per tap (slot 0 uses A = W[0], Cc = W[C/2], B = D = 0).
+//
+// Every op is one driver with two choices:
+//  * spatial: "direct" (stride s, padding p) or "transposed" (zero insertion by s, flipped taps,
+//    stride 1): the conv and the transposed conv, and each other's input gradients;
+//  * channel: "forward" (Y_b = conj(W_b) X, one input spectrum, n_base output spectra, inverse to
+//    the n_rolls * n_base output channels) or "adjoint" (DX = sum_b W_b DY_b, DY_b the DFT of the
+//    n_rolls channels of base b, inverse to all C_in channels): the conv and its input gradient.
+// grad_weight: dW_b[f, t] = sum_{n, p} conj(A_b[f](p)) B[f](p*s + t*d - pad) (conv: A = DY, B = X;
+// transposed: the roles swap), summed per block of rows (fixed blocks, independent of the thread
+// count), the blocks added in double in a fixed order, then the inverse DFT to the base.
+// Threads own disjoint output rows (weight gradient: disjoint row blocks); every sum has a fixed
+// order: results are bit-identical for any thread count (no atomics).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_dispatch.h"
+
+namespace medconv {
+namespace {
+
+using i64 = int64_t;
+using A3 = std::array<i64, 3>;
+
+constexpr int kAlignBytes = 32;  // spectra, DFT and inverse matrices padded to 32 bytes per row
+
+i64 round_up(i64 v, i64 m) { return (v + m - 1) / m * m; }
+i64 ceil_div(i64 a, i64 b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+// ------------------------------------------------------------------------------------------
+// DFT tables (double precision, cast once)
+// ------------------------------------------------------------------------------------------
+// Packed real spectrum of C values: H = ceil(C/2) slots, Hp = H rounded up to the vector width.
+struct Spec {
+  i64 C, H, Hp;
+};
+
+Spec make_spec(i64 C, i64 elem) {
+  Spec s;
+  s.C = C;
+  s.H = (C + 1) / 2;
+  s.Hp = round_up(s.H, kAlignBytes / elem);
+  return s;
+}
+
+// D[c][j], j < 2Hp: forward DFT of channel c into the packed slots.
+double dft_entry(const Spec& s, i64 c, i64 j) {
+  const i64 C = s.C;
+  if (j < s.Hp) {
+    if (j >= s.H) return 0.0;
+    return std::cos(2.0 * M_PI * (double)((c * j) % C) / (double)C);
+  }
+  const i64 f = j - s.Hp;
+  if (f >= s.H) return 0.0;
+  if (f == 0) return (C % 2 == 0) ? ((c % 2) ? -1.0 : 1.0) : 0.0;
+  return -std::sin(2.0 * M_PI * (double)((c * f) % C) / (double)C);
+}
+
+// G[j][r]: inverse real DFT, y[r] = sum_j spec[j] G[j][r] (includes 1/C and the Hermitian weights).
+double idft_entry(const Spec& s, i64 j, i64 r) {
+  const i64 C = s.C;
+  const double inv = 1.0 / (double)C;
+  if (j < s.Hp) {
+    if (j >= s.H) return 0.0;
+    if (j == 0) return inv;
+    return 2.0 * inv * std::cos(2.0 * M_PI * (double)((j * r) % C) / (double)C);
+  }
+  const i64 f = j - s.Hp;
+  if (f >= s.H) return 0.0;
+  if (f == 0) return (C % 2 == 0) ? ((r % 2) ? -inv : inv) : 0.0;
+  return -2.0 * inv * std::sin(2.0 * M_PI * (double)((f * r) % C) / (double)C);
+}
+
+// ------------------------------------------------------------------------------------------
+// the plan of one driver call
+// ------------------------------------------------------------------------------------------
+template <typename T>
+struct Plan {
+  // source operand of the spectra: element (n, ch, m0, m1, m2) at src[n*sN + ch*sC + sum m_i*sS_i]
+  const T* src = nullptr;
+  i64 sN = 0, sC = 0;
+  A3 sS{0, 0, 0}, S{1, 1, 1};
+  i64 Csrc = 0, N = 0;
+  // buffer coordinate j <-> source index m = (j + off) / su (when divisible and in range, else 0)
+  A3 L{1, 1, 1}, off{0, 0, 0}, su{1, 1, 1};
+  A3 k{1, 1, 1}, ks{1, 1, 1}, d{1, 1, 1}, O{1, 1, 1};
+  i64 Hp = 0, NBi = 1, NBo = 1, nbw = 1;
+  bool adjoint = false;
+  const T* Dm = nullptr;  // (Csrc, NBi*2Hp)
+  const T* Wpk = nullptr;  // (nbw, taps, 4, Hp)
+  i64 taps = 1;
+  const T* Gm = nullptr;  // (NBo*2Hp, Np)
+  i64 Cout = 0, Np = 0;
+  const T* sc = nullptr;  // (Np,)
+  const T* sh = nullptr;
+  bool relu = false;
+  T* out = nullptr;  // (N, O0, O1, O2, Cout)
+  // Folded channel DFT (x[c] +- x[C-c] first: half the multiply-adds): per base, Rn input channels
+  // (channel of roll r of base b: r*NBi + b), C the transform length.
+  bool fold_in = false;
+  i64 C = 0, Rn = 0, h = 0, Ku = 0, Kv = 0;
+  const T* Bu = nullptr;  // (Ku, Hp): [x0, u_1..u_h, x_{C/2}] -> Re slots
+  const T* Bv = nullptr;  // (Kv, Hp): [v_1..v_h, nyq] -> Im slots (slot 0: Nyquist)
+  // Folded inverse: E (even part, K = Hp + 1) and O (odd part, K = Hp - 1) for r = 0..C/2, then
+  // y[r] = E[r] + O[r], y[C - r] = E[r] - O[r]; out channel r*NBo + bo, r < Rout.
+  bool fold_out = false;
+  i64 Rout = 0, NpE = 0;
+  const T* Ge = nullptr;  // (Hp + 1, NpE)
+  const T* Go = nullptr;  // (Hp - 1, NpE)
+  i64 SP() const { return NBi * 2 * Hp; }
+};
+
+// ------------------------------------------------------------------------------------------
+// register-blocked GEMM: C[m][n] = sum_k A[m*ams + k*aks] B[k*ldb + n] (+ epilogue)
+// ------------------------------------------------------------------------------------------
+// A tile of MR rows x NV vectors: MR*NV accumulators, NV loads of B and MR broadcasts of A per k
+// (6 x 2 on AVX2: 12 of the 16 vector registers hold accumulators).
+template <typename T, int VB, int MR, int NV, bool EPI>
+MEDCONV_INLINE void gemm_tile(i64 K, const T* A, i64 ams, i64 aks, const T* B, i64 ldb, T* C, i64 ldc, i64 n0,
+                              i64 nvalid, const T* sc, const T* sh, bool relu) {
+  typedef T V __attribute__((vector_size(VB)));
+  constexpr int NL = VB / sizeof(T);
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[m][v] = V{};
+  const T* b = B + n0;
+  const T* a = A;
+  for (i64 kk = 0; kk < K; ++kk, a += aks, b += ldb) {
+    V bv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + v * NL, sizeof(V));
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const V av = a[m * ams] - V{};  // a broadcast (x - 0 folds to x; a lane loop became inserts)
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const i64 col = n0 + v * NL;
+      V r = acc[m][v];
+      if (EPI) {
+        V s, h;
+        std::memcpy(&s, sc + col, sizeof(V));
+        std::memcpy(&h, sh + col, sizeof(V));
+        r = r * s + h;
+        if (relu) {
+#pragma GCC unroll 16
+          for (int l = 0; l < NL; ++l) r[l] = r[l] > T(0) ? r[l] : T(0);
+        }
+      }
+      T* dst = C + m * ldc + col;
+      if (col + NL <= nvalid) {
+        std::memcpy(dst, &r, sizeof(V));
+      } else {
+        for (int l = 0; l < NL && col + l < nvalid; ++l) dst[l] = r[l];
+      }
+    }
+}
+
+// Each register tile is its own (not inlined) function: inlined into the large row drivers, the
+// accumulators were spilled to the stack.
+#define MEDCONV_GEMM_ARGS i64 K, const T *A, i64 ams, i64 aks, const T *B, i64 ldb, T *C, i64 ldc, i64 n0, \
+    i64 nvalid, const T *sc, const T *sh, bool relu
+#define MEDCONV_GEMM_PASS K, A, ams, aks, B, ldb, C, ldc, n0, nvalid, sc, sh, relu
+template <typename T, int MR, int NV, bool EPI>
+__attribute__((noinline)) void gemm_tile16(MEDCONV_GEMM_ARGS) {
+  gemm_tile<T, 16, MR, NV, EPI>(MEDCONV_GEMM_PASS);
+}
+#ifdef MEDCONV_X86_DISPATCH
+template <typename T, int MR, int NV, bool EPI>
+__attribute__((noinline, target("avx2,fma"))) void gemm_tile32(MEDCONV_GEMM_ARGS) {
+  gemm_tile<T, 32, MR, NV, EPI>(MEDCONV_GEMM_PASS);
+}
+#endif
+
+template <typename T, int VB, int MR, int NV, bool EPI>
+MEDCONV_INLINE void gemm_tile_call(MEDCONV_GEMM_ARGS) {
+#ifdef MEDCONV_X86_DISPATCH
+  if constexpr (VB == 32) {
+    gemm_tile32<T, MR, NV, EPI>(MEDCONV_GEMM_PASS);
+    return;
+  }
+#endif
+  gemm_tile16<T, MR, NV, EPI>(MEDCONV_GEMM_PASS);
+}
+
+template <typename T, int VB, int MR, bool EPI>
+MEDCONV_INLINE void gemm_rows(i64 K, const T* A, i64 ams, i64 aks, const T* B, i64 ldb, T* C, i64 ldc, i64 n0,
+                              int nv, i64 nvalid, const T* sc, const T* sh, bool relu) {
+  if (nv == 2) gemm_tile_call<T, VB, MR, 2, EPI>(K, A, ams, aks, B, ldb, C, ldc, n0, nvalid, sc, sh, relu);
+  else gemm_tile_call<T, VB, MR, 1, EPI>(K, A, ams, aks, B, ldb, C, ldc, n0, nvalid, sc, sh, relu);
+}
+
+// Np: columns of B (a multiple of the vector width), nvalid <= Np: columns stored.
+template <typename T, int VB, bool EPI>
+MEDCONV_INLINE void gemm(i64 M, i64 K, const T* A, i64 ams, i64 aks, const T* B, i64 ldb, i64 Np, T* C, i64 ldc,
+                         i64 nvalid, const T* sc, const T* sh, bool relu) {
+  constexpr int NL = VB / sizeof(T), MR = 6, NV = 2;
+  for (i64 n0 = 0; n0 < Np; n0 += NV * NL) {
+    const int nv = (int)std::min<i64>(NV, (Np - n0) / NL);
+    i64 m0 = 0;
+    for (; m0 + MR <= M; m0 += MR)
+      gemm_rows<T, VB, MR, EPI>(K, A + m0 * ams, ams, aks, B, ldb, C + m0 * ldc, ldc, n0, nv, nvalid, sc, sh, relu);
+    const T* Am = A + m0 * ams;
+    T* Cm = C + m0 * ldc;
+    switch (M - m0) {
+      case 5: gemm_rows<T, VB, 5, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
+      case 4: gemm_rows<T, VB, 4, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
+      case 3: gemm_rows<T, VB, 3, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
+      case 2: gemm_rows<T, VB, 2, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
+      case 1: gemm_rows<T, VB, 1, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
+      default: break;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// ring of transformed input rows ("slabs") of one thread
+// ------------------------------------------------------------------------------------------
+template <typename T>
+struct Ring {
+  i64 span = 1, slab = 0;
+  std::vector<T> data;
+  std::vector<i64> tag;  // (n * L0 + j0) held by each slot, -1 if none
+  std::vector<T> fold;   // folded input of one row of pixels (fold_in)
+  std::vector<T> xt;     // one row of a channel-major input, transposed to pixel-major
+};
+
+// source index of buffer coordinate j, or -1
+MEDCONV_INLINE i64 src_index(i64 j, i64 off, i64 su, i64 size) {
+  const i64 m = j + off;
+  if (m < 0 || m % su != 0) return -1;
+  const i64 q = m / su;
+  return q < size ? q : -1;
+}
+
+// Channel DFT of source row m0 of batch n into a slab (positions never written stay zero).
+// Folded input of M pixels: per pixel and base, [x0, u_1..u_h, (x_{C/2})] then [v_1..v_h, nyq].
+// a: pixel m, channel ch at a[m*ps + ch*cs].
+template <typename T>
+MEDCONV_INLINE void fold_pixels(const Plan<T>& p, const T* a, i64 ps, i64 cs, i64 M, T* F) {
+  const i64 C = p.C, Rn = p.Rn, h = p.h, nb = p.NBi, K = p.Ku + p.Kv;
+  const bool even = C % 2 == 0;
+  if (nb == 1 && Rn == C && cs == 1) {  // contiguous channels (channels-last input): plain loops
+    for (i64 m = 0; m < M; ++m) {
+      const T* px = a + m * ps;
+      T* f = F + m * K;
+      T* fv = f + p.Ku - 1;
+      f[0] = px[0];
+      for (i64 c = 1; c <= h; ++c) {
+        const T lo = px[c], hi = px[C - c];
+        f[c] = lo + hi;
+        fv[c] = lo - hi;
+      }
+      T nyq = T(0);
+      if (even) {
+        f[h + 1] = px[C / 2];
+        T se = T(0), so = T(0);
+        for (i64 c = 0; c < C; c += 2) se += px[c];
+        for (i64 c = 1; c < C; c += 2) so += px[c];
+        nyq = se - so;
+      }
+      f[p.Ku + h] = nyq;
+    }
+    return;
+  }
+  for (i64 m = 0; m < M; ++m) {
+    const T* px = a + m * ps;
+    for (i64 b = 0; b < nb; ++b) {
+      T* f = F + (m * nb + b) * K;
+      auto xc = [&](i64 c) -> T { return c < Rn ? px[(c * nb + b) * cs] : T(0); };
+      const T x0 = xc(0);
+      T nyq = x0;
+      f[0] = x0;
+      for (i64 c = 1; c <= h; ++c) {
+        const T lo = xc(c), hi = xc(C - c);
+        f[c] = lo + hi;
+        f[p.Ku + c - 1] = lo - hi;
+        if (even) nyq += (c % 2) ? -(lo + hi) : (lo + hi);
+      }
+      if (even) {
+        const T xm = xc(C / 2);
+        f[h + 1] = xm;
+        nyq += ((C / 2) % 2) ? -xm : xm;
+      }
+      f[p.Ku + h] = even ? nyq : T(0);
+    }
+  }
+}
+
+template <typename T, int VB>
+MEDCONV_INLINE void fill_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 m0, T* slab) {
+  const i64 SP = p.SP();
+  const i64 m2lo = std::max<i64>(0, ceil_div(p.off[2], p.su[2]));
+  const i64 m2hi = std::min<i64>(p.S[2], ceil_div(p.L[2] + p.off[2], p.su[2]));
+  if (m2hi <= m2lo) return;
+  const i64 j2lo = m2lo * p.su[2] - p.off[2];
+  const i64 M = m2hi - m2lo, K = p.Ku + p.Kv;
+  for (i64 m1 = 0; m1 < p.S[1]; ++m1) {
+    const i64 j1 = m1 * p.su[1] - p.off[1];
+    if (j1 < 0 || j1 >= p.L[1]) continue;
+    const T* a = p.src + n * p.sN + m0 * p.sS[0] + m1 * p.sS[1] + m2lo * p.sS[2];
+    T* dst = slab + (j1 * p.L[2] + j2lo) * SP;
+    if (!p.fold_in) {
+      gemm<T, VB, false>(M, p.Csrc, a, p.sS[2], p.sC, p.Dm, SP, SP, dst, p.su[2] * SP, SP, nullptr, nullptr, false);
+      continue;
+    }
+    if ((i64)ring.fold.size() < M * p.NBi * K) ring.fold.resize(M * p.NBi * K);
+    if (p.sC != 1 && p.sS[2] == 1) {
+      // channel-major input (NC(D)HW): transpose the row to pixel-major first, reading every
+      // channel's pixels contiguously (gathering C strided channels per pixel was the bottleneck)
+      if ((i64)ring.xt.size() < M * p.Csrc) ring.xt.resize(M * p.Csrc);
+      T* xt = ring.xt.data();
+      for (i64 ch = 0; ch < p.Csrc; ++ch) {
+        const T* src = a + ch * p.sC;
+        for (i64 m = 0; m < M; ++m) xt[m * p.Csrc + ch] = src[m];
+      }
+      fold_pixels<T>(p, xt, p.Csrc, 1, M, ring.fold.data());
+    } else {
+      fold_pixels<T>(p, a, p.sS[2], p.sC, M, ring.fold.data());
+    }
+    for (i64 b = 0; b < p.NBi; ++b) {
+      const T* F = ring.fold.data() + b * K;
+      gemm<T, VB, false>(M, p.Ku, F, p.NBi * K, 1, p.Bu, p.Hp, p.Hp, dst + b * 2 * p.Hp, p.su[2] * SP, p.Hp, nullptr,
+                         nullptr, false);
+      gemm<T, VB, false>(M, p.Kv, F + p.Ku, p.NBi * K, 1, p.Bv, p.Hp, p.Hp, dst + b * 2 * p.Hp + p.Hp, p.su[2] * SP,
+                         p.Hp, nullptr, nullptr, false);
+    }
+  }
+}
+
+// Slab of buffer row j0 (source row m0) of batch n, transformed on first use.
+template <typename T, int VB>
+MEDCONV_INLINE const T* get_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 j0, i64 m0) {
+  const i64 slot = j0 % ring.span, key = n * p.L[0] + j0;
+  T* s = ring.data.data() + slot * ring.slab;
+  if (ring.tag[slot] != key) {
+    fill_slab<T, VB>(p, ring, n, m0, s);
+    ring.tag[slot] = key;
+  }
+  return s;
+}
+
+struct TapRef {
+  i64 off;  // element offset into the slab (inner tap position)
+  i64 slot;  // ring slot index
+  i64 wt;    // weight tap index
+};
+
+// ------------------------------------------------------------------------------------------
+// per-frequency complex depthwise convolution: MP output pixels (consecutive along dim 2)
+// ------------------------------------------------------------------------------------------
+template <typename T, int VB, int MP>
+MEDCONV_INLINE void dw_tile(const Plan<T>& p, const T* const* slabs, const TapRef* taps, i64 ntaps, i64 pxo, T* Y,
+                            i64 ystride) {
+  typedef T V __attribute__((vector_size(VB)));
+  constexpr int NL = VB / sizeof(T);
+  const i64 Hp = p.Hp, pxs = p.ks[2] * p.SP();
+  const i64 npairs = p.adjoint ? p.nbw : 1;
+  for (i64 bo = 0; bo < p.NBo; ++bo) {
+    for (i64 jv = 0; jv < Hp; jv += NL) {
+      V ar[MP], ai[MP];
+#pragma GCC unroll 16
+      for (int q = 0; q < MP; ++q) ar[q] = ai[q] = V{};
+      for (i64 pr = 0; pr < npairs; ++pr) {
+        const i64 bi = p.adjoint ? pr : 0, wb = p.adjoint ? pr : bo;
+        const T* wbase = p.Wpk + wb * p.taps * 4 * Hp + jv;
+        const i64 xoff = pxo + bi * 2 * Hp + jv;
+        for (i64 e = 0; e < ntaps; ++e) {
+          const T* w = wbase + taps[e].wt * 4 * Hp;
+          V wa, wb_, wc, wd;
+          std::memcpy(&wa, w, sizeof(V));
+          std::memcpy(&wb_, w + Hp, sizeof(V));
+          std::memcpy(&wc, w + 2 * Hp, sizeof(V));
+          std::memcpy(&wd, w + 3 * Hp, sizeof(V));
+          const T* x = slabs[taps[e].slot] + taps[e].off + xoff;
+#pragma GCC unroll 16
+          for (int q = 0; q < MP; ++q) {
+            V xr, xi;
+            std::memcpy(&xr, x + q * pxs, sizeof(V));
+            std::memcpy(&xi, x + q * pxs + Hp, sizeof(V));
+            ar[q] += wa * xr;
+            ar[q] += wb_ * xi;
+            ai[q] += wc * xi;
+            ai[q] += wd * xr;
+          }
+        }
+      }
+#pragma GCC unroll 16
+      for (int q = 0; q < MP; ++q) {
+        T* y = Y + q * ystride + bo * 2 * Hp + jv;
+        std::memcpy(y, &ar[q], sizeof(V));
+        std::memcpy(y + Hp, &ai[q], sizeof(V));
+      }
+    }
+  }
+}
+
+#define MEDCONV_DW_ARGS const Plan<T>&p, const T *const *slabs, const TapRef *taps, i64 ntaps, i64 pxo, T *Y, \
+    i64 ystride
+#define MEDCONV_DW_PASS p, slabs, taps, ntaps, pxo, Y, ystride
+template <typename T, int MP>
+__attribute__((noinline)) void dw_tile16(MEDCONV_DW_ARGS) {
+  dw_tile<T, 16, MP>(MEDCONV_DW_PASS);
+}
+#ifdef MEDCONV_X86_DISPATCH
+template <typename T, int MP>
+__attribute__((noinline, target("avx2,fma"))) void dw_tile32(MEDCONV_DW_ARGS) {
+  dw_tile<T, 32, MP>(MEDCONV_DW_PASS);
+}
+#endif
+
+template <typename T, int VB, int MP>
+MEDCONV_INLINE void dw_tile_call(MEDCONV_DW_ARGS) {
+#ifdef MEDCONV_X86_DISPATCH
+  if constexpr (VB == 32) {
+    dw_tile32<T, MP>(MEDCONV_DW_PASS);
+    return;
+  }
+#endif
+  dw_tile16<T, MP>(MEDCONV_DW_PASS);
+}
+
+// One output row (n, o0): depthwise over the slabs, inverse GEMM with epilogue into the output.
+template <typename T, int VB>
+MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, std::vector<TapRef>& taps,
+                             std::vector<T>& Y, std::vector<T>& E) {
+  constexpr int MP = 4;
+  const i64 SP = p.SP(), L2 = p.L[2];
+  std::vector<const T*> slabs(ring.span, nullptr);
+  taps.clear();
+  for (i64 t0 = 0; t0 < p.k[0]; ++t0) {
+    const i64 j0 = o0 * p.ks[0] + t0 * p.d[0];
+    const i64 m0 = src_index(j0, p.off[0], p.su[0], p.S[0]);
+    if (m0 < 0) continue;  // a zero row (padding or zero insertion): no contribution
+    const i64 slot = j0 % ring.span;
+    slabs[slot] = get_slab<T, VB>(p, ring, n, j0, m0);
+    for (i64 t1 = 0; t1 < p.k[1]; ++t1)
+      for (i64 t2 = 0; t2 < p.k[2]; ++t2)
+        taps.push_back(TapRef{(t1 * p.d[1] * L2 + t2 * p.d[2]) * SP, slot, (t0 * p.k[1] + t1) * p.k[2] + t2});
+  }
+  const i64 ystride = p.NBo * 2 * p.Hp;
+  const i64 O1 = p.O[1], O2 = p.O[2];
+  const i64 rows_per_block = std::max<i64>(1, 128 / O2);
+  T* outrow = p.out + (n * p.O[0] + o0) * O1 * O2 * p.Cout;
+  for (i64 qb = 0; qb < O1; qb += rows_per_block) {
+    const i64 qe = std::min(O1, qb + rows_per_block);
+    const i64 npx = (qe - qb) * O2;
+    if ((i64)Y.size() < npx * ystride) Y.resize(npx * ystride);
+    if (taps.empty()) {
+      std::fill(Y.begin(), Y.begin() + npx * ystride, T(0));
+    } else {
+      for (i64 q1 = qb; q1 < qe; ++q1) {
+        const i64 rowo = q1 * p.ks[1] * L2 * SP;
+        T* yrow = Y.data() + (q1 - qb) * O2 * ystride;
+        i64 q2 = 0;
+        for (; q2 + MP <= O2; q2 += MP)
+          dw_tile_call<T, VB, MP>(p, slabs.data(), taps.data(), (i64)taps.size(), rowo + q2 * p.ks[2] * SP,
+                             yrow + q2 * ystride, ystride);
+        const i64 pxo = rowo + q2 * p.ks[2] * SP;
+        T* yq = yrow + q2 * ystride;
+        switch (O2 - q2) {
+          case 3: dw_tile_call<T, VB, 3>(p, slabs.data(), taps.data(), (i64)taps.size(), pxo, yq, ystride); break;
+          case 2: dw_tile_call<T, VB, 2>(p, slabs.data(), taps.data(), (i64)taps.size(), pxo, yq, ystride); break;
+          case 1: dw_tile_call<T, VB, 1>(p, slabs.data(), taps.data(), (i64)taps.size(), pxo, yq, ystride); break;
+          default: break;
+        }
+      }
+    }
+    T* orow = outrow + qb * O2 * p.Cout;
+    if (!p.fold_out) {
+      gemm<T, VB, true>(npx, ystride, Y.data(), ystride, 1, p.Gm, p.Np, p.Np, orow, p.Cout, p.Cout, p.sc, p.sh,
+                        p.relu);
+      continue;
+    }
+    const i64 NpE = p.NpE, Hp = p.Hp, half = p.C / 2;
+    if ((i64)E.size() < 2 * npx * NpE) E.resize(2 * npx * NpE);
+    T* Eb = E.data();
+    T* Ob = E.data() + npx * NpE;
+    for (i64 bo = 0; bo < p.NBo; ++bo) {
+      const T* Yb = Y.data() + bo * 2 * Hp;
+      gemm<T, VB, false>(npx, Hp + 1, Yb, ystride, 1, p.Ge, NpE, NpE, Eb, NpE, NpE, nullptr, nullptr, false);
+      gemm<T, VB, false>(npx, Hp - 1, Yb + Hp + 1, ystride, 1, p.Go, NpE, NpE, Ob, NpE, NpE, nullptr, nullptr, false);
+      const i64 r1 = std::min(p.Rout, half + 1), nbo = p.NBo;
+      const T* scb = p.sc + bo;
+      const T* shb = p.sh + bo;
+      for (i64 q = 0; q < npx; ++q) {
+        const T* e = Eb + q * NpE;
+        const T* o = Ob + q * NpE;
+        T* y = orow + q * p.Cout + bo;
+        for (i64 r = 0; r < r1; ++r) {
+          const T z = (e[r] + o[r]) * scb[r * nbo] + shb[r * nbo];
+          y[r * nbo] = p.relu && !(z > T(0)) ? T(0) : z;
+        }
+        for (i64 r = r1; r < p.Rout; ++r) {
+          const T z = (e[p.C - r] - o[p.C - r]) * scb[r * nbo] + shb[r * nbo];
+          y[r * nbo] = p.relu && !(z > T(0)) ? T(0) : z;
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int VB>
+MEDCONV_INLINE void conv_rows(const Plan<T>& p, i64 begin, i64 end) {
+  Ring<T> ring;
+  ring.span = (p.k[0] - 1) * p.d[0] + 1;
+  ring.slab = p.L[1] * p.L[2] * p.SP();
+  ring.data.assign(ring.span * ring.slab, T(0));
+  ring.tag.assign(ring.span, -1);
+  std::vector<TapRef> taps;
+  std::vector<T> Y, E;
+  for (i64 row = begin; row < end; ++row) conv_row<T, VB>(p, ring, row / p.O[0], row % p.O[0], taps, Y, E);
+}
+
+template <typename T>
+void conv_rows_default(const Plan<T>& p, i64 begin, i64 end) {
+  conv_rows<T, 16>(p, begin, end);
+}
+
+#ifdef MEDCONV_X86_DISPATCH
+template <typename T>
+__attribute__((target("avx2,fma"))) void conv_rows_avx2(const Plan<T>& p, i64 begin, i64 end) {
+  conv_rows<T, 32>(p, begin, end);
+}
+#endif
+
+template <typename T>
+void run_conv(const Plan<T>& p) {
+  const i64 rows = p.N * p.O[0];
+  if (rows == 0) return;
+  // one contiguous chunk of rows per thread: each input row is transformed about once per thread
+  at::parallel_for(0, rows, 1, [&](i64 begin, i64 end) {
+#ifdef MEDCONV_X86_DISPATCH
+    if (cpu_has_avx2()) {
+      conv_rows_avx2<T>(p, begin, end);
+      return;
+    }
+#endif
+    conv_rows_default<T>(p, begin, end);
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// weight gradient: dW_b[f, t] = sum_{n, p} conj(DY_b[f](p)) X[f](p*s + t*d - pad)   (conv)
+// ------------------------------------------------------------------------------------------
+// "small" operand: indexed by p on the output grid (conv: grad_out, transposed: x), transformed
+// one row at a time; "big" operand: indexed by p*s + t*d - pad through the ring (conv: x,
+// transposed: grad_out). Sums S1 = sr*br, S2 = si*bi, S3 = sr*bi, S4 = si*br per frequency lane.
+template <typename T>
+struct GwPlan {
+  Plan<T> big;  // ring geometry; big.O is the small operand's grid
+  const T* ssrc = nullptr;
+  i64 sN = 0, sC = 0;
+  A3 sS{0, 0, 0};
+  i64 Cs = 0, NBs = 1, nb = 1;
+  const T* Ds = nullptr;  // (Cs, NBs*2Hp)
+  bool conv = true;
+};
+
+template <typename T, int VB, int TT>
+MEDCONV_INLINE void gw_group(const GwPlan<T>& g, const T* srow, const T* slab, i64 t1, i64 t2, i64 tbase,
+                             double* accd) {
+  typedef T V __attribute__((vector_size(VB)));
+  constexpr int NL = VB / sizeof(T);
+  const Plan<T>& p = g.big;
+  const i64 Hp = p.Hp, SPs = g.NBs * 2 * Hp, SPb = p.SP(), L2 = p.L[2];
+  const i64 P1 = p.O[1], P2 = p.O[2], taps = p.taps;
+  const i64 bstep = p.ks[2] * SPb, ustep = p.d[2] * SPb;
+  for (i64 b = 0; b < g.nb; ++b) {
+    const i64 bs = g.conv ? b : 0, bb = g.conv ? 0 : b;
+    for (i64 jv = 0; jv < Hp; jv += NL) {
+      V acc[TT][4];
+#pragma GCC unroll 16
+      for (int u = 0; u < TT; ++u)
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) acc[u][c] = V{};
+      for (i64 q1 = 0; q1 < P1; ++q1) {
+        const T* sp = srow + q1 * P2 * SPs + bs * 2 * Hp + jv;
+        const T* xp = slab + ((q1 * p.ks[1] + t1 * p.d[1]) * L2 + t2 * p.d[2]) * SPb + bb * 2 * Hp + jv;
+        for (i64 q2 = 0; q2 < P2; ++q2) {
+          V sr, si;
+          std::memcpy(&sr, sp + q2 * SPs, sizeof(V));
+          std::memcpy(&si, sp + q2 * SPs + Hp, sizeof(V));
+          const T* xq = xp + q2 * bstep;
+#pragma GCC unroll 16
+          for (int u = 0; u < TT; ++u) {
+            V br, bi;
+            std::memcpy(&br, xq + u * ustep, sizeof(V));
+            std::memcpy(&bi, xq + u * ustep + Hp, sizeof(V));
+            acc[u][0] += sr * br;
+            acc[u][1] += si * bi;
+            acc[u][2] += sr * bi;
+            acc[u][3] += si * br;
+          }
+        }
+      }
+      for (int u = 0; u < TT; ++u)
+        for (int c = 0; c < 4; ++c) {
+          double* a = accd + ((b * taps + tbase + u) * 4 + c) * Hp + jv;
+          for (int l = 0; l < NL; ++l) a[l] += (double)acc[u][c][l];
+        }
+    }
+  }
+}
+
+template <typename T, int VB>
+MEDCONV_INLINE void gw_row(const GwPlan<T>& g, Ring<T>& ring, i64 n, i64 p0, std::vector<T>& srow, double* accd) {
+  const Plan<T>& p = g.big;
+  const i64 SPs = g.NBs * 2 * p.Hp, P1 = p.O[1], P2 = p.O[2];
+  const i64 need = P1 * P2 * SPs;
+  if ((i64)srow.size() < need) srow.resize(need);
+  for (i64 q1 = 0; q1 < P1; ++q1)
+    gemm<T, VB, false>(P2, g.Cs, g.ssrc + n * g.sN + p0 * g.sS[0] + q1 * g.sS[1], g.sS[2], g.sC, g.Ds, SPs, SPs,
+                       srow.data() + q1 * P2 * SPs, SPs, SPs, nullptr, nullptr, false);
+  for (i64 t0 = 0; t0 < p.k[0]; ++t0) {
+    const i64 j0 = p0 * p.ks[0] + t0 * p.d[0];
+    const i64 m0 = src_index(j0, p.off[0], p.su[0], p.S[0]);
+    if (m0 < 0) continue;
+    const T* slab = get_slab<T, VB>(p, ring, n, j0, m0);
+    for (i64 t1 = 0; t1 < p.k[1]; ++t1) {
+      // output pixels whose tap (t1, t2) falls into padding read the zero border of the slab
+      i64 t2 = 0;
+      const i64 tb = (t0 * p.k[1] + t1) * p.k[2];
+      for (; t2 + 3 <= p.k[2]; t2 += 3) gw_group<T, VB, 3>(g, srow.data(), slab, t1, t2, tb + t2, accd);
+      switch (p.k[2] - t2) {
+        case 2: gw_group<T, VB, 2>(g, srow.data(), slab, t1, t2, tb + t2, accd); break;
+        case 1: gw_group<T, VB, 1>(g, srow.data(), slab, t1, t2, tb + t2, accd); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// Rows [row_begin, row_end) of one block, accumulated into accd.
+template <typename T, int VB>
+MEDCONV_INLINE void gw_block(const GwPlan<T>& g, i64 row_begin, i64 row_end, double* accd) {
+  const Plan<T>& p = g.big;
+  Ring<T> ring;
+  ring.span = (p.k[0] - 1) * p.d[0] + 1;
+  ring.slab = p.L[1] * p.L[2] * p.SP();
+  ring.data.assign(ring.span * ring.slab, T(0));
+  ring.tag.assign(ring.span, -1);
+  std::vector<T> srow;
+  for (i64 row = row_begin; row < row_end; ++row) gw_row<T, VB>(g, ring, row / p.O[0], row % p.O[0], srow, accd);
+}
+
+template <typename T>
+void gw_block_default(const GwPlan<T>& g, i64 rb, i64 re, double* accd) {
+  gw_block<T, 16>(g, rb, re, accd);
+}
+
+#ifdef MEDCONV_X86_DISPATCH
+template <typename T>
+__attribute__((target("avx2,fma"))) void gw_block_avx2(const GwPlan<T>& g, i64 rb, i64 re, double* accd) {
+  gw_block<T, 32>(g, rb, re, accd);
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// geometry and tables
+// ------------------------------------------------------------------------------------------
+struct Geom {
+  int dims = 0;
+  i64 C = 0, nb = 0, n_rolls = 0;
+  A3 k{1, 1, 1}, s{1, 1, 1}, p{0, 0, 0}, d{1, 1, 1};
+  i64 taps() const { return k[0] * k[1] * k[2]; }
+};
+
+// Internal 3-dim position of spatial dim i of a `dims`-dim tensor: 3D (D, H, W) -> 0, 1, 2;
+// 2D (H, W) -> 0, 2 (the middle dim has size 1), so that the outer dim (rows of the ring) is H.
+int pos3(int dims, int i) { return dims == 3 ? i : (i == 0 ? 0 : 2); }
+
+A3 expand3(at::IntArrayRef v, int dims, i64 fill, const char* name, const char* op) {
+  TORCH_CHECK(v.size() == 1 || (int)v.size() == dims, op, ": ", name, " must have 1 or ", dims, " values, got ",
+              v.size());
+  A3 r{fill, fill, fill};
+  for (int i = 0; i < dims; ++i) r[pos3(dims, i)] = v.size() == 1 ? v[0] : v[i];
+  return r;
+}
+
+A3 spatial3(at::IntArrayRef sizes, int dims) {
+  A3 r{1, 1, 1};
+  for (int i = 0; i < dims; ++i) r[pos3(dims, i)] = sizes[2 + i];
+  return r;
+}
+
+std::vector<i64> full_sizes(i64 N, i64 C, const A3& S, int dims) {
+  std::vector<i64> r{N, C};
+  for (int i = 0; i < dims; ++i) r.push_back(S[pos3(dims, i)]);
+  return r;
+}
+
+void check_float_cpu(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+void check_pair(const at::Tensor& a, const char* na, const at::Tensor& b, const char* nb_, const char* op) {
+  check_float_cpu(a, na, op);
+  check_float_cpu(b, nb_, op);
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", na, " has dtype ", a.scalar_type(), " but ", nb_,
+              " has dtype ", b.scalar_type());
+}
+
+Geom make_geom(const char* op, int rank, at::IntArrayRef wsz, bool transposed, i64 C, at::IntArrayRef stride,
+               at::IntArrayRef padding, at::IntArrayRef dilation, i64 n_rolls) {
+  TORCH_CHECK(rank == 4 || rank == 5, op, ": expected 4 or 5 dims (N, C, *spatial), got ", rank);
+  TORCH_CHECK((int)wsz.size() == rank, op, ": weight must have ", rank, " dims, got shape ", shape_str(wsz));
+  Geom g;
+  g.dims = rank - 2;
+  g.C = C;
+  g.nb = transposed ? wsz[1] : wsz[0];
+  const i64 wc = transposed ? wsz[0] : wsz[1];
+  TORCH_CHECK(wc == C, op, ": input has C_in=", C, " channels but weight has C_in=", wc, " (weight shape ",
+              shape_str(wsz), ")");
+  TORCH_CHECK(C >= 1 && g.nb >= 1, op, ": C_in and n_base must be >= 1, got weight shape ", shape_str(wsz));
+  for (int i = 0; i < g.dims; ++i) {
+    TORCH_CHECK(wsz[2 + i] >= 1, op, ": kernel sizes must be >= 1, got weight shape ", shape_str(wsz));
+    g.k[pos3(g.dims, i)] = wsz[2 + i];
+  }
+  g.s = expand3(stride, g.dims, 1, "stride", op);
+  g.p = expand3(padding, g.dims, 0, "padding", op);
+  g.d = expand3(dilation, g.dims, 1, "dilation", op);
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK(g.s[i] >= 1, op, ": stride must be >= 1, got ", stride);
+    TORCH_CHECK(g.d[i] >= 1, op, ": dilation must be >= 1, got ", dilation);
+    TORCH_CHECK(g.p[i] >= 0, op, ": padding must be >= 0, got ", padding);
+  }
+  TORCH_CHECK(n_rolls >= 1 && n_rolls <= C, op, ": n_rolls must satisfy 1 <= n_rolls <= C_in=", C, ", got ",
+              n_rolls);
+  g.n_rolls = n_rolls;
+  return g;
+}
+
+A3 conv_out(const Geom& g, const A3& in, const char* op) {
+  A3 o;
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK(in[i] + 2 * g.p[i] >= g.d[i] * (g.k[i] - 1) + 1, op, ": the kernel (extent ",
+                g.d[i] * (g.k[i] - 1) + 1, ") is larger than the padded input (size ", in[i], " + 2*padding ", g.p[i],
+                ")");
+    o[i] = (in[i] + 2 * g.p[i] - g.d[i] * (g.k[i] - 1) - 1) / g.s[i] + 1;
+  }
+  return o;
+}
+
+A3 convt_out_base(const Geom& g, const A3& in) {
+  A3 o;
+  for (int i = 0; i < 3; ++i) o[i] = (in[i] - 1) * g.s[i] - 2 * g.p[i] + g.d[i] * (g.k[i] - 1) + 1;
+  return o;
+}
+
+void check_convt_out(const Geom& g, const A3& in, const A3& out, const char* op) {
+  const A3 base = convt_out_base(g, in);
+  for (int i = 0; i < 3; ++i) {
+    const i64 op_ = out[i] - base[i];
+    TORCH_CHECK(out[i] >= 1 && op_ >= 0 && op_ < std::max(g.s[i], g.d[i]), op, ": the transposed-conv output size ",
+                out[i], " along a spatial dim does not match input size ", in[i], " (expected ", base[i],
+                " + output_padding, 0 <= output_padding < max(stride, dilation))");
+  }
+}
+
+void check_vec(const std::optional<at::Tensor>& v, const at::Tensor& x, i64 Cq, const char* name, const char* op) {
+  if (!v.has_value()) return;
+  check_float_cpu(*v, name, op);
+  TORCH_CHECK(v->scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", v->scalar_type(), " but x has ",
+              x.scalar_type());
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == Cq, op, ": ", name, " must have shape [n_rolls * n_base] = [", Cq,
+              "], got ", shape_str(v->sizes()));
+}
+
+// MEDCONV_SPECTRAL_NO_FOLD=1 computes the channel transforms as plain GEMMs (a check and a baseline).
+bool fold_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("MEDCONV_SPECTRAL_NO_FOLD");
+    return !(e && e[0] == '1');
+  }();
+  return on;
+}
+
+at::MemoryFormat cl_format(int dims) { return dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast; }
+
+// Base weight of spectral base b, channel c, tap t (layout (nb, C, *k) or, transposed, (C, nb, *k)).
+template <typename T>
+struct BaseW {
+  const T* w;
+  i64 C, nb, taps;
+  bool tr;
+  double at(i64 b, i64 c, i64 t) const { return (double)w[(tr ? c * nb + b : b * C + c) * taps + t]; }
+};
+
+// Packed spectral weights (nb, taps, 4, Hp): forward mode uses conj(W), adjoint mode W.
+template <typename T>
+std::vector<T> make_wpk(const BaseW<T>& bw, const Spec& sp, bool adjoint, bool flip) {
+  const i64 C = sp.C, Hp = sp.Hp, nt = bw.taps;
+  std::vector<double> D((size_t)(C * 2 * Hp));
+  for (i64 c = 0; c < C; ++c)
+    for (i64 j = 0; j < 2 * Hp; ++j) D[c * 2 * Hp + j] = dft_entry(sp, c, j);
+  std::vector<T> out((size_t)(bw.nb * nt * 4 * Hp), T(0));
+  std::vector<double> spec((size_t)(2 * Hp));
+  for (i64 b = 0; b < bw.nb; ++b)
+    for (i64 t = 0; t < nt; ++t) {
+      std::fill(spec.begin(), spec.end(), 0.0);
+      const i64 ts = flip ? nt - 1 - t : t;
+      for (i64 c = 0; c < C; ++c) {
+        const double wv = bw.at(b, c, ts);
+        for (i64 j = 0; j < 2 * Hp; ++j) spec[j] += wv * D[c * 2 * Hp + j];
+      }
+      T* o = out.data() + (b * nt + t) * 4 * Hp;
+      for (i64 f = 0; f < sp.H; ++f) {
+        const double re = spec[f], im = spec[Hp + f];
+        if (f == 0) {
+          o[0] = (T)re;               // A: DC
+          o[2 * Hp] = (T)im;          // Cc: Nyquist (0 for odd C)
+          continue;
+        }
+        o[f] = (T)re;                           // A
+        o[Hp + f] = (T)(adjoint ? -im : im);    // B
+        o[2 * Hp + f] = (T)re;                  // Cc
+        o[3 * Hp + f] = (T)(adjoint ? im : -im);  // D
+      }
+    }
+  return out;
+}
+
+// Forward DFT matrix of the source channels: forward mode (C, 2Hp); adjoint mode the n_rolls*nb
+// channels q = r*nb + b of the gradient to nb spectra: (n_rolls*nb, nb*2Hp).
+template <typename T>
+std::vector<T> make_dm(const Spec& sp, bool adjoint, i64 nb, i64 n_rolls) {
+  const i64 Hp2 = 2 * sp.Hp;
+  if (!adjoint) {
+    std::vector<T> D((size_t)(sp.C * Hp2));
+    for (i64 c = 0; c < sp.C; ++c)
+      for (i64 j = 0; j < Hp2; ++j) D[c * Hp2 + j] = (T)dft_entry(sp, c, j);
+    return D;
+  }
+  std::vector<T> D((size_t)(n_rolls * nb * nb * Hp2), T(0));
+  for (i64 r = 0; r < n_rolls; ++r)
+    for (i64 b = 0; b < nb; ++b)
+      for (i64 j = 0; j < Hp2; ++j) D[(r * nb + b) * nb * Hp2 + b * Hp2 + j] = (T)dft_entry(sp, r, j);
+  return D;
+}
+
+// Inverse matrix: forward mode (nb*2Hp, Np) to channels r*nb + b (r < n_rolls); adjoint (2Hp, Np) to C.
+template <typename T>
+std::vector<T> make_gm(const Spec& sp, bool adjoint, i64 nb, i64 n_rolls, i64 Np) {
+  const i64 Hp2 = 2 * sp.Hp;
+  const i64 NBo = adjoint ? 1 : nb;
+  std::vector<T> G((size_t)(NBo * Hp2 * Np), T(0));
+  if (adjoint) {
+    for (i64 j = 0; j < Hp2; ++j)
+      for (i64 c = 0; c < sp.C; ++c) G[j * Np + c] = (T)idft_entry(sp, j, c);
+  } else {
+    for (i64 b = 0; b < nb; ++b)
+      for (i64 j = 0; j < Hp2; ++j)
+        for (i64 r = 0; r < n_rolls; ++r) G[(b * Hp2 + j) * Np + r * nb + b] = (T)idft_entry(sp, j, r);
+  }
+  return G;
+}
+
+// Folded forward DFT tables (see fold_pixels); Rn input channels per base (rolls beyond are zero).
+template <typename T>
+void set_fold_in(Plan<T>& p, const Spec& sp, i64 Rn, std::vector<T>& Bu, std::vector<T>& Bv) {
+  const i64 C = sp.C, Hp = sp.Hp, H = sp.H;
+  p.fold_in = true;
+  p.C = C;
+  p.Rn = Rn;
+  p.h = (C - 1) / 2;  // pure complex bins 1..h
+  const bool even = C % 2 == 0;
+  p.Ku = 1 + p.h + (even ? 1 : 0);
+  p.Kv = p.h + 1;
+  Bu.assign((size_t)(p.Ku * Hp), T(0));
+  Bv.assign((size_t)(p.Kv * Hp), T(0));
+  for (i64 f = 0; f < H; ++f) {
+    Bu[f] = T(1);
+    for (i64 c = 1; c <= p.h; ++c) {
+      Bu[c * Hp + f] = (T)dft_entry(sp, c, f);
+      if (f > 0) Bv[(c - 1) * Hp + f] = (T)dft_entry(sp, c, Hp + f);
+    }
+    if (even) Bu[(p.h + 1) * Hp + f] = (T)((f % 2) ? -1.0 : 1.0);
+  }
+  Bv[p.h * Hp + 0] = T(1);
+  p.Bu = Bu.data();
+  p.Bv = Bv.data();
+}
+
+// Folded inverse tables, used when more than C/2 + 1 rolls are kept.
+template <typename T>
+void set_fold_out(Plan<T>& p, const Spec& sp, i64 Rout, std::vector<T>& Ge, std::vector<T>& Go) {
+  const i64 Hp = sp.Hp, half = sp.C / 2;
+  p.fold_out = true;
+  p.C = sp.C;
+  p.Rout = Rout;
+  p.NpE = round_up(half + 1, kAlignBytes / (i64)sizeof(T));
+  Ge.assign((size_t)((Hp + 1) * p.NpE), T(0));
+  Go.assign((size_t)((Hp - 1) * p.NpE), T(0));
+  for (i64 r = 0; r <= half; ++r) {
+    for (i64 j = 0; j <= Hp; ++j) Ge[j * p.NpE + r] = (T)idft_entry(sp, j, r);
+    for (i64 j = 0; j < Hp - 1; ++j) Go[j * p.NpE + r] = (T)idft_entry(sp, Hp + 1 + j, r);
+  }
+  p.Ge = Ge.data();
+  p.Go = Go.data();
+}
+
+// Source operand, with any strides (no copy), as 3 internal dims.
+template <typename T>
+void set_source(Plan<T>& p, const at::Tensor& src, int dims) {
+  p.src = src.data_ptr<T>();
+  p.N = src.size(0);
+  p.Csrc = src.size(1);
+  p.sN = src.stride(0);
+  p.sC = src.stride(1);
+  p.S = A3{1, 1, 1};
+  p.sS = A3{0, 0, 0};
+  for (int i = 0; i < dims; ++i) {
+    p.S[pos3(dims, i)] = src.size(2 + i);
+    p.sS[pos3(dims, i)] = src.stride(2 + i);
+  }
+}
+
+// The driver. transposed_spatial: zero insertion by s, flipped taps; adjoint: channel adjoint.
+// src: (N, Csrc, *S); returns (N, Cout, *O) in channels-last memory.
+at::Tensor spectral_driver(const at::Tensor& src, const at::Tensor& weight, const Geom& g, bool weight_transposed,
+                           bool transposed_spatial, bool adjoint, const A3& O,
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                           const std::optional<at::Tensor>& shift, bool relu) {
+  const i64 N = src.size(0);
+  const i64 Cout = adjoint ? g.C : g.n_rolls * g.nb;
+  at::Tensor out = at::empty(full_sizes(N, Cout, O, g.dims), src.options().memory_format(cl_format(g.dims)));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "rolling_conv_spectral_cpu", [&] {
+    using T = scalar_t;
+    const Spec sp = make_spec(g.C, sizeof(T));
+    Plan<T> p;
+    set_source<T>(p, src, g.dims);
+    for (int i = 0; i < 3; ++i) {
+      if (!transposed_spatial) {
+        p.L[i] = (O[i] - 1) * g.s[i] + g.d[i] * (g.k[i] - 1) + 1;
+        p.off[i] = -g.p[i];
+        p.su[i] = 1;
+        p.ks[i] = g.s[i];
+      } else {
+        p.L[i] = O[i] + g.d[i] * (g.k[i] - 1);
+        p.off[i] = g.p[i] - g.d[i] * (g.k[i] - 1);
+        p.su[i] = g.s[i];
+        p.ks[i] = 1;
+      }
+    }
+    p.k = g.k;
+    p.d = g.d;
+    p.O = O;
+    p.Hp = sp.Hp;
+    p.adjoint = adjoint;
+    p.NBi = adjoint ? g.nb : 1;
+    p.NBo = adjoint ? 1 : g.nb;
+    p.nbw = g.nb;
+    p.taps = g.taps();
+    auto wc = weight.contiguous();
+    BaseW<T> bw{wc.data_ptr<T>(), g.C, g.nb, g.taps(), weight_transposed};
+    std::vector<T> Wpk = make_wpk<T>(bw, sp, adjoint, transposed_spatial);
+    std::vector<T> Dm = make_dm<T>(sp, adjoint, g.nb, g.n_rolls);
+    p.Cout = Cout;
+    p.Np = round_up(Cout, kAlignBytes / (i64)sizeof(T));
+    std::vector<T> Gm = make_gm<T>(sp, adjoint, g.nb, g.n_rolls, p.Np);
+    std::vector<T> Bu, Bv, Ge, Go;
+    if (fold_enabled()) {
+      set_fold_in<T>(p, sp, adjoint ? g.n_rolls : g.C, Bu, Bv);
+      const i64 rout = adjoint ? g.C : g.n_rolls;
+      if (rout > g.C / 2 + 1) set_fold_out<T>(p, sp, rout, Ge, Go);
+    }
+    std::vector<T> sc((size_t)p.Np, T(1)), sh((size_t)p.Np, T(0));
+    at::Tensor bc, scc, shc;
+    if (bias.has_value()) bc = bias->contiguous();
+    if (scale.has_value()) scc = scale->contiguous();
+    if (shift.has_value()) shc = shift->contiguous();
+    for (i64 o = 0; o < Cout; ++o) {
+      const T s = scale.has_value() ? scc.data_ptr<T>()[o] : T(1);
+      const T b = bias.has_value() ? bc.data_ptr<T>()[o] : T(0);
+      const T h = shift.has_value() ? shc.data_ptr<T>()[o] : T(0);
+      sc[o] = s;
+      sh[o] = scale.has_value() ? b * s + h : b + h;
+    }
+    p.Wpk = Wpk.data();
+    p.Dm = Dm.data();
+    p.Gm = Gm.data();
+    p.sc = sc.data();
+    p.sh = sh.data();
+    p.relu = relu;
+    p.out = out.data_ptr<T>();
+    run_conv<T>(p);
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------
+// the ops: forward and grad_input
+// ------------------------------------------------------------------------------------------
+at::Tensor rolling_conv_spectral_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                                     bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t n_rolls) {
+  const char* op = "medconv::rolling_conv_spectral";
+  check_pair(x, "x", weight, "weight", op);
+  Geom g = make_geom(op, (int)x.dim(), weight.sizes(), false, x.size(1), stride, padding, dilation, n_rolls);
+  const i64 Cq = g.n_rolls * g.nb;
+  check_vec(bias, x, Cq, "bias", op);
+  check_vec(scale, x, Cq, "scale", op);
+  check_vec(shift, x, Cq, "shift", op);
+  const A3 O = conv_out(g, spatial3(x.sizes(), g.dims), op);
+  return spectral_driver(x, weight, g, false, false, false, O, bias, scale, shift, relu);
+}
+
+at::Tensor rolling_conv_transpose_spectral_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias,
+                                               const std::optional<at::Tensor>& scale,
+                                               const std::optional<at::Tensor>& shift, bool relu,
+                                               at::IntArrayRef stride, at::IntArrayRef padding,
+                                               at::IntArrayRef output_padding, at::IntArrayRef dilation,
+                                               int64_t n_rolls) {
+  const char* op = "medconv::rolling_conv_transpose_spectral";
+  check_pair(x, "x", weight, "weight", op);
+  Geom g = make_geom(op, (int)x.dim(), weight.sizes(), true, x.size(1), stride, padding, dilation, n_rolls);
+  const i64 Cq = g.n_rolls * g.nb;
+  check_vec(bias, x, Cq, "bias", op);
+  check_vec(scale, x, Cq, "scale", op);
+  check_vec(shift, x, Cq, "shift", op);
+  const A3 opad = expand3(output_padding, g.dims, 0, "output_padding", op);
+  A3 O = convt_out_base(g, spatial3(x.sizes(), g.dims));
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK(opad[i] >= 0 && opad[i] < std::max(g.s[i], g.d[i]), op,
+                ": output_padding must satisfy 0 <= output_padding < max(stride, dilation), got ", output_padding);
+    O[i] += opad[i];
+    TORCH_CHECK(O[i] >= 1, op, ": the output would be empty (spatial size ", O[i], "); reduce padding");
+  }
+  return spectral_driver(x, weight, g, true, true, false, O, bias, scale, shift, relu);
+}
+
+at::Tensor rolling_conv_spectral_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& weight,
+                                                at::IntArrayRef input_size, at::IntArrayRef stride,
+                                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t n_rolls) {
+  const char* op = "medconv::rolling_conv_spectral_grad_input";
+  check_pair(grad_out, "grad_out", weight, "weight", op);
+  TORCH_CHECK(input_size.size() == (size_t)grad_out.dim(), op, ": input_size ", input_size, " must have ",
+              grad_out.dim(), " values like grad_out");
+  Geom g = make_geom(op, (int)grad_out.dim(), weight.sizes(), false, input_size[1], stride, padding, dilation, n_rolls);
+  TORCH_CHECK(input_size[0] == grad_out.size(0), op, ": grad_out has batch ", grad_out.size(0), " but input_size is ",
+              input_size);
+  const A3 S = spatial3(input_size, g.dims);
+  const A3 O = conv_out(g, S, op);
+  const auto want = full_sizes(input_size[0], g.n_rolls * g.nb, O, g.dims);
+  TORCH_CHECK(grad_out.sizes().vec() == want, op, ": grad_out has shape ", shape_str(grad_out.sizes()),
+              " but the sizes given imply ", shape_str(want));
+  // dx = the transposed spatial conv of the channel adjoint; the input rows that the forward conv
+  // never read (stride leftovers) get zero gradient by the zero-insertion geometry.
+  return spectral_driver(grad_out, weight, g, false, true, true, S, std::nullopt, std::nullopt, std::nullopt, false);
+}
+
+at::Tensor rolling_conv_transpose_spectral_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& weight,
+                                                          at::IntArrayRef input_size, at::IntArrayRef stride,
+                                                          at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                          int64_t n_rolls) {
+  const char* op = "medconv::rolling_conv_transpose_spectral_grad_input";
+  check_pair(grad_out, "grad_out", weight, "weight", op);
+  TORCH_CHECK(input_size.size() == (size_t)grad_out.dim(), op, ": input_size ", input_size, " must have ",
+              grad_out.dim(), " values like grad_out");
+  Geom g = make_geom(op, (int)grad_out.dim(), weight.sizes(), true, input_size[1], stride, padding, dilation, n_rolls);
+  TORCH_CHECK(input_size[0] == grad_out.size(0) && grad_out.size(1) == g.n_rolls * g.nb, op, ": grad_out has shape ",
+              shape_str(grad_out.sizes()), ", expected batch ", input_size[0], " and n_rolls * n_base = ",
+              g.n_rolls * g.nb, " channels");
+  const A3 S = spatial3(input_size, g.dims);
+  check_convt_out(g, S, spatial3(grad_out.sizes(), g.dims), op);
+  // The direct conv over grad_out reads exactly the S positions (output_padding rows are read by no
+  // input position beyond S: conv_out of the padded size may exceed S, so the output size is S).
+  return spectral_driver(grad_out, weight, g, true, false, true, S, std::nullopt, std::nullopt, std::nullopt, false);
+}
+
+// ------------------------------------------------------------------------------------------
+// the ops: grad_weight
+// ------------------------------------------------------------------------------------------
+// small: (N, Cs, *P) indexed by p; big: (N, Cb, *B) indexed by p*s + t*d - pad.
+// conv: small = grad_out (adjoint DFT, nb spectra), big = x; transposed: small = x, big = grad_out.
+at::Tensor spectral_gw(const at::Tensor& small, const at::Tensor& big, const Geom& g, bool conv) {
+  const i64 taps = g.taps();
+  std::vector<i64> wshape = conv ? std::vector<i64>{g.nb, g.C} : std::vector<i64>{g.C, g.nb};
+  for (int i = 0; i < g.dims; ++i) wshape.push_back(g.k[pos3(g.dims, i)]);
+  at::Tensor out = at::zeros(wshape, small.options());
+  const i64 N = small.size(0);
+  if (N == 0 || small.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(small.scalar_type(), "rolling_conv_spectral_grad_weight_cpu", [&] {
+    using T = scalar_t;
+    const Spec sp = make_spec(g.C, sizeof(T));
+    GwPlan<T> q;
+    Plan<T>& p = q.big;
+    set_source<T>(p, big, g.dims);
+    const A3 P = [&] {
+      A3 r{1, 1, 1};
+      for (int i = 0; i < g.dims; ++i) r[pos3(g.dims, i)] = small.size(2 + i);
+      return r;
+    }();
+    for (int i = 0; i < 3; ++i) {
+      p.L[i] = (P[i] - 1) * g.s[i] + g.d[i] * (g.k[i] - 1) + 1;
+      p.off[i] = -g.p[i];
+      p.su[i] = 1;
+      p.ks[i] = g.s[i];
+    }
+    p.k = g.k;
+    p.d = g.d;
+    p.O = P;
+    p.Hp = sp.Hp;
+    p.NBi = conv ? 1 : g.nb;
+    p.taps = taps;
+    std::vector<T> Db = make_dm<T>(sp, !conv, g.nb, g.n_rolls);
+    std::vector<T> Bu, Bv;
+    if (fold_enabled()) set_fold_in<T>(p, sp, conv ? g.C : g.n_rolls, Bu, Bv);
+    std::vector<T> Ds = make_dm<T>(sp, conv, g.nb, g.n_rolls);
+    p.Dm = Db.data();
+    q.ssrc = small.data_ptr<T>();
+    q.sN = small.stride(0);
+    q.sC = small.stride(1);
+    for (int i = 0; i < g.dims; ++i) q.sS[pos3(g.dims, i)] = small.stride(2 + i);
+    q.Cs = small.size(1);
+    q.NBs = conv ? g.nb : 1;
+    q.nb = g.nb;
+    q.Ds = Ds.data();
+    q.conv = conv;
+    // fixed blocks of rows (independent of the thread count), summed in a fixed order
+    const i64 rows = N * P[0];
+    const i64 span = (g.k[0] - 1) * g.d[0] + 1;
+    const i64 brows = std::max<i64>(ceil_div(rows, 64), std::min<i64>(rows, 2 * span));
+    const i64 nblocks = ceil_div(rows, brows);
+    const i64 per = g.nb * taps * 4 * sp.Hp;
+    std::vector<double> acc((size_t)(nblocks * per), 0.0);
+    at::parallel_for(0, nblocks, 1, [&](i64 begin, i64 end) {
+      for (i64 blk = begin; blk < end; ++blk) {
+        const i64 rb = blk * brows, re = std::min(rows, rb + brows);
+        double* a = acc.data() + blk * per;
+#ifdef MEDCONV_X86_DISPATCH
+        if (cpu_has_avx2()) {
+          gw_block_avx2<T>(q, rb, re, a);
+          continue;
+        }
+#endif
+        gw_block_default<T>(q, rb, re, a);
+      }
+    });
+    for (i64 blk = 1; blk < nblocks; ++blk)
+      for (i64 i = 0; i < per; ++i) acc[i] += acc[blk * per + i];
+    // packed spectrum of dW_b[., t], then the inverse DFT to the base channels m
+    const i64 Hp = sp.Hp;
+    std::vector<double> spec((size_t)(2 * Hp));
+    std::vector<double> G((size_t)(2 * Hp * g.C));
+    for (i64 j = 0; j < 2 * Hp; ++j)
+      for (i64 m = 0; m < g.C; ++m) G[j * g.C + m] = idft_entry(sp, j, m);
+    T* o = out.data_ptr<T>();
+    const double sgn = conv ? 1.0 : -1.0;
+    for (i64 b = 0; b < g.nb; ++b)
+      for (i64 t = 0; t < taps; ++t) {
+        const double* a = acc.data() + (b * taps + t) * 4 * Hp;
+        std::fill(spec.begin(), spec.end(), 0.0);
+        for (i64 f = 0; f < sp.H; ++f) {
+          const double s1 = a[f], s2 = a[Hp + f], s3 = a[2 * Hp + f], s4 = a[3 * Hp + f];
+          if (f == 0) {
+            spec[0] = s1;
+            spec[Hp] = s2;  // Nyquist (zero lanes for odd C)
+          } else {
+            spec[f] = s1 + s2;
+            spec[Hp + f] = sgn * (s3 - s4);
+          }
+        }
+        for (i64 m = 0; m < g.C; ++m) {
+          double v = 0.0;
+          for (i64 j = 0; j < 2 * Hp; ++j) v += spec[j] * G[j * g.C + m];
+          o[(conv ? b * g.C + m : m * g.nb + b) * taps + t] = (T)v;
+        }
+      }
+  });
+  return out;
+}
+
+at::Tensor rolling_conv_spectral_grad_weight_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                 at::IntArrayRef weight_size, at::IntArrayRef stride,
+                                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t n_rolls) {
+  const char* op = "medconv::rolling_conv_spectral_grad_weight";
+  check_pair(grad_out, "grad_out", x, "x", op);
+  TORCH_CHECK(grad_out.dim() == x.dim(), op, ": grad_out has ", grad_out.dim(), " dims but x has ", x.dim());
+  Geom g = make_geom(op, (int)x.dim(), weight_size, false, x.size(1), stride, padding, dilation, n_rolls);
+  const A3 O = conv_out(g, spatial3(x.sizes(), g.dims), op);
+  const auto want = full_sizes(x.size(0), g.n_rolls * g.nb, O, g.dims);
+  TORCH_CHECK(grad_out.sizes().vec() == want, op, ": grad_out has shape ", shape_str(grad_out.sizes()),
+              " but the sizes given imply ", shape_str(want));
+  return spectral_gw(grad_out, x, g, true);
+}
+
+at::Tensor rolling_conv_transpose_spectral_grad_weight_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                           at::IntArrayRef weight_size, at::IntArrayRef stride,
+                                                           at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                           int64_t n_rolls) {
+  const char* op = "medconv::rolling_conv_transpose_spectral_grad_weight";
+  check_pair(grad_out, "grad_out", x, "x", op);
+  TORCH_CHECK(grad_out.dim() == x.dim(), op, ": grad_out has ", grad_out.dim(), " dims but x has ", x.dim());
+  Geom g = make_geom(op, (int)x.dim(), weight_size, true, x.size(1), stride, padding, dilation, n_rolls);
+  TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(1) == g.n_rolls * g.nb, op, ": grad_out has shape ",
+              shape_str(grad_out.sizes()), ", expected batch ", x.size(0), " and n_rolls * n_base = ",
+              g.n_rolls * g.nb, " channels");
+  check_convt_out(g, spatial3(x.sizes(), g.dims), spatial3(grad_out.sizes(), g.dims), op);
+  return spectral_gw(x, grad_out, g, false);
+}
+
+}  // namespace
+}  // namespace medconv
+
+TORCH_LIBRARY_IMPL(medconv, CPU, m) {
+  m.impl("rolling_conv_spectral", &medconv::rolling_conv_spectral_cpu);
+  m.impl("rolling_conv_spectral_grad_input", &medconv::rolling_conv_spectral_grad_input_cpu);
+  m.impl("rolling_conv_transpose_spectral", &medconv::rolling_conv_transpose_spectral_cpu);
+  m.impl("rolling_conv_transpose_spectral_grad_input", &medconv::rolling_conv_transpose_spectral_grad_input_cpu);
+  m.impl("rolling_conv_spectral_grad_weight", &medconv::rolling_conv_spectral_grad_weight_cpu);
+  m.impl("rolling_conv_transpose_spectral_grad_weight", &medconv::rolling_conv_transpose_spectral_grad_weight_cpu);
+}

@@ -1,0 +1,60 @@
+"""Eval-mode folding of BatchNorm (+ ReLU) into the epilogue of a rolling convolution.
+
+In eval mode BatchNorm is a per-channel affine map with its running statistics,
+    bn(z) = (z - mean) / sqrt(var + eps) * gamma + beta = z * scale + shift,
+so conv -> BatchNorm -> ReLU equals rolling_conv(..., scale=scale, shift=shift, relu=True), which
+the fused spectral CPU kernel applies to its accumulators before the store (no extra pass over the
+activations). Folding BN into the weights instead would break the rolled structure (one scale per
+output channel, but the channels of a roll share one base), a post-scale does not. Training mode
+(batch statistics, running-stat updates) is never folded.
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops as F
+from .rolling_conv import RollingConv2d, RollingConv3d
+
+_BN = (nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def bn_scale_shift(bn: nn.Module):
+    """(scale, shift) of an eval-mode BatchNorm with running statistics."""
+    inv = torch.rsqrt(bn.running_var + bn.eps)
+    scale = inv if bn.weight is None else bn.weight * inv
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def can_fold(conv: nn.Module, bn: Optional[nn.Module]) -> bool:
+    """True when conv -> bn (-> ReLU) is exactly rolling_conv with an epilogue right now (eval mode)."""
+    if not isinstance(conv, (RollingConv2d, RollingConv3d)) or type(conv).forward not in (
+            RollingConv2d.forward, RollingConv3d.forward):
+        return False
+    if getattr(conv, "padding_mode", "zeros") != "zeros" or isinstance(conv.padding, str):
+        return False
+    if bn is not None:
+        if not isinstance(bn, _BN) or bn.training or bn.running_mean is None or bn.running_var is None:
+            return False
+        if bn.num_features != conv.out_channels:
+            return False
+    return not conv.training
+
+
+def rolling_conv_bn_relu(conv: nn.Module, bn: Optional[nn.Module], relu: bool, x: torch.Tensor) -> torch.Tensor:
+    """conv -> [bn] -> [ReLU] in one fused call where can_fold(conv, bn), else module by module."""
+    if not can_fold(conv, bn):
+        y = conv(x)
+        if bn is not None:
+            y = bn(y)
+        return torch.relu(y) if relu else y
+    scale = shift = None
+    if bn is not None:
+        scale, shift = bn_scale_shift(bn)
+        scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+    fn = F.rolling_conv3d if isinstance(conv, RollingConv3d) else F.rolling_conv2d
+    return fn(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.n_rolls,
+              backend=conv.backend, scale=scale, shift=shift, relu=relu)

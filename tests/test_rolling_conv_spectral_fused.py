@@ -1,0 +1,275 @@
+"""The fused CPU kernel of the spectral rolling convolution (torch.ops.medconv.rolling_conv*_spectral*)
+against the float64 reference: forward, transposed, both gradients, the epilogue, layouts, the
+paper's eq. 7/8 summed literally, thread-count independence, opcheck and torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import medconv_ext
+from medconv_ext.ops import rolling_conv_spectral_cpu as fused
+from medconv_ext.reference import rolling_conv as ref
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="compiled extension not built")
+
+CONV = {2: medconv_ext.rolling_conv2d, 3: medconv_ext.rolling_conv3d}
+CONV_T = {2: medconv_ext.rolling_conv_transpose2d, 3: medconv_ext.rolling_conv_transpose3d}
+TOL = {torch.float64: 1e-11, torch.float32: 3e-5}  # max |err| / max |ref|
+
+
+def _rel(y, r):
+    assert y.shape == r.shape, (tuple(y.shape), tuple(r.shape))
+    assert torch.isfinite(y).all()
+    return ((y.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _op(x, w, b, transposed, s, p, op_, d, nr, scale=None, shift=None, relu=False):
+    dims = x.dim() - 2
+    if transposed:
+        return torch.ops.medconv.rolling_conv_transpose_spectral(x, w, b, scale, shift, relu, [s] * dims, [p] * dims,
+                                                                 [op_] * dims, [d] * dims, nr)
+    return torch.ops.medconv.rolling_conv_spectral(x, w, b, scale, shift, relu, [s] * dims, [p] * dims, [d] * dims, nr)
+
+
+def _ref(x, w, b, transposed, s, p, op_, d, nr):
+    dims = x.dim() - 2
+    args = [x.double(), w.double(), None if b is None else b.double(), [s] * dims, [p] * dims]
+    if transposed:
+        return ref.rolling_conv_transpose(*args, [op_] * dims, [d] * dims, nr)
+    return ref.rolling_conv(*args, [d] * dims, nr)
+
+
+def _inputs(dims, n, c, nb, nr, size, k, transposed, dtype, gen):
+    x = torch.randn(n, c, *size, dtype=dtype, generator=gen)
+    w = torch.randn(*((c, nb) if transposed else (nb, c)), *([k] * dims), dtype=dtype, generator=gen)
+    b = torch.randn(nr * nb, dtype=dtype, generator=gen)
+    return x, w, b
+
+
+# (dims, N, C_in, n_base, n_rolls, spatial, k, stride, padding, dilation, output_padding)
+CASES = [
+    (2, 2, 1, 1, 1, (7, 5), 3, 1, 1, 1, 0),      # C = 1: DC only
+    (2, 1, 2, 2, 2, (6, 7), 3, 1, 0, 1, 0),      # C = 2: DC + Nyquist, two bases
+    (2, 2, 5, 1, 5, (9, 8), 3, 2, 1, 1, 1),      # odd C, stride 2
+    (2, 1, 6, 3, 2, (11, 9), 3, 1, 2, 2, 1),     # n_base 3, partial roll, dilation 2
+    (2, 2, 12, 1, 7, (8, 13), 4, 2, 3, 1, 1),    # even kernel, big padding, partial roll
+    (2, 1, 24, 2, 24, (5, 31), 3, 1, 1, 1, 0),   # wide rows, several register tiles
+    (3, 1, 3, 1, 3, (5, 6, 7), 3, 1, 1, 1, 0),   # 3D, odd C
+    (3, 2, 8, 2, 5, (6, 5, 7), 3, 2, 1, 1, 1),   # 3D, stride 2, partial roll, 2 bases
+    (3, 1, 10, 1, 10, (7, 6, 5), 3, 1, 2, 2, 0),  # 3D dilation
+]
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "convT"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "%dd-C%d-nb%d-r%d-s%d-d%d" % (c[0], c[2], c[3], c[4], c[7], c[9]))
+def test_forward_and_grads_vs_float64(case, transposed):
+    dims, n, c, nb, nr, size, k, s, p, d, op_ = case
+    if not transposed:
+        op_ = 0
+    gen = torch.Generator().manual_seed(hash(case) % 1000)
+    for dtype in (torch.float64, torch.float32):
+        x, w, b = _inputs(dims, n, c, nb, nr, size, k, transposed, dtype, gen)
+        x.requires_grad_(True)
+        w.requires_grad_(True)
+        b.requires_grad_(True)
+        y = _op(x, w, b, transposed, s, p, op_, d, nr)
+        xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+        yr = _ref(xr, wr, br, transposed, s, p, op_, d, nr)
+        assert _rel(y, yr) < TOL[dtype], "forward %s" % dtype
+        g = torch.randn(yr.shape, dtype=torch.float64, generator=gen)
+        gx, gw, gb = torch.autograd.grad(y, (x, w, b), g.to(dtype))
+        rx, rw, rb = torch.autograd.grad(yr, (xr, wr, br), g)
+        assert _rel(gx, rx) < TOL[dtype], "grad_input %s" % dtype
+        assert _rel(gw, rw) < 4 * TOL[dtype], "grad_weight %s" % dtype
+        assert _rel(gb, rb) < TOL[dtype]
+
+
+def test_equations_7_and_8_literal():
+    """dL/dw by eq. 7 summed literally; dL/dx by eq. 8 (transposed conv with the rolled bank)."""
+    gen = torch.Generator().manual_seed(7)
+    n, c, nb, nr, k = 2, 5, 2, 3, 3
+    x = torch.randn(n, c, 6, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(nb, c, k, k, dtype=torch.float64, generator=gen, requires_grad=True)
+    y = _op(x, w, None, False, 1, 1, 0, 1, nr)
+    g = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    xp = F.pad(x.detach(), (1, 1, 1, 1))
+    want = torch.zeros_like(gw)
+    for b in range(nb):
+        for m in range(c):
+            for r in range(nr):
+                for ti in range(k):
+                    for tj in range(k):
+                        want[b, m, ti, tj] += (g[:, r * nb + b] * xp[:, (m + r) % c, ti:ti + 6, tj:tj + 7]).sum()
+    torch.testing.assert_close(gw, want, rtol=1e-10, atol=1e-10)
+    bank = torch.stack([torch.roll(w.detach()[b], r, 0) for r in range(nr) for b in range(nb)])
+    torch.testing.assert_close(gx, F.conv_transpose2d(g, bank, padding=1), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_epilogue_matches_batchnorm_relu_eval(dims):
+    gen = torch.Generator().manual_seed(3)
+    c, nb = 6, 1
+    conv = medconv_ext.nn.RollingConv2d if dims == 2 else medconv_ext.nn.RollingConv3d
+    m = conv(c, c, 3, padding=1, bias=True, backend="spectral")
+    bn = (torch.nn.BatchNorm2d if dims == 2 else torch.nn.BatchNorm3d)(c)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=gen))
+        bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+        bn.weight.copy_(torch.randn(c, generator=gen))
+        bn.bias.copy_(torch.randn(c, generator=gen))
+    m.eval()
+    bn.eval()
+    x = torch.randn(2, c, *([7] * dims), generator=gen)
+    want = torch.relu(bn(m(x)))
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    with torch.no_grad():
+        got = CONV[dims](x, m.weight, m.bias, padding=1, backend="spectral", scale=scale, shift=shift, relu=True)
+        got_ref = CONV[dims](x, m.weight, m.bias, padding=1, backend="reference", scale=scale, shift=shift, relu=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_ref, want, rtol=1e-4, atol=1e-5)
+    assert (got == 0).any() and (got > 0).any()  # the ReLU did something
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_epilogue_gradcheck(transposed):
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = _inputs(2, 1, 3, 1, 2, (4, 5), 3, transposed, torch.float64, gen)
+    scale = torch.randn(2, dtype=torch.float64, generator=gen)
+    shift = torch.randn(2, dtype=torch.float64, generator=gen)
+    args = [t.requires_grad_(True) for t in (x, w, b, scale, shift)]
+
+    def f(x, w, b, scale, shift):
+        return _op(x, w, b, transposed, 2, 1, 1 if transposed else 0, 1, 2, scale, shift, True)
+
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6)
+
+
+def test_layouts_and_empty_batch():
+    gen = torch.Generator().manual_seed(11)
+    x, w, b = _inputs(3, 2, 7, 1, 4, (5, 6, 7), 3, False, torch.float32, gen)
+    want = _ref(x, w, b, False, 1, 1, 0, 1, 4)
+    for xx in (x, x.contiguous(memory_format=torch.channels_last_3d), x.transpose(3, 4).contiguous().transpose(3, 4),
+               torch.randn(2, 7, 5, 6, 14, generator=gen)[..., ::2].copy_(x)):
+        assert _rel(_op(xx, w, b, False, 1, 1, 0, 1, 4), want) < TOL[torch.float32]
+    y = _op(x[:0], w, b, False, 1, 1, 0, 1, 4)
+    assert y.shape == (0, 4, 5, 6, 7)
+    xe = x[:0].requires_grad_(True)
+    we = w.clone().requires_grad_(True)
+    y = _op(xe, we, None, False, 1, 1, 0, 1, 4)
+    gx, gw = torch.autograd.grad(y.sum(), (xe, we))
+    assert gx.shape == xe.shape and (gw == 0).all()
+
+
+def test_thread_count_independent():
+    gen = torch.Generator().manual_seed(2)
+    x, w, b = _inputs(2, 2, 16, 1, 16, (13, 11), 3, False, torch.float32, gen)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            y = _op(x, w, b, False, 1, 1, 0, 1, 16)
+            outs.append((y.detach(),) + torch.autograd.grad(y, (x, w), torch.ones_like(y)))
+    finally:
+        torch.set_num_threads(old)
+    for o in outs[1:]:
+        for a, bb in zip(outs[0], o):
+            assert torch.equal(a, bb)
+
+
+def test_spectral_backend_dispatches_to_fused():
+    x = torch.randn(1, 8, 6, 6)
+    w = torch.randn(1, 8, 3, 3)
+    y = medconv_ext.rolling_conv2d(x, w, padding=1, backend="spectral")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert fused.supports(x, w, False) is None
+    assert fused.supports(x.half(), w.half(), False) is not None  # falls back to the composition
+    y16 = medconv_ext.rolling_conv2d(x.bfloat16(), w.bfloat16(), padding=1, backend="spectral")
+    assert _rel(y16.float(), _ref(x, w, None, False, 1, 1, 0, 1, 8)) < 2e-2
+
+
+def test_bad_inputs():
+    x = torch.randn(1, 4, 5, 5)
+    w = torch.randn(1, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="C_in"):
+        torch.ops.medconv.rolling_conv_spectral(x, torch.randn(1, 3, 3, 3), None, None, None, False, [1], [1], [1], 4)
+    with pytest.raises(RuntimeError, match="n_rolls"):
+        torch.ops.medconv.rolling_conv_spectral(x, w, None, None, None, False, [1], [1], [1], 5)
+    with pytest.raises(RuntimeError, match="scale"):
+        torch.ops.medconv.rolling_conv_spectral(x, w, None, torch.ones(3), None, False, [1], [1], [1], 4)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.medconv.rolling_conv_spectral(x.double(), w, None, None, None, False, [1], [1], [1], 4)
+    with pytest.raises(RuntimeError, match="larger than the padded input"):
+        torch.ops.medconv.rolling_conv_spectral(x[..., :1, :], w, None, None, None, False, [1], [0], [1], 4)
+    with pytest.raises(ValueError, match="scale"):
+        medconv_ext.rolling_conv2d(x, w, padding=1, scale=torch.ones(3))
+    with pytest.raises(TypeError, match="relu"):
+        medconv_ext.rolling_conv2d(x, w, padding=1, relu=1)
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(1)
+    x, w, b = _inputs(2, 1, 5, 1, 3, (5, 6), 3, False, torch.float64, gen)
+    sc, sh = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.medconv.rolling_conv_spectral,
+                          (x.requires_grad_(True), w.requires_grad_(True), b, sc, sh, True, [1, 1], [1, 1], [1, 1], 3))
+    xt, wt, bt = _inputs(3, 1, 4, 2, 2, (3, 4, 3), 2, True, torch.float64, gen)
+    torch.library.opcheck(torch.ops.medconv.rolling_conv_transpose_spectral,
+                          (xt.requires_grad_(True), wt.requires_grad_(True), bt, None, None, False, [2, 2, 2],
+                           [0, 0, 0], [1, 1, 1], [1, 1, 1], 2))
+
+
+def test_torch_compile_fullgraph():
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = _inputs(2, 1, 6, 1, 6, (6, 6), 3, False, torch.float32, gen)
+    w.requires_grad_(True)
+
+    def f(x, w, b):
+        return medconv_ext.rolling_conv2d(x, w, b, padding=1, backend="spectral", relu=True).sum()
+
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    got = cf(x, w, b)
+    gw, = torch.autograd.grad(got, w)
+    want = f(x, w, b)
+    gw_want, = torch.autograd.grad(want, w)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gw, gw_want)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_unet_eval_folds_batchnorm_relu(dims, monkeypatch):
+    """A rolling UNet in eval mode folds conv -> BN -> ReLU into the epilogue: same output as module
+    by module; training mode is unchanged (batch statistics)."""
+    import sys
+    from medconv_ext.models.unet import ConvUnit, UNet
+    from medconv_ext.nn import fuse
+    unet_mod = sys.modules["medconv_ext.models.unet"]
+    torch.manual_seed(0)
+    model = UNet(dims, 2, 3, features=4, kernel_size=3, kind="rolling", first_kind="dense", depth=1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 2, *([8] * dims))
+    calls = []
+    real = fuse.rolling_conv_bn_relu
+    monkeypatch.setattr(unet_mod, "rolling_conv_bn_relu", lambda *a: calls.append(1) or real(*a))
+    model.eval()
+    with torch.no_grad():
+        fused_out = model(x)
+        assert calls, "no conv unit was folded"
+        monkeypatch.setattr(ConvUnit, "forward", torch.nn.Sequential.forward)
+        plain = model(x)
+    torch.testing.assert_close(fused_out, plain, rtol=1e-4, atol=1e-5)
+    monkeypatch.undo()
+    monkeypatch.setattr(unet_mod, "rolling_conv_bn_relu", lambda *a: calls.append(1) or real(*a))
+    model.train()
+    calls.clear()
+    model(x)
+    assert not calls  # training mode: never folded
