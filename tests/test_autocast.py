@@ -48,3 +48,21 @@ def test_involution_autocast(device, dtype):
     assert y.dtype == dtype
     expect = ref_involution(x.double(), weight.double(), [3, 3], [1, 1], [1, 1], [1, 1])
     assert _rel_err(y, expect) < TOL[dtype]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_spectral_composition_computes_in_float32_under_autocast(transposed):
+    """Under bf16 autocast the spectral composition computes in float32 like outside it: the same
+    result as casting the inputs to bf16 by hand and calling it without autocast (its DFT matmul and
+    depthwise conv are not re-cast to bf16)."""
+    torch.manual_seed(0)
+    c = 64
+    x = torch.randn(1, c, 11, 9)
+    w = torch.randn(c, 1, 3, 3) if transposed else torch.randn(1, c, 3, 3)
+    fn = mc.rolling_conv_transpose2d if transposed else mc.rolling_conv2d
+    kw = dict(padding=1, backend="spectral_unfused")
+    expect = fn(x.bfloat16(), w.bfloat16(), **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fn(x, w, **kw)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, expect)

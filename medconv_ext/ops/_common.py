@@ -100,10 +100,10 @@ def apply_epilogue(y: torch.Tensor, scale, shift, relu: bool) -> torch.Tensor:
     """y * scale + shift (per channel, dim 1), then ReLU: the epilogue of the backends that do not
     fuse it (the fused kernels compute the same in-kernel)."""
     shape = (1, -1) + (1,) * (y.dim() - 2)
-    if scale is not None:
-        y = y * scale.view(shape)
+    if scale is not None:  # in y's dtype: a float32 BatchNorm fold must not promote a bf16 output
+        y = y * scale.to(y.dtype).view(shape)
     if shift is not None:
-        y = y + shift.view(shape)
+        y = y + shift.to(y.dtype).view(shape)
     if relu:
         y = torch.relu(y)
     return y

@@ -26,6 +26,7 @@ conv adjoints, rfft^T): it never builds the dense bank, and it traces under
 torch.compile(fullgraph=True). float16/bfloat16 are computed in float32 and cast back.
 On CUDA the same composition runs on cuFFT and cuDNN's depthwise kernels.
 """
+import functools
 import math
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -258,6 +259,19 @@ def _finish(y: torch.Tensor, bias: Optional[torch.Tensor], x: torch.Tensor) -> t
     return y.to(x.dtype)
 
 
+def _outside_autocast(fn):
+    """The composition computes 16-bit inputs in float32 (_compute_dtype); under torch.autocast its
+    matmuls and convolutions would be cast back to the autocast dtype, so autocast is off inside."""
+    @functools.wraps(fn)
+    def wrapper(x, *args):
+        if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return fn(x, *args)
+        return fn(x, *args)
+    return wrapper
+
+
+@_outside_autocast
 def rolling_conv_spectral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           stride: List[int], padding: List[int], dilation: List[int], n_rolls: int) -> torch.Tensor:
     """Rolling convolution by the channel FFT. weight = base (n_base, C_in, *k)."""
@@ -271,6 +285,7 @@ def rolling_conv_spectral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     return _finish(_inverse(out, c_in, n_base, n_rolls), bias, x)
 
 
+@_outside_autocast
 def rolling_conv_transpose_spectral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                     stride: List[int], padding: List[int], output_padding: List[int],
                                     dilation: List[int], n_rolls: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._common import conv_out_size, conv_transpose_out_size
+from ._common import apply_epilogue, conv_out_size, conv_transpose_out_size
 from .rolling_conv_spectral import register_fused_spectral
 from .rolling_conv_triton import device_guard
 
@@ -332,15 +332,6 @@ rolling_conv_transpose_spectral_triton.register_autograd(
 
 
 # ---- the entry points registered with the "spectral" backend ----
-def _epilogue_torch(y, scale, shift, relu):
-    shape = (1, -1) + (1,) * (y.dim() - 2)
-    if scale is not None:
-        y = y * scale.to(y.dtype).view(shape)
-    if shift is not None:
-        y = y + shift.to(y.dtype).view(shape)
-    return torch.relu(y) if relu else y
-
-
 def _wants_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
@@ -350,7 +341,7 @@ def conv(x, weight, bias, stride, padding, dilation, n_rolls, *, scale=None, shi
     args = (list(stride), list(padding), list(dilation), int(n_rolls))
     if (scale is not None or shift is not None or relu) and _wants_grad(x, weight, bias, scale, shift):
         y = rolling_conv_spectral_triton(x, weight, bias, None, None, False, *args)
-        return _epilogue_torch(y, scale, shift, relu)
+        return apply_epilogue(y, scale, shift, relu)
     return rolling_conv_spectral_triton(x, weight, bias, scale, shift, bool(relu), *args)
 
 
@@ -360,8 +351,12 @@ def conv_transpose(x, weight, bias, stride, padding, output_padding, dilation, n
     args = (list(stride), list(padding), list(output_padding), list(dilation), int(n_rolls))
     if (scale is not None or shift is not None or relu) and _wants_grad(x, weight, bias, scale, shift):
         y = rolling_conv_transpose_spectral_triton(x, weight, bias, None, None, False, *args)
-        return _epilogue_torch(y, scale, shift, relu)
+        return apply_epilogue(y, scale, shift, relu)
     return rolling_conv_transpose_spectral_triton(x, weight, bias, scale, shift, bool(relu), *args)
+
+
+conv.supports_epilogue = True
+conv_transpose.supports_epilogue = True
 
 
 def supports(x: Tensor, weight: Tensor, transposed: bool) -> Optional[str]:
