@@ -44,23 +44,18 @@
 #include <vector>
 
 #include "cpu/cpu_dispatch.h"
+#include "cpu/rolling_conv_geometry.h"
 
 namespace medconv {
 namespace {
 
 using i64 = int64_t;
-using A3 = std::array<i64, 3>;
+using cpu_geom::A3;
 
 constexpr int kAlignBytes = 32;  // spectra, DFT and inverse matrices padded to 32 bytes per row
 
 i64 round_up(i64 v, i64 m) { return (v + m - 1) / m * m; }
 i64 ceil_div(i64 a, i64 b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
-
-std::string shape_str(at::IntArrayRef s) {
-  std::string r = "[";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + "]";
-}
 
 // ------------------------------------------------------------------------------------------
 // DFT tables (double precision, cast once)
@@ -701,41 +696,27 @@ __attribute__((target("avx2,fma"))) void gw_block_avx2(const GwPlan<T>& g, i64 r
 // ------------------------------------------------------------------------------------------
 // geometry and tables
 // ------------------------------------------------------------------------------------------
-struct Geom {
-  int dims = 0;
-  i64 C = 0, nb = 0, n_rolls = 0;
-  A3 k{1, 1, 1}, s{1, 1, 1}, p{0, 0, 0}, d{1, 1, 1};
-  i64 taps() const { return k[0] * k[1] * k[2]; }
-};
+using cpu_geom::check_convt_out;
+using cpu_geom::check_float_cpu;
+using cpu_geom::conv_out;
+using cpu_geom::convt_out_base;
+using cpu_geom::Geom;
+using cpu_geom::shape_str;
 
 // Internal 3-dim position of spatial dim i of a `dims`-dim tensor: 3D (D, H, W) -> 0, 1, 2;
 // 2D (H, W) -> 0, 2 (the middle dim has size 1), so that the outer dim (rows of the ring) is H.
 int pos3(int dims, int i) { return dims == 3 ? i : (i == 0 ? 0 : 2); }
 
 A3 expand3(at::IntArrayRef v, int dims, i64 fill, const char* name, const char* op) {
-  TORCH_CHECK(v.size() == 1 || (int)v.size() == dims, op, ": ", name, " must have 1 or ", dims, " values, got ",
-              v.size());
-  A3 r{fill, fill, fill};
-  for (int i = 0; i < dims; ++i) r[pos3(dims, i)] = v.size() == 1 ? v[0] : v[i];
-  return r;
+  return cpu_geom::expand3(v, dims, fill, name, op, pos3);
 }
 
-A3 spatial3(at::IntArrayRef sizes, int dims) {
-  A3 r{1, 1, 1};
-  for (int i = 0; i < dims; ++i) r[pos3(dims, i)] = sizes[2 + i];
-  return r;
-}
+A3 spatial3(at::IntArrayRef sizes, int dims) { return cpu_geom::spatial3(sizes, dims, pos3); }
 
 std::vector<i64> full_sizes(i64 N, i64 C, const A3& S, int dims) {
   std::vector<i64> r{N, C};
   for (int i = 0; i < dims; ++i) r.push_back(S[pos3(dims, i)]);
   return r;
-}
-
-void check_float_cpu(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t.scalar_type());
 }
 
 void check_pair(const at::Tensor& a, const char* na, const at::Tensor& b, const char* nb_, const char* op) {
@@ -748,58 +729,7 @@ void check_pair(const at::Tensor& a, const char* na, const at::Tensor& b, const 
 Geom make_geom(const char* op, int rank, at::IntArrayRef wsz, bool transposed, i64 C, at::IntArrayRef stride,
                at::IntArrayRef padding, at::IntArrayRef dilation, i64 n_rolls) {
   TORCH_CHECK(rank == 4 || rank == 5, op, ": expected 4 or 5 dims (N, C, *spatial), got ", rank);
-  TORCH_CHECK((int)wsz.size() == rank, op, ": weight must have ", rank, " dims, got shape ", shape_str(wsz));
-  Geom g;
-  g.dims = rank - 2;
-  g.C = C;
-  g.nb = transposed ? wsz[1] : wsz[0];
-  const i64 wc = transposed ? wsz[0] : wsz[1];
-  TORCH_CHECK(wc == C, op, ": input has C_in=", C, " channels but weight has C_in=", wc, " (weight shape ",
-              shape_str(wsz), ")");
-  TORCH_CHECK(C >= 1 && g.nb >= 1, op, ": C_in and n_base must be >= 1, got weight shape ", shape_str(wsz));
-  for (int i = 0; i < g.dims; ++i) {
-    TORCH_CHECK(wsz[2 + i] >= 1, op, ": kernel sizes must be >= 1, got weight shape ", shape_str(wsz));
-    g.k[pos3(g.dims, i)] = wsz[2 + i];
-  }
-  g.s = expand3(stride, g.dims, 1, "stride", op);
-  g.p = expand3(padding, g.dims, 0, "padding", op);
-  g.d = expand3(dilation, g.dims, 1, "dilation", op);
-  for (int i = 0; i < 3; ++i) {
-    TORCH_CHECK(g.s[i] >= 1, op, ": stride must be >= 1, got ", stride);
-    TORCH_CHECK(g.d[i] >= 1, op, ": dilation must be >= 1, got ", dilation);
-    TORCH_CHECK(g.p[i] >= 0, op, ": padding must be >= 0, got ", padding);
-  }
-  TORCH_CHECK(n_rolls >= 1 && n_rolls <= C, op, ": n_rolls must satisfy 1 <= n_rolls <= C_in=", C, ", got ",
-              n_rolls);
-  g.n_rolls = n_rolls;
-  return g;
-}
-
-A3 conv_out(const Geom& g, const A3& in, const char* op) {
-  A3 o;
-  for (int i = 0; i < 3; ++i) {
-    TORCH_CHECK(in[i] + 2 * g.p[i] >= g.d[i] * (g.k[i] - 1) + 1, op, ": the kernel (extent ",
-                g.d[i] * (g.k[i] - 1) + 1, ") is larger than the padded input (size ", in[i], " + 2*padding ", g.p[i],
-                ")");
-    o[i] = (in[i] + 2 * g.p[i] - g.d[i] * (g.k[i] - 1) - 1) / g.s[i] + 1;
-  }
-  return o;
-}
-
-A3 convt_out_base(const Geom& g, const A3& in) {
-  A3 o;
-  for (int i = 0; i < 3; ++i) o[i] = (in[i] - 1) * g.s[i] - 2 * g.p[i] + g.d[i] * (g.k[i] - 1) + 1;
-  return o;
-}
-
-void check_convt_out(const Geom& g, const A3& in, const A3& out, const char* op) {
-  const A3 base = convt_out_base(g, in);
-  for (int i = 0; i < 3; ++i) {
-    const i64 op_ = out[i] - base[i];
-    TORCH_CHECK(out[i] >= 1 && op_ >= 0 && op_ < std::max(g.s[i], g.d[i]), op, ": the transposed-conv output size ",
-                out[i], " along a spatial dim does not match input size ", in[i], " (expected ", base[i],
-                " + output_padding, 0 <= output_padding < max(stride, dilation))");
-  }
+  return cpu_geom::make_geom(op, rank, wsz, transposed, C, stride, padding, dilation, n_rolls, pos3);
 }
 
 void check_vec(const std::optional<at::Tensor>& v, const at::Tensor& x, i64 Cq, const char* name, const char* op) {
