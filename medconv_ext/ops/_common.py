@@ -107,3 +107,13 @@ def apply_epilogue(y: torch.Tensor, scale, shift, relu: bool) -> torch.Tensor:
     if relu:
         y = torch.relu(y)
     return y
+
+
+def run_with_epilogue(fn, args, scale, shift, relu: bool) -> torch.Tensor:
+    """fn(*args) followed by the epilogue: in the kernel where fn takes it (fn.supports_epilogue),
+    else by apply_epilogue after it."""
+    if scale is None and shift is None and not relu:
+        return fn(*args)
+    if getattr(fn, "supports_epilogue", False):
+        return fn(*args, scale=scale, shift=shift, relu=relu)
+    return apply_epilogue(fn(*args), scale, shift, relu)

@@ -15,7 +15,6 @@ from .. import _ext
 from ..backends import register_impl, resolve, supports_any, supports_device_dtypes
 from ..reference import rolling_conv as _ref
 from ._common import (
-    apply_epilogue,
     autocast_inputs,
     check_epilogue,
     check_kernel_fits,
@@ -25,6 +24,7 @@ from ._common import (
     conv_out_size,
     conv_transpose_out_size,
     ntuple,
+    run_with_epilogue,
 )
 
 OP = "rolling_conv"
@@ -230,11 +230,7 @@ def _rolling_conv_nd(dims, x, weight, bias, stride, padding, dilation, n_rolls, 
     check_kernel_fits(x.shape[2:], weight.shape[2:], padding, dilation, name)
     check_epilogue(name, x, c_out, scale, shift, relu)
     _, fn = _choose(OP, x, weight, backend, transposed=False, n_rolls=n_rolls)
-    if scale is None and shift is None and not relu:
-        return fn(x, weight, bias, stride, padding, dilation, n_rolls)
-    if getattr(fn, "supports_epilogue", False):
-        return fn(x, weight, bias, stride, padding, dilation, n_rolls, scale=scale, shift=shift, relu=relu)
-    return apply_epilogue(fn(x, weight, bias, stride, padding, dilation, n_rolls), scale, shift, relu)
+    return run_with_epilogue(fn, (x, weight, bias, stride, padding, dilation, n_rolls), scale, shift, relu)
 
 
 def _rolling_conv_transpose_nd(dims, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend,
@@ -255,12 +251,8 @@ def _rolling_conv_transpose_nd(dims, x, weight, bias, stride, padding, output_pa
     if any(o < 1 for o in out):
         raise ValueError("%s: the output would be empty (computed spatial size %s); reduce padding" % (name, out))
     _, fn = _choose(OP_T, x, weight, backend, transposed=True, n_rolls=n_rolls)
-    args = (x, weight, bias, stride, padding, output_padding, dilation, n_rolls)
-    if scale is None and shift is None and not relu:
-        return fn(*args)
-    if getattr(fn, "supports_epilogue", False):
-        return fn(*args, scale=scale, shift=shift, relu=relu)
-    return apply_epilogue(fn(*args), scale, shift, relu)
+    return run_with_epilogue(fn, (x, weight, bias, stride, padding, output_padding, dilation, n_rolls),
+                             scale, shift, relu)
 
 
 def rolling_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, n_rolls=None, backend="auto", *,

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..backends import register_impl
 from ..reference import rolling_conv as _ref
-from ._common import apply_epilogue
+from ._common import run_with_epilogue
 
 OP = "rolling_conv"
 OP_T = "rolling_conv_transpose"
@@ -335,26 +335,17 @@ def _fused_for(x: torch.Tensor, weight: torch.Tensor, transposed: bool):
     return entry[1] if transposed else entry[0]
 
 
-def _run_with_epilogue(fn, args, scale, shift, relu):
-    # the epilogue y = relu?(conv * scale + shift) in-kernel where the fused kernel has it, else after
-    if scale is None and shift is None and not relu:
-        return fn(*args)
-    if getattr(fn, "supports_epilogue", False):
-        return fn(*args, scale=scale, shift=shift, relu=relu)
-    return apply_epilogue(fn(*args), scale, shift, relu)
-
-
 def rolling_conv_spectral_auto(x, weight, bias, stride, padding, dilation, n_rolls, scale=None, shift=None,
                                relu=False):
     """Backend "spectral": the fused kernel for this device where it runs the input, else the composition."""
     fn = _fused_for(x, weight, transposed=False) or rolling_conv_spectral
-    return _run_with_epilogue(fn, (x, weight, bias, stride, padding, dilation, n_rolls), scale, shift, relu)
+    return run_with_epilogue(fn, (x, weight, bias, stride, padding, dilation, n_rolls), scale, shift, relu)
 
 
 def rolling_conv_transpose_spectral_auto(x, weight, bias, stride, padding, output_padding, dilation, n_rolls,
                                          scale=None, shift=None, relu=False):
     fn = _fused_for(x, weight, transposed=True) or rolling_conv_transpose_spectral
-    return _run_with_epilogue(fn, (x, weight, bias, stride, padding, output_padding, dilation, n_rolls),
+    return run_with_epilogue(fn, (x, weight, bias, stride, padding, output_padding, dilation, n_rolls),
                               scale, shift, relu)
 
 
