@@ -6,9 +6,11 @@ weight gradient. Tolerances are by dtype and never loosened to pass.
 """
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from medconv_ext import backends
 from medconv_ext.reference import rolling_conv as R
 
 # (rtol, atol) for outputs whose entries are sums of O(C * k^d) products of N(0, 1) values: float32
@@ -224,3 +226,21 @@ def large_case_check(transposed, backend, H, device, dtype=torch.float32):
     assert torch.isfinite(gw).all()
     torch.testing.assert_close(gw.double().cpu(), want, rtol=0, atol=max(1e-4 * scale, 1e-4), msg="grad_weight")
     return y.numel()
+
+
+triton_ok, triton_why = backends.available_backends()["triton"]
+needs_triton = pytest.mark.skipif(not triton_ok, reason="triton backend unavailable: %s" % triton_why)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every torch.empty called from Python (the op wrappers, the partial buffers) is filled with NaN."""
+    orig = torch.empty
+
+    def empty_nan(*args, **kwargs):
+        t = orig(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty_nan)

@@ -24,26 +24,16 @@ from _rolling_gpu_util import (
     eq7_grad_weight_transpose,
     eq8_grad_input,
     make_case,
+    needs_triton,
+    poison,  # noqa: F401 (fixture)
     reference_all,
+    triton_ok,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-triton_ok, triton_why = backends.available_backends()["triton"]
-needs_triton = pytest.mark.skipif(not triton_ok, reason="triton backend unavailable: %s" % triton_why)
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    orig = torch.empty
-
-    def empty_nan(*args, **kwargs):
-        t = orig(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty_nan)
 
 
 def _fwd(transposed, x, w, b, stride, padding, output_padding, dilation, n_rolls, **epi):
