@@ -306,7 +306,7 @@ if triton is not None:
         if HAS_SHIFT:
             acc += tl.load(shift_ptr + ch, mask=mask_a, other=0.0).to(tl.float32)[None, :]
         if RELU:
-            acc = tl.maximum(acc, 0.0)
+            acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as torch.relu
         out_offs = (n * OUT_C + ch[None, :].to(tl.int64)) * P_OUT + offs_p[:, None]
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_a[None, :])
 

@@ -181,7 +181,7 @@ MEDCONV_INLINE void gemm_tile(i64 K, const T* A, i64 ams, i64 aks, const T* B, i
         r = r * s + h;
         if (relu) {
 #pragma GCC unroll 16
-          for (int l = 0; l < NL; ++l) r[l] = r[l] > T(0) ? r[l] : T(0);
+          for (int l = 0; l < NL; ++l) r[l] = r[l] < T(0) ? T(0) : r[l];  // NaN stays NaN, as torch.relu
         }
       }
       T* dst = C + m * ldc + col;
@@ -526,11 +526,11 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, std
         T* y = orow + q * p.Cout + bo;
         for (i64 r = 0; r < r1; ++r) {
           const T z = (e[r] + o[r]) * scb[r * nbo] + shb[r * nbo];
-          y[r * nbo] = p.relu && !(z > T(0)) ? T(0) : z;
+          y[r * nbo] = p.relu && z < T(0) ? T(0) : z;  // NaN stays NaN
         }
         for (i64 r = r1; r < p.Rout; ++r) {
           const T z = (e[p.C - r] - o[p.C - r]) * scb[r * nbo] + shb[r * nbo];
-          y[r * nbo] = p.relu && !(z > T(0)) ? T(0) : z;
+          y[r * nbo] = p.relu && z < T(0) ? T(0) : z;  // NaN stays NaN
         }
       }
     }
