@@ -194,3 +194,130 @@ def test_torch_compile_fullgraph_with_new_options():
     cm = torch.compile(m, fullgraph=True, backend="aot_eager")
     x = torch.randn(3, 7, 6, dtype=torch.float64)
     torch.testing.assert_close(cm(x), t(x), **TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's positional signatures. The constructor arguments below are those of torch's own module
+# tests (torch/testing/_internal/common_nn.py: new_module_tests, the padding-mode tests, and
+# common_modules.py's module_inputs_torch_nn_ConvNd), passed positionally to the rolling module and
+# to the torch module alike; the outputs are compared with the torch module holding expanded_weight().
+# Channel counts without a rolling layout (out_channels = 3 or 5 for 2 or 4 inputs) must raise the
+# layout ValueError; each such case also runs with the nearest out_channels that has a layout.
+# ---------------------------------------------------------------------------------------------
+_MODES = ["reflect", "circular", "replicate", "zeros"]
+TORCH_POSITIONAL_CASES = [
+    # (dims, transposed, constructor args, input size)
+    (2, False, (3, 4, (3, 2)), (2, 3, 7, 5)),
+    (2, False, (3, 4, (3, 3), (2, 2)), (2, 3, 6, 6)),
+    (2, False, (3, 4, (3, 3), (2, 2), (1, 1)), (2, 3, 6, 6)),
+    (2, False, (3, 2, (3, 3), (2, 2), (1, 1), (2, 2)), (2, 3, 8, 8)),
+    (2, False, (3, 4, (3, 2), 1, 0, 1, 1, False), (2, 3, 6, 5)),
+    (2, False, (3, 4, (3, 2)), (0, 3, 7, 5)),                                   # zero batch
+    (2, False, (4, 5, 3), (2, 4, 3, 4)),                                        # module_db (no layout)
+    (2, False, (4, 4, 3), (2, 4, 3, 4)),
+    (2, False, (4, 8, 3), (4, 3, 4)),                                           # unbatched
+    (2, True, (3, 4, 3, (3, 2), 1, (1, 1)), (1, 3, 7, 6)),
+    (2, True, (3, 4, 3, (2, 3), 1, (1, 1), 1, False, (2, 2)), (1, 3, 6, 7)),
+    (2, True, (3, 4, 3, (2, 3), 1, (1, 1), 1, False), (1, 3, 6, 7)),
+    (2, True, (3, 4, 3, (2, 3), 1, (1, 1)), (0, 3, 6, 7)),                      # zero batch
+    (3, False, (2, 3, (2, 3, 2)), (1, 2, 4, 5, 4)),                             # no layout
+    (3, False, (2, 4, (2, 3, 2)), (1, 2, 4, 5, 4)),
+    (3, False, (2, 3, (2, 3, 4), 1, 0, 1, 1, False), (1, 2, 3, 4, 5)),          # no layout
+    (3, False, (2, 4, (2, 3, 4), 1, 0, 1, 1, False), (1, 2, 3, 4, 5)),
+    (3, False, (2, 4, (1, 1, 1), 1, 0, 1, 1, False), (1, 2, 3, 4, 5)),
+    (3, False, (3, 4, 2, 2), (2, 3, 5, 5, 5)),
+    (3, False, (3, 4, 2, 2, 1), (2, 3, 5, 5, 5)),
+    (3, False, (3, 4, (2, 3, 4)), (0, 3, 3, 4, 5)),                             # zero batch
+    (3, True, (2, 3, (2, 3, 2)), (1, 2, 4, 5, 4)),                              # no layout
+    (3, True, (2, 4, (2, 3, 2)), (1, 2, 4, 5, 4)),
+    (3, True, (2, 4, (2, 3, 2), 1, 0, 0, 1, True, (2, 2, 2)), (1, 2, 4, 5, 4)),
+    (3, True, (2, 4, 2, 2, 0, 0, 1, True, 1), (2, 4, 3, 5)),                    # unbatched
+] + [
+    # the padding-mode tests: (2, 3, 3, 2, padding, 1, 1, True, mode); 3 outputs for 2 inputs has no layout
+    (d, False, (2, cout, 3, 2, tuple(range(1, d + 1)), 1, 1, True, mode), (2, 2) + (4,) * d)
+    for d in (2, 3) for mode in _MODES for cout in (3, 4)
+]
+
+
+def _case_id(case):
+    dims, transposed, args, size = case
+    return "%s%dd%s-in%s" % ("T" if transposed else "", dims, list(args), list(size))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", TORCH_POSITIONAL_CASES, ids=_case_id)
+def test_torch_positional_constructor_args(case, backend):
+    dims, transposed, args, size = case
+    cls, tcls = (CONV_T if transposed else CONV)[dims]
+    cin, cout = args[0], args[1]
+    if cout % -(-cout // cin):  # no rolling layout: the layout's ValueError, as before
+        with pytest.raises(ValueError, match="out_channels=%d has no rolling layout" % cout):
+            cls(*args)
+        return
+    torch.manual_seed(7)
+    m = cls(*args).double()
+    m.backend = backend
+    t = tcls(*args).double()
+    for name in ("stride", "padding", "dilation", "groups", "padding_mode", "output_padding", "transposed"):
+        assert getattr(m, name) == getattr(t, name), name
+    assert (m.bias is None) == (t.bias is None)
+    with torch.no_grad():
+        t.weight.copy_(m.expanded_weight())
+        if t.bias is not None:
+            t.bias.copy_(m.bias)
+    x = torch.randn(size, dtype=torch.float64)
+    out = m(x)
+    assert out.shape == t(x).shape
+    torch.testing.assert_close(out, t(x), **TOL)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_signature_is_torchs(dims, transposed):
+    """Same parameter names, order, kinds and defaults as torch's module; `backend` keyword-only."""
+    import inspect
+
+    cls, tcls = (CONV_T if transposed else CONV)[dims]
+    ours = inspect.signature(cls.__init__).parameters
+    theirs = inspect.signature(tcls.__init__).parameters
+    assert [p for p in ours if p != "backend"] == list(theirs)
+    for name, p in theirs.items():
+        assert (ours[name].kind, ours[name].default) == (p.kind, p.default), name
+    assert ours["backend"].kind is inspect.Parameter.KEYWORD_ONLY and ours["backend"].default == "auto"
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_positional_device_dtype_and_keyword_backend(dims):
+    cls, tcls = CONV[dims]
+    m = cls(3, 6, 3, 1, 1, 1, 1, True, "circular", "cpu", torch.float64, backend="reference")
+    assert m.weight.dtype == torch.float64 and m.padding_mode == "circular" and m.backend == "reference"
+    t = _dense_twin(m, tcls, padding=1, padding_mode="circular")
+    x = torch.randn(2, 3, *(5,) * dims, dtype=torch.float64)
+    torch.testing.assert_close(m(x), t(x), **TOL)
+    ct, tct = CONV_T[dims]
+    mt = ct(3, 6, 3, 2, 1, 1, 1, False, 1, "zeros", None, torch.float64, backend="reference")
+    assert mt.weight.dtype == torch.float64 and mt.bias is None and mt.output_padding == (1,) * dims
+    tt = _dense_twin(mt, tct, stride=2, padding=1, output_padding=1)
+    torch.testing.assert_close(mt(x), tt(x), **TOL)
+    with pytest.raises(TypeError):  # one positional argument too many, as torch
+        cls(3, 6, 3, 1, 1, 1, 1, True, "zeros", None, None, "reference")
+
+
+@pytest.mark.parametrize("cls", [RollingConv2d, RollingConv3d, RollingConvTranspose2d, RollingConvTranspose3d])
+def test_groups_other_than_one_raise(cls):
+    for groups in (2, 4, 0, True, 1.0, "1"):
+        with pytest.raises(ValueError, match=r"groups=.* is not supported: rolling convolution supports groups=1 only"):
+            cls(4, 8, 3, groups=groups)
+    with pytest.raises(ValueError, match=r"groups=2 is not supported.*supports groups=1 only"):
+        cls(4, 8, 3, 1, 0, 1, 2)  # groups positionally (7th argument of Conv and ConvTranspose alike)
+    assert cls(4, 8, 3, groups=1).groups == 1
+
+
+def test_old_positional_backend_is_refused():
+    """Calls written for the earlier signature (backend after bias) fail loudly, never silently."""
+    with pytest.raises(ValueError, match="groups=True is not supported"):
+        RollingConv2d(4, 8, 3, 1, 1, 1, True, "reference")
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        RollingConv2d(4, 8, 3, 1, 1, 1, 1, "reference")
+    with pytest.raises(TypeError, match="backend must be a string"):
+        RollingConv2d(4, 8, 3, backend=None)

@@ -1,4 +1,16 @@
-"""Rolling convolution modules with nn.Conv-like signatures.
+"""Rolling convolution modules with torch's nn.Conv signatures.
+
+The constructors take torch's arguments in torch's order, so a call written for nn.Conv2d/3d or
+nn.ConvTranspose2d/3d works unchanged (positional or by keyword):
+
+    RollingConv2d/3d(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                     bias=True, padding_mode='zeros', device=None, dtype=None, *, backend='auto')
+    RollingConvTranspose2d/3d(in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
+                              groups=1, bias=True, dilation=1, padding_mode='zeros', device=None, dtype=None,
+                              *, backend='auto')
+
+groups=1 only (a rolled bank mixes every input channel into every output channel); `backend` is
+keyword-only. n_base and n_rolls follow from in_channels and out_channels (rolling_layout).
 
 Drop-in options as nn.Conv2d/3d and nn.ConvTranspose2d/3d: the `device=`/`dtype=` factory keywords,
 padding='same'/'valid' (convolutions; 'same' only with stride 1, the extra voxel of an odd total
@@ -45,11 +57,22 @@ class _RollingConvNd(nn.Module):
     _dims = 2
     _transposed = False
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True,
-                 output_padding=0, backend="auto", padding_mode="zeros", device=None, dtype=None):
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                 output_padding, padding_mode, device, dtype, backend):
         super().__init__()
         cls = type(self).__name__
         d = self._dims
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups != 1:
+            raise ValueError("%s: groups=%r is not supported: rolling convolution supports groups=1 only (every "
+                             "rolled filter spans all input channels); for grouped or depthwise convolutions use "
+                             "torch.nn.%s" % (cls, groups, ("ConvTranspose%dd" if self._transposed else "Conv%dd") % d))
+        if isinstance(bias, str):
+            raise TypeError("%s: bias must be a bool, got %r (the backend is keyword-only: backend=%r)"
+                            % (cls, bias, bias))
+        if not isinstance(backend, str):
+            raise TypeError("%s: backend must be a string, got %r" % (cls, backend))
+        self.groups = 1
+        self.transposed = self._transposed
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = tuple(ntuple(kernel_size, d, "kernel_size", cls))
@@ -93,7 +116,7 @@ class _RollingConvNd(nn.Module):
             shape = (self.n_base, in_channels, *self.kernel_size)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(shape, **factory))
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None  # truthy, as torch
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -132,6 +155,9 @@ class _RollingConvNd(nn.Module):
         super().__setstate__(state)
         if "padding_mode" not in self.__dict__:
             self.padding_mode = "zeros"
+        if "groups" not in self.__dict__:
+            self.groups = 1
+            self.transposed = self._transposed
         if "_pad_sides" not in self.__dict__:
             self._pad_sides = tuple((p, p) for p in self.padding)
             self._reversed_padding_repeated_twice = [p for p in reversed(self.padding) for _ in range(2)]
@@ -184,10 +210,10 @@ class RollingConv2d(_RollingConvNd):
     Input (N, C_in, H, W) or unbatched (C_in, H, W)."""
     _dims = 2
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True,
-                 backend="auto", *, padding_mode="zeros", device=None, dtype=None):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, backend=backend,
-                         padding_mode=padding_mode, device=device, dtype=dtype)
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 padding_mode="zeros", device=None, dtype=None, *, backend="auto"):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         output_padding=0, padding_mode=padding_mode, device=device, dtype=dtype, backend=backend)
 
     def _op(self):
         return F.rolling_conv2d
@@ -215,11 +241,11 @@ class RollingConvTranspose2d(_RollingConvNd):
     _dims = 2
     _transposed = True
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, dilation=1,
-                 bias=True, backend="auto", *, padding_mode="zeros", device=None, dtype=None):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
-                         output_padding=output_padding, backend=backend, padding_mode=padding_mode,
-                         device=device, dtype=dtype)
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1,
+                 bias=True, dilation=1, padding_mode="zeros", device=None, dtype=None, *, backend="auto"):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         output_padding=output_padding, padding_mode=padding_mode, device=device, dtype=dtype,
+                         backend=backend)
 
     def _op(self):
         return F.rolling_conv_transpose2d
