@@ -37,3 +37,4 @@ from .ops.rolling_conv import (  # noqa: E402,F401
 )
 from .ops.involution import involution2d, involution3d  # noqa: E402,F401
 from . import nn  # noqa: E402,F401
+from . import export  # noqa: E402,F401  (registers the decompositions plain torch.onnx.export uses)

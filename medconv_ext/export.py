@@ -1,7 +1,18 @@
 """Export of models that use medconv_ext's operators (see docs/export.md).
 
-ONNX (torch.onnx.export(..., dynamo=True)): every operator of the package that can appear in an
-exported graph has an ONNX translation written with ONNX Script, in standard ONNX operators only:
+Plain `torch.onnx.export(model, args, f, dynamo=True)` works for every module and model of the
+package, with no wrapper and no translation table:
+  * while torch.onnx.export runs (outside `exporting()`), every rolling convolution and involution
+    layer computes with its "reference" backend (pure PyTorch: the gathered filter bank + convolution,
+    the unfolded involution), so the exported graph holds only operators the exporter knows
+    (ops.rolling_conv.plain_onnx_export); this also serves the TorchScript-based exporter (dynamo=False);
+  * every forward operator of the package (compiled, Triton, fused spectral) has a decomposition into
+    that same pure-PyTorch form, registered on import in torch's decomposition table, which the
+    dynamo-based exporter applies to operators it has no ONNX function for; so an ExportedProgram that
+    already holds torch.ops.medconv.* operators (torch.export.export(model, ...)) exports too.
+
+`onnx_export(model, args, f)` is the convenience that keeps the package's operators in the graph and
+translates them with ONNX Script, in standard ONNX operators only:
 
   torch.ops.medconv.rolling_conv, .rolling_conv_triton
       the rolled filter bank gathered from the base (one Gather over a rolled channel index),
@@ -28,8 +39,11 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from .ops import rolling_conv as _rc
+from .ops._common import apply_epilogue
+from .reference import involution as _ref_inv
+from .reference import rolling_conv as _ref_rc
 
-__all__ = ["exporting", "is_exporting", "onnx_export", "onnx_translation_table"]
+__all__ = ["decompositions", "exporting", "is_exporting", "onnx_export", "onnx_translation_table"]
 
 _INT64_MAX = 2 ** 63 - 1
 
@@ -52,6 +66,73 @@ def exporting():
 def is_exporting() -> bool:
     """True inside exporting(), a torch.onnx export or a torch.jit trace."""
     return _rc._bank_for_export()
+
+
+# --------------------------------------------------------------------------------------
+# decompositions: every forward operator as the pure-PyTorch reference (plain torch.onnx.export)
+# --------------------------------------------------------------------------------------
+def _decomp_rolling_conv(x, weight, bias, stride, padding, dilation, n_rolls):
+    return _ref_rc.rolling_conv(x, weight, bias, stride, padding, dilation, n_rolls)
+
+
+def _decomp_rolling_conv_transpose(x, weight, bias, stride, padding, output_padding, dilation, n_rolls):
+    return _ref_rc.rolling_conv_transpose(x, weight, bias, stride, padding, output_padding, dilation, n_rolls)
+
+
+def _decomp_rolling_conv_spectral(x, weight, bias, scale, shift, relu, stride, padding, dilation, n_rolls):
+    return apply_epilogue(_ref_rc.rolling_conv(x, weight, bias, stride, padding, dilation, n_rolls),
+                          scale, shift, relu)
+
+
+def _decomp_rolling_conv_transpose_spectral(x, weight, bias, scale, shift, relu, stride, padding, output_padding,
+                                            dilation, n_rolls):
+    y = _ref_rc.rolling_conv_transpose(x, weight, bias, stride, padding, output_padding, dilation, n_rolls)
+    return apply_epilogue(y, scale, shift, relu)
+
+
+def _decomp_involution(x, weight, kernel_size, stride, padding, dilation):
+    return _ref_inv.involution(x, weight, kernel_size, stride, padding, dilation)
+
+
+# forward operators only: exporters see inference graphs (the gradient operators never reach them)
+_DECOMPOSITIONS = {
+    "rolling_conv": _decomp_rolling_conv,
+    "rolling_conv_triton": _decomp_rolling_conv,
+    "rolling_conv_transpose": _decomp_rolling_conv_transpose,
+    "rolling_conv_transpose_triton": _decomp_rolling_conv_transpose,
+    "rolling_conv_spectral": _decomp_rolling_conv_spectral,
+    "rolling_conv_spectral_triton": _decomp_rolling_conv_spectral,
+    "rolling_conv_transpose_spectral": _decomp_rolling_conv_transpose_spectral,
+    "rolling_conv_transpose_spectral_triton": _decomp_rolling_conv_transpose_spectral,
+    "involution": _decomp_involution,
+    "involution_triton": _decomp_involution,
+}
+
+
+def decompositions() -> Dict[Callable, Callable]:
+    """{torch.ops.medconv.<op>.default: pure-PyTorch function} for every registered forward operator:
+    the gathered bank + convolution (spectral ops: then the epilogue), the unfolded involution. Also
+    usable as ExportedProgram.run_decompositions(decompositions())."""
+    table = {}
+    for name, fn in _DECOMPOSITIONS.items():
+        target = _overload(name)
+        if target is not None:
+            table[target] = fn
+    return table
+
+
+def _register_decompositions() -> None:
+    """Enter decompositions() in torch's global decomposition table (torch._decomp.decomposition_table),
+    from which torch.onnx.export (dynamo=True) decomposes the operators it has no ONNX function for.
+    torch.export, torch.compile and eager runs do not read that table for these operators: they keep
+    the operators (and their kernels). Idempotent; a torch without the table leaves export to onnx_export."""
+    try:
+        from torch._decomp import decomposition_table, register_decomposition
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return
+    for target, fn in decompositions().items():
+        if target not in decomposition_table:
+            register_decomposition(target)(fn)
 
 
 # --------------------------------------------------------------------------------------
@@ -213,3 +294,6 @@ def onnx_export(model, args, f=None, *, custom_translation_table: Optional[dict]
         args = (args,)
     with exporting():
         return torch.onnx.export(model, args, f, custom_translation_table=table, **kwargs)
+
+
+_register_decompositions()

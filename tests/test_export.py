@@ -1,15 +1,19 @@
-"""Export of models using the package's operators: ONNX (torch.onnx.export(dynamo=True) with the
-translations of medconv_ext.export, run by onnxruntime against eager PyTorch), torch.export,
-torch.jit.trace of the functional API, the legacy TorchScript-based ONNX exporter on the spectral
-path, and torch.jit.script (not supported: it raises). Small sizes: every export takes seconds."""
+"""Export of models using the package's operators: ONNX by plain torch.onnx.export(dynamo=True) (no
+wrapper: the package's layers take the reference path while exporting, and its operators decompose)
+and by medconv_ext.export.onnx_export (the translations of medconv_ext.export), each run by
+onnxruntime against eager PyTorch; torch.export, torch.jit.trace of the functional API, the legacy
+TorchScript-based ONNX exporter, and torch.jit.script (not supported: it raises). Small sizes: every
+export takes seconds."""
 import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import medconv_ext as M
 from medconv_ext import available_backends, export as E
+from medconv_ext import models as Z
 from medconv_ext.models import medic_seg, rolling_unet, set_backend
 from medconv_ext.nn import (
     Involution2d,
@@ -129,6 +133,185 @@ def _check_onnx_against_eager(model, example, run_inputs, path, dynamic_shapes, 
     return prog
 
 
+class _MedconvOpsRun(TorchDispatchMode):
+    """Records the names of the medconv operators an eager run dispatches (cheaper than torch.export)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "namespace", None) == "medconv":
+            self.seen.add(func._opname)
+        return func(*args, **(kwargs or {}))
+
+
+def _eager_medconv_ops(model, inputs):
+    with torch.no_grad(), _MedconvOpsRun() as rec:
+        model(*inputs)
+    return rec.seen
+
+
+def _assert_matches_eager(onnx_path, model, run_inputs):
+    """onnxruntime on `run_inputs` against eager PyTorch, float32 tolerances (the models run in float32)."""
+    with torch.no_grad(), torch.backends.cudnn.flags(allow_tf32=False):
+        eager = model(*run_inputs)
+    eager = eager if isinstance(eager, tuple) else (eager,)
+    got = _ort_run(onnx_path, run_inputs)
+    assert len(got) == len(eager)
+    for g, e in zip(got, eager):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e.cpu(), rtol=1e-4, atol=1e-4)
+
+
+def _check_plain_onnx(model, example, run_inputs, path, dynamic_shapes=None):
+    """torch.onnx.export(model, example, path, dynamo=True): no wrapper, no translation table. The graph
+    must hold standard ONNX operators only and reproduce eager PyTorch in onnxruntime."""
+    prog = torch.onnx.export(model, example, path, dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False)
+    assert _medconv_targets(prog) == set()  # the layers took their reference path while exporting
+    _assert_standard_onnx(prog)
+    onnx.checker.check_model(onnx.load(path))
+    _assert_matches_eager(path, model, run_inputs)
+    return prog
+
+
+@pytest.mark.parametrize("scenario", ["compiled", "triton", "cuda", "spectral"])
+def test_plain_torch_onnx_export_raw_modules(scenario, monkeypatch, tmp_path):
+    """torch.onnx.export(model, args, f, dynamo=True) of every module kind on every backend (the
+    compiled and Triton operators included), with a dynamic batch axis."""
+    if scenario == "compiled" and not HAS_EXT:
+        pytest.skip("compiled extension not built")
+    device = "cpu"
+    if scenario == "cuda":
+        if not available_backends()["cuda"][0]:
+            pytest.skip("no CUDA kernels or no CUDA device: " + available_backends()["cuda"][1])
+        device = "cuda"
+    if scenario == "triton":
+        if not _has_triton():
+            pytest.skip("triton not installed")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(10)
+    model = RawModules(*SCENARIOS[scenario]).eval().to(device)
+    example = (torch.randn(2, 4, 9, 7, device=device), torch.randn(2, 3, 5, 4, 5, device=device))
+    run = (torch.randn(3, 4, 9, 7, device=device), torch.randn(3, 3, 5, 4, 5, device=device))
+    if scenario in MEDCONV_TARGETS:  # the eager model really runs the package's operators
+        assert _eager_medconv_ops(model, example) == MEDCONV_TARGETS[scenario]
+    batch = torch.export.Dim("batch", min=1, max=8)
+    _check_plain_onnx(model, example, run, str(tmp_path / "raw.onnx"), ({0: batch}, {0: batch}))
+
+
+class Zoo(nn.Module):
+    """Small instances of every builder of medconv_ext.models that holds the package's layers, in one
+    graph (one export covers them all), on the automatic backends: eval mode, so the U-Nets fold
+    BatchNorm + ReLU into their rolling layers (the fused spectral operator where the compiled
+    extension is built), the Med-IC involution takes the compiled operator. (The other builders,
+    unet, depthwise_/flattened_unet, qsmnet and its depthwise/flattened variants, resnet18 and
+    valid_srnet, hold torch layers only: torch's exporter handles them as any torch model.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.unet = Z.rolling_unet(in_channels=1, num_classes=2, features=2)
+        self.qsm = Z.rolling_qsmnet(in_channels=1, out_channels=1, features=1)
+        self.resnet = Z.rolling_resnet18(num_classes=3, features=2)
+        self.medic_cls = Z.medic_cls(3, 4, features=2)
+        self.medic_seg = Z.medic_seg(3, 2, features=2, convs_per_block=1)
+
+    def forward(self, a2, a3, rgb32, rgb28):
+        return (self.unet(a2), self.qsm(a3), self.resnet(rgb32), self.medic_cls(rgb28), self.medic_seg(rgb32))
+
+
+def _zoo_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1, 1, 32, 16), (1, 1, 16, 16, 16), (1, 3, 32, 32), (1, 3, 28, 28)]
+    return tuple(torch.randn(s, generator=g) for s in shapes)
+
+
+def test_plain_torch_onnx_export_every_zoo_model(tmp_path):
+    torch.manual_seed(11)
+    model = Zoo().eval()
+    example = _zoo_inputs(0)
+    if HAS_EXT:  # the eager zoo runs the package's compiled operators (involution, fused spectral)
+        held = _eager_medconv_ops(model, example)
+        assert "involution" in held and any(t.startswith("rolling_conv_spectral") for t in held), held
+    _check_plain_onnx(model, example, _zoo_inputs(1), str(tmp_path / "zoo.onnx"))
+
+
+def test_plain_torch_onnx_export_of_an_exported_program(tmp_path):
+    """An ExportedProgram that holds the package's operators (torch.export keeps them, the fused
+    spectral one included) exports by plain torch.onnx.export: the registered decompositions."""
+    torch.manual_seed(12)
+    model = nn.Sequential(RollingConv2d(4, 8, 3, padding=1, backend="spectral"), nn.ReLU(),
+                          RollingConvTranspose2d(8, 4, 2, stride=2, backend="reference"),
+                          RollingConv2d(4, 4, 3, padding=1, backend="cpu" if HAS_EXT else "reference"),
+                          Involution2d(4, 3, group_channels=2, reduction_ratio=2,
+                                       backend="cpu" if HAS_EXT else "reference")).eval()
+    x = torch.randn(2, 4, 7, 6)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},))
+    held = _medconv_targets(ep)
+    if HAS_EXT:
+        assert {"rolling_conv", "involution"} <= held and any(t.startswith("rolling_conv_spectral") for t in held)
+    path = str(tmp_path / "ep.onnx")
+    prog = torch.onnx.export(ep, (x,), path, dynamo=True, verbose=False)
+    _assert_standard_onnx(prog)
+    _assert_matches_eager(path, model, (torch.randn(3, 4, 7, 6),))
+
+
+def test_decompositions_cover_every_forward_op():
+    table = E.decompositions()
+    names = {t._opname for t in table}
+    assert {"rolling_conv_triton", "rolling_conv_transpose_triton", "involution_triton"} <= names
+    if HAS_EXT:
+        assert {"rolling_conv", "rolling_conv_transpose", "involution", "rolling_conv_spectral",
+                "rolling_conv_transpose_spectral"} <= names
+    from torch._decomp import decomposition_table
+    assert all(decomposition_table[t] is fn for t, fn in table.items())
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
+def test_decompositions_equal_the_operators():
+    """Each decomposition computes what its operator computes (float64, awkward options)."""
+    torch.manual_seed(13)
+    d = E.decompositions()
+    x, w, b = torch.randn(2, 5, 7, 6, dtype=torch.float64), torch.randn(2, 5, 3, 2, dtype=torch.float64), None
+    ops = torch.ops.medconv
+    args = (x, w, b, [2, 1], [1, 0], [1, 2], 3)
+    torch.testing.assert_close(d[ops.rolling_conv.default](*args), ops.rolling_conv(*args))
+    wt, bt = torch.randn(5, 2, 2, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    args = (x, wt, bt, [2, 1], [0, 1], [1, 0], [1, 1], 3)
+    torch.testing.assert_close(d[ops.rolling_conv_transpose.default](*args), ops.rolling_conv_transpose(*args))
+    scale, shift = torch.randn(10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    ws = torch.randn(2, 5, 3, 3, dtype=torch.float64)
+    args = (x, ws, torch.randn(10, dtype=torch.float64), scale, shift, True, [1, 1], [1, 1], [1, 1], 5)
+    torch.testing.assert_close(d[ops.rolling_conv_spectral.default](*args), ops.rolling_conv_spectral(*args))
+    wi = torch.randn(2, 1, 3, 3, 4, 3, dtype=torch.float64)  # G = 1, K 3, stride 2, padding 1 on 7x6
+    args = (torch.randn(2, 4, 7, 6, dtype=torch.float64), wi, [3, 3], [2, 2], [1, 1], [1, 1])
+    torch.testing.assert_close(d[ops.involution.default](*args), ops.involution(*args))
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
+def test_registered_decompositions_leave_torch_export_and_compile_alone():
+    """torch.export (dynamic batch) and torch.compile (dynamic shapes) keep the compiled operators."""
+    torch.manual_seed(14)
+    model = nn.Sequential(RollingConv2d(4, 8, 3, padding=1, backend="cpu"),
+                          Involution2d(8, 3, group_channels=4, reduction_ratio=2, backend="cpu")).eval()
+    x = torch.randn(2, 4, 7, 6)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},))
+    assert _medconv_targets(ep) == {"rolling_conv", "involution"}
+    assert _medconv_targets(ep.run_decompositions()) == {"rolling_conv", "involution"}
+    seen = set()
+
+    def backend(gm, inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend=backend, dynamic=True)
+    y = torch.randn(3, 4, 7, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(y), model(y))
+    assert any("medconv.rolling_conv" in t for t in seen) and any("medconv.involution" in t for t in seen), seen
+
+
 @pytest.mark.parametrize("scenario", ["compiled", "triton", "cuda"])
 def test_onnx_raw_modules_custom_ops(scenario, monkeypatch, tmp_path):
     """The compiled and the Triton custom ops through their translations."""
@@ -221,14 +404,18 @@ def test_legacy_onnx_exporter_spectral_path(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
-def test_legacy_onnx_exporter_refuses_compiled_ops(tmp_path):
-    """The TorchScript-based exporter has no translation of the compiled ops: a clear error (use
-    medconv_ext.export.onnx_export), never a broken file."""
-    model = Involution2d(8, 3, group_channels=4, backend="cpu").eval()
+def test_legacy_onnx_exporter_compiled_ops(tmp_path):
+    """The TorchScript-based exporter has no translation of the compiled operators; while it runs the
+    layers take their reference path, so a model on the compiled backends exports as well."""
+    torch.manual_seed(15)
+    model = nn.Sequential(RollingConv2d(8, 8, 3, padding=1, backend="cpu"),
+                          Involution2d(8, 3, group_channels=4, backend="cpu")).eval()
+    x = torch.randn(1, 8, 7, 7)
+    path = str(tmp_path / "x.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(torch.onnx.errors.UnsupportedOperatorError, match="medconv::involution"):
-            torch.onnx.export(model, (torch.randn(1, 8, 7, 7),), str(tmp_path / "x.onnx"), dynamo=False)
+        torch.onnx.export(model, (x,), path, dynamo=False)
+    _assert_matches_eager(path, model, (x,))
 
 
 # ---------------------------------------------------------------------------------------------

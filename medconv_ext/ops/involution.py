@@ -15,6 +15,7 @@ import torch
 from .. import _ext
 from ..backends import register_impl, resolve, supports_any, supports_device_dtypes
 from ..reference import involution as _ref
+from .rolling_conv import plain_onnx_export
 from ._common import autocast_inputs, check_kernel_fits, check_positive, check_rank, check_same_dtype_device, conv_out_size, ntuple
 
 OP = "involution"
@@ -85,6 +86,8 @@ def _involution_nd(dims, x, weight, kernel_size, stride, padding, dilation, back
     kernel_size, stride, padding, dilation = _check(name, dims, x, weight, kernel_size, stride, padding, dilation)
     _, fn = resolve(OP, backend, x.device, x.dtype, _auto_candidates(x),
                     ctx={"dims": dims, "x_shape": tuple(x.shape), "w_shape": tuple(weight.shape)})
+    if plain_onnx_export():  # torch.onnx.export without the package's translations (medconv_ext.export)
+        _, fn = resolve(OP, "reference", x.device, x.dtype, [])
     return fn(x, weight, kernel_size, stride, padding, dilation)
 
 

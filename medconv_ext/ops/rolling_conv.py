@@ -76,13 +76,26 @@ def _check_common(name, x, weight, bias, dims, stride, padding, dilation, n_roll
 def _choose(op, x, weight, backend, transposed, n_rolls):
     name, fn = resolve(op, backend, x.device, x.dtype, _auto_candidates(x, weight, transposed, n_rolls),
                        ctx={"transposed": transposed, "x_shape": tuple(x.shape), "w_shape": tuple(weight.shape)})
-    if name.startswith("spectral") and _bank_for_export():
-        # exporters do not translate the channel FFT: the same function as the bank + conv (medconv_ext.export)
+    if (name.startswith("spectral") and _bank_for_export()) or (name != "reference" and plain_onnx_export()):
+        # exporters do not translate the channel FFT, and plain torch.onnx.export has no translation of the
+        # package's operators: the same function as the bank + conv (medconv_ext.export)
         return resolve(op, "reference", x.device, x.dtype, [])
     return name, fn
 
 
 _EXPORT_DEPTH = [0]  # > 0 inside medconv_ext.export.exporting()
+
+
+def plain_onnx_export() -> bool:
+    """True while torch.onnx.export runs outside medconv_ext.export.exporting() (that is, without the
+    package's ONNX translations): every layer then computes with its pure-PyTorch "reference" backend,
+    which both exporters translate (the dynamo-based one and the TorchScript-based one)."""
+    if _EXPORT_DEPTH[0] > 0:
+        return False
+    try:
+        return bool(torch.onnx.is_in_onnx_export())
+    except Exception:  # pragma: no cover - torch.onnx unavailable in this torch build
+        return False
 
 
 def _bank_for_export() -> bool:
