@@ -21,6 +21,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from ._util import record_builder_spec
+
 
 def _involution(channels: int, kernel_size: int = 3) -> nn.Module:
     try:
@@ -71,6 +73,9 @@ class MedICClassifier(nn.Module):
             n = h
         layers.append(nn.Linear(n, num_classes))
         self.classifier = nn.Sequential(*layers)
+        record_builder_spec(self, "medconv_ext.models:MedICClassifier", in_channels=in_channels,
+                            num_classes=num_classes, features=features, image_size=image_size, hidden=list(hidden),
+                            dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         want = (self.in_channels, self.image_size, self.image_size)
@@ -126,6 +131,11 @@ class MedICSegmenter(nn.Module):
             self.decoders.append(block(2 * w, w, convs_per_block))
             cin = w
         self.out = nn.Conv2d(cin, num_classes, 1)
+        # rebuilding (tiling checkpoints) and tile-origin alignment (exact tiled inference)
+        self.tiling_align = 2 ** (levels - 1)
+        record_builder_spec(self, "medconv_ext.models:MedICSegmenter", in_channels=in_channels,
+                            num_classes=num_classes, features=features, levels=levels, convs_per_block=convs_per_block,
+                            bottleneck_convs=bottleneck_convs, batch_norm=batch_norm, dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         who = type(self).__name__
@@ -149,7 +159,9 @@ class MedICSegmenter(nn.Module):
 
 def medic_cls(in_channels: int = 3, num_classes: int = 7, features: int = 64, image_size: int = 28) -> MedICClassifier:
     """Med-IC classifier for 28x28 images (MedMNIST): see MedICClassifier. Returns logits."""
-    return MedICClassifier(in_channels, num_classes, features, image_size)
+    return record_builder_spec(MedICClassifier(in_channels, num_classes, features, image_size), "medic_cls",
+                               in_channels=in_channels, num_classes=num_classes, features=features,
+                               image_size=image_size)
 
 
 def medic_seg(in_channels: int = 3, num_classes: int = 1, features: int = 16, *, convs_per_block: int = 3,
@@ -157,5 +169,8 @@ def medic_seg(in_channels: int = 3, num_classes: int = 1, features: int = 16, *,
     """Med-IC segmentation model: see MedICSegmenter. Returns logit maps. H, W multiples of 32.
     medic_seg(batch_norm=False, bottleneck_convs=1) is the variant whose count matches the paper's
     (see the module docstring)."""
-    return MedICSegmenter(in_channels, num_classes, features, convs_per_block=convs_per_block,
-                          bottleneck_convs=bottleneck_convs, batch_norm=batch_norm)
+    net = MedICSegmenter(in_channels, num_classes, features, convs_per_block=convs_per_block,
+                         bottleneck_convs=bottleneck_convs, batch_norm=batch_norm)
+    return record_builder_spec(net, "medic_seg", in_channels=in_channels, num_classes=num_classes, features=features,
+                               convs_per_block=convs_per_block, bottleneck_convs=bottleneck_convs,
+                               batch_norm=batch_norm)

@@ -153,6 +153,8 @@ def to_roll_loop(model: nn.Module) -> nn.Module:
     """A deep copy of `model` whose rolling layers rebuild their bank with a torch.roll loop on every
     call (the published implementation); parameters are copied, not shared."""
     model = copy.deepcopy(model)
+    if getattr(model, "builder_spec", None) is not None:
+        model.builder_spec = None  # the copy's layout (and state-dict keys) differ from the builder's
     for name, m in list(model.named_modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, _ROLLING):

@@ -1,6 +1,7 @@
 """ResNet18 (the package's own, no torchvision dependency) and its rolling version."""
 from torch import nn
 
+from ._util import record_builder_spec
 from .rollify import rollify
 
 
@@ -55,6 +56,8 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        record_builder_spec(self, "medconv_ext.models:ResNet", layers=list(layers), num_classes=num_classes,
+                            in_channels=in_channels, features=features)
 
     def forward(self, x):
         if x.dim() != 4:
@@ -66,7 +69,8 @@ class ResNet(nn.Module):
 
 def resnet18(num_classes: int = 1000, in_channels: int = 3, features: int = 64) -> ResNet:
     """Dense ResNet18 (11,689,512 parameters for 1000 classes, 11,177,538 for 2)."""
-    return ResNet((2, 2, 2, 2), num_classes, in_channels, features)
+    return record_builder_spec(ResNet((2, 2, 2, 2), num_classes, in_channels, features), "resnet18",
+                               num_classes=num_classes, in_channels=in_channels, features=features)
 
 
 def rolling_resnet18(num_classes: int = 2, in_channels: int = 3, features: int = 64) -> ResNet:
@@ -76,4 +80,5 @@ def rolling_resnet18(num_classes: int = 2, in_channels: int = 3, features: int =
     2 classes."""
     model = resnet18(num_classes, in_channels, features)
     rollify(model, keep_first=True, min_kernel=2, bias=False)
-    return model
+    return record_builder_spec(model, "rolling_resnet18", num_classes=num_classes, in_channels=in_channels,
+                               features=features)

@@ -159,7 +159,9 @@ def rollify(model: nn.Module, *, keep_first: bool = True, min_kernel: int = 2, b
         closest rolling bank to the dense weights (average of the rolled-back filters) and copies
         the bias.
     Returns a RollifyReport: one row per conv met (converted, or kept dense with the reason),
-    with totals; print() it for a table.
+    with totals; print() it for a table. A model whose layers were converted loses its
+    `builder_spec` (its builder would rebuild the dense layers): pass builder= to
+    save_tiling_checkpoint, or build with a builder that rollifies (e.g. rolling_resnet18).
     """
     if not isinstance(model, nn.Module):
         raise TypeError("rollify: model must be a torch.nn.Module, got %s" % type(model).__name__)
@@ -202,4 +204,7 @@ def rollify(model: nn.Module, *, keep_first: bool = True, min_kernel: int = 2, b
         rows.append(RollifyRow(", ".join(names), "%s -> %s" % (type(conv).__name__, type(new).__name__), shape,
                                tuple(new.weight.shape), p_before, _n_params(new), True,
                                "n_base=%d, n_rolls=%d" % (new.n_base, new.n_rolls)))
+    if any(r.converted for r in rows) and getattr(model, "builder_spec", None) is not None:
+        # the recorded builder rebuilds the dense layers: the spec no longer describes the model
+        model.builder_spec = None
     return RollifyReport(rows, before, _model_params(model))

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..nn import RollingConv2d, RollingConv3d, RollingConvTranspose2d, RollingConvTranspose3d
 from ..nn.fuse import can_fold, rolling_conv_bn_relu
+from ._util import record_builder_spec
 
 KINDS = ("dense", "rolling", "depthwise", "flattened")
 
@@ -149,6 +150,11 @@ class UNet(nn.Module):
             self.decoders.append(_block([kind, kind], dims, 2 * w, w, k))
             cin = w
         self.out = _CONV[dims](cin, out_channels, 1)
+        # rebuilding (tiling checkpoints) and tile-origin alignment (exact tiled inference)
+        self.tiling_align = 2 ** depth
+        record_builder_spec(self, "medconv_ext.models:UNet", dims=dims, in_channels=in_channels,
+                            out_channels=out_channels, features=features, kernel_size=kernel_size, kind=kind,
+                            first_kind=first_kind, first_level_convs=first_level_convs, depth=depth, up_kind=up_kind)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         who = type(self).__name__
@@ -179,7 +185,8 @@ class UNet(nn.Module):
 def unet(in_channels: int = 1, num_classes: int = 3, features: int = 64) -> UNet:
     """Dense 2D UNet (3x3 convs with bias, BatchNorm, ReLU; widths 64..1024; dense 2x2 transposed
     convs; 1x1 output). 31,042,499 parameters at the defaults."""
-    return UNet(2, in_channels, num_classes, features, 3, kind="dense")
+    return record_builder_spec(UNet(2, in_channels, num_classes, features, 3, kind="dense"),
+                               "unet", in_channels=in_channels, num_classes=num_classes, features=features)
 
 
 def rolling_unet(in_channels: int = 1, num_classes: int = 3, features: int = 64) -> UNet:
@@ -189,7 +196,8 @@ def rolling_unet(in_channels: int = 1, num_classes: int = 3, features: int = 64)
     (C -> 2C) then a single roll; decoder levels: a rolling 2x2 transposed conv (C -> C/2), then a
     half roll (2C -> C on cat([up, skip])) and a single roll; dense 1x1 output. Every rolling layer
     has a full per-output-channel bias; every conv is followed by BatchNorm and ReLU."""
-    return UNet(2, in_channels, num_classes, features, 3, kind="rolling", first_kind="dense", first_level_convs=3)
+    net = UNet(2, in_channels, num_classes, features, 3, kind="rolling", first_kind="dense", first_level_convs=3)
+    return record_builder_spec(net, "rolling_unet", in_channels=in_channels, num_classes=num_classes, features=features)
 
 
 def depthwise_unet(in_channels: int = 1, num_classes: int = 3, features: int = 64) -> UNet:
@@ -197,7 +205,8 @@ def depthwise_unet(in_channels: int = 1, num_classes: int = 3, features: int = 6
     depthwise 3x3 (groups = C_in) then pointwise 1x1, both without bias (BatchNorm follows).
     The 2x2 transposed convs and the 1x1 output stay dense. 5,988,236 parameters at the defaults
     (paper: about 6.01M; -0.4%)."""
-    return UNet(2, in_channels, num_classes, features, 3, kind="depthwise")
+    return record_builder_spec(UNet(2, in_channels, num_classes, features, 3, kind="depthwise"),
+                               "depthwise_unet", in_channels=in_channels, num_classes=num_classes, features=features)
 
 
 def flattened_unet(in_channels: int = 1, num_classes: int = 3, features: int = 64) -> UNet:
@@ -205,21 +214,25 @@ def flattened_unet(in_channels: int = 1, num_classes: int = 3, features: int = 6
     a 1x1 conv C_in -> C_out, then depthwise 3x1 and 1x3 convs, all without bias (BatchNorm
     follows). Transposed convs and the output stay dense. 5,971,139 parameters at the defaults
     (paper: about 6.01M; -0.6%)."""
-    return UNet(2, in_channels, num_classes, features, 3, kind="flattened")
+    return record_builder_spec(UNet(2, in_channels, num_classes, features, 3, kind="flattened"),
+                               "flattened_unet", in_channels=in_channels, num_classes=num_classes, features=features)
 
 
 # ------------------------------------------------------------------ 3D QSMnet (5x5x5)
 def qsmnet(in_channels: int = 1, out_channels: int = 1, features: int = 32) -> UNet:
     """Dense 3D QSMnet: 5x5x5 convs with bias, BatchNorm, ReLU, widths 32..512, dense 2x2x2 transposed
     convs, 1x1x1 output. 99,453,985 parameters at the defaults."""
-    return UNet(3, in_channels, out_channels, features, 5, kind="dense")
+    return record_builder_spec(UNet(3, in_channels, out_channels, features, 5, kind="dense"),
+                               "qsmnet", in_channels=in_channels, out_channels=out_channels, features=features)
 
 
 def rolling_qsmnet(in_channels: int = 1, out_channels: int = 1, features: int = 32) -> UNet:
     """The published Rolling QSMnet (recon.pth), 5x5x5: 445,025 parameters at the defaults.
 
     As rolling_unet but in 3D with two convs in level 1 (dense, then a single roll)."""
-    return UNet(3, in_channels, out_channels, features, 5, kind="rolling", first_kind="dense", first_level_convs=2)
+    net = UNet(3, in_channels, out_channels, features, 5, kind="rolling", first_kind="dense", first_level_convs=2)
+    return record_builder_spec(net, "rolling_qsmnet", in_channels=in_channels, out_channels=out_channels,
+                               features=features)
 
 
 def depthwise_qsmnet(in_channels: int = 1, out_channels: int = 1, features: int = 32) -> UNet:
@@ -227,7 +240,8 @@ def depthwise_qsmnet(in_channels: int = 1, out_channels: int = 1, features: int 
     C_in) + pointwise 1x1x1, without bias (BatchNorm follows); transposed convs and the output stay
     dense. 2,547,582 parameters at the defaults (paper: about 2.5M; +1.9%). Keeping the input conv
     dense would give 2,551,457 (+2.06%), keeping the biases as well 2,554,369 (+2.17%)."""
-    return UNet(3, in_channels, out_channels, features, 5, kind="depthwise")
+    return record_builder_spec(UNet(3, in_channels, out_channels, features, 5, kind="depthwise"), "depthwise_qsmnet",
+                               in_channels=in_channels, out_channels=out_channels, features=features)
 
 
 def flattened_qsmnet(in_channels: int = 1, out_channels: int = 1, features: int = 32) -> UNet:
@@ -235,4 +249,5 @@ def flattened_qsmnet(in_channels: int = 1, out_channels: int = 1, features: int 
     1x1x1 conv C_in -> C_out, then depthwise 5x1x1, 1x5x1 and 1x1x5 convs, without bias (BatchNorm
     follows); transposed convs and the output stay dense. 2,227,617 parameters at the defaults
     (paper: about 2.2M; +1.3%)."""
-    return UNet(3, in_channels, out_channels, features, 5, kind="flattened")
+    return record_builder_spec(UNet(3, in_channels, out_channels, features, 5, kind="flattened"), "flattened_qsmnet",
+                               in_channels=in_channels, out_channels=out_channels, features=features)

@@ -193,8 +193,8 @@ def _run(args, dist) -> int:
     margin, halo, align = args.margin, args.halo, args.align
     if margin is None and halo is None:
         margin, halo = info.get("margin"), info.get("halo")
-        if align is None:
-            align = info.get("align")
+    if align is None and margin is None:  # halo mode: the model's down-sampling grid, also with --halo
+        align = info.get("align")
     align = 1 if align is None else align
     margin, halo, align = [tuple(v) if isinstance(v, list) else v for v in (margin, halo, align)]
     dims = len(args.tile) if isinstance(args.tile, tuple) else None
