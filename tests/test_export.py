@@ -175,7 +175,7 @@ def _check_plain_onnx(model, example, run_inputs, path, dynamic_shapes=None):
     return prog
 
 
-@pytest.mark.parametrize("scenario", ["compiled", "triton", "cuda", "spectral"])
+@pytest.mark.parametrize("scenario", ["compiled", "triton", "cuda"])
 def test_plain_torch_onnx_export_raw_modules(scenario, monkeypatch, tmp_path):
     """torch.onnx.export(model, args, f, dynamo=True) of every module kind on every backend (the
     compiled and Triton operators included), with a dynamic batch axis."""
