@@ -88,9 +88,11 @@ def test_group_commits_are_batched(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 def test_zarr_chunk_files_reach_the_disk_before_their_flags(tmp_path, monkeypatch):
+    # without syncfs (not Linux): every chunk file written since the last commit is fsync'ed
     pytest.importorskip("zarr")
     _setup(tmp_path)
     out = tmp_path / "out.zarr"
+    monkeypatch.setattr(tio, "_SYNCFS", None)
     events = _record(monkeypatch)
     assert _run(tmp_path, out, "--sync-every", "0") == 0
     groups = _commits(events, os.path.realpath(tio.Ledger(out).flags_path))
@@ -103,6 +105,28 @@ def test_zarr_chunk_files_reach_the_disk_before_their_flags(tmp_path, monkeypatc
         assert len(new) >= len(ids), (ids, data)  # one chunk per tile output region, each written before its flag
         synced |= new
     assert synced == chunks and all(p.startswith(root) for p in synced)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_zarr_syncfs_before_every_group_of_flags(tmp_path, monkeypatch):
+    pytest.importorskip("zarr")
+    if tio._SYNCFS is None:
+        pytest.skip("no syncfs on this system")
+    _setup(tmp_path)
+    out = tmp_path / "out.zarr"
+    events = _record(monkeypatch)
+    real = tio._SYNCFS
+
+    def syncfs(fd):
+        events.append(("fsync", "syncfs:" + os.path.realpath(os.readlink("/proc/self/fd/%d" % fd))))
+        return real(fd)
+
+    monkeypatch.setattr(tio, "_SYNCFS", syncfs)
+    assert _run(tmp_path, out, "--sync-every", "0") == 0
+    groups = _commits(events, os.path.realpath(tio.Ledger(out).flags_path))
+    assert len(groups) == -(-tio.Ledger(out).done().size // 2)
+    for data, ids in groups:
+        assert "syncfs:" + os.path.realpath(out) in data, (data, ids)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
