@@ -163,7 +163,7 @@ def test_resume_may_change_steps_device_and_bookkeeping():
     assert (merged.steps, merged.device, merged.ckpt_every, merged.val_size, merged.seed) == (20, "auto", 2, 1, 3)
     merged = merge_resumed_config(QSMTrainConfig(), saved, given=set())
     assert (merged.steps, merged.device, merged.ckpt_every, merged.val_size) == (10, "cpu", 5, 1)
-    with pytest.raises(ValueError, match="--seed 4 .*the run has 3"):
+    with pytest.raises(ValueError, match=r"--seed 4 differs from the checkpoint's run \(--seed 3\)"):
         merge_resumed_config(QSMTrainConfig(seed=4), saved, given={"seed"})
 
 

@@ -307,12 +307,13 @@ def merge_resumed_config(cfg, saved: Dict, given: Optional[set] = None, locked: 
             continue
         if k in given:
             if getattr(cfg, k) != saved[k] and (k not in RESUME_MAY_CHANGE or k in locked):
-                changed.append("--%s %s (the run has %s)" % (k.replace("_", "-"), getattr(cfg, k), saved[k]))
+                opt = "--" + k.replace("_", "-")
+                changed.append("%s %s differs from the checkpoint's run (%s %s)" % (opt, getattr(cfg, k), opt, saved[k]))
             continue
         setattr(merged, k, saved[k])
     if changed:
-        raise ValueError("--resume: %s differs from the checkpoint's run; a resumed run keeps every option of "
-                         "the run except %s: start a new run (another --out) to change it"
+        raise ValueError("--resume: %s; a resumed run keeps every option of the run except %s: start a new run "
+                         "(another --out) to change it"
                          % ("; ".join(changed), ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)))
     return merged
 
