@@ -3,6 +3,7 @@ package that is not installed (`need`)."""
 import contextlib
 import gzip
 import importlib
+import json
 import os
 import pickle
 import zlib
@@ -56,6 +57,8 @@ def problem_of(e: BaseException) -> str:
         return "is corrupt (bad compressed data: %s)" % _first_line(e)
     if isinstance(e, pickle.UnpicklingError):
         return "is not a PyTorch checkpoint, or is corrupt (it cannot be unpickled)"
+    if isinstance(e, json.JSONDecodeError):
+        return "has corrupt metadata (invalid JSON: %s)" % _first_line(e)
     if type(e).__name__ == "ImageFileError":  # nibabel
         return "is corrupt or not a NIfTI file (nibabel cannot read its header)"
     if type(e).__name__ == "TiffFileError":

@@ -82,6 +82,15 @@ def _make(kind, d):
         _optional("tifffile")
         (d / "text.tif").write_text("hello\n")
         return d / "text.tif"
+    if kind == "empty.zarr":
+        _optional("zarr")
+        (d / "empty.zarr").mkdir(exist_ok=True)
+        return d / "empty.zarr"
+    if kind == "bad.zarr":
+        _optional("zarr")
+        (d / "bad.zarr").mkdir(exist_ok=True)
+        (d / "bad.zarr" / "zarr.json").write_text("{not json")
+        return d / "bad.zarr"
     return d / kind
 
 
@@ -97,6 +106,8 @@ def _make(kind, d):
     ("tif", "truncated"),
     ("corrupt.tif", "not a valid TIFF"),
     ("text.tif", "TIFF"),
+    ("empty.zarr", "not a Zarr array or group"),
+    ("bad.zarr", "corrupt metadata"),
 ])
 def test_tile_cli_bad_input_one_line_status_2_nothing_written(files, tmp_path, capsys, kind, problem):
     inp = _make(kind, files)

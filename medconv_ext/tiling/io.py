@@ -257,6 +257,10 @@ def open_image(path, dims: int, mode: str = "r") -> Source:
         return Source(path, fmt, _view(arr, names, dims, what), names, arr.shape, arr.dtype)
     if fmt == "zarr":
         zarr = _need("zarr", "Zarr")
+        if not os.path.isdir(str(path)):
+            raise FileError(path, "is a file, not a Zarr folder")
+        if not any(os.path.exists(os.path.join(str(path), f)) for f in ("zarr.json", ".zarray", ".zgroup")):
+            raise FileError(path, "is not a Zarr array or group (no zarr.json, .zarray or .zgroup in it)")
         with reading(path):
             node = zarr.open(str(path), mode=mode)
         extra = {}
