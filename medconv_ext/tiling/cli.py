@@ -326,6 +326,8 @@ def _run(args, dist) -> int:
                     tio.remove_output(args.output, ledger.dir)
                 else:
                     ledger.commit(out)  # the tiles written so far: data durable, then their flags
+                    if not ledger.sync and hasattr(out.arr, "flush"):
+                        out.arr.flush()  # --no-sync: hand the mapped pages to the system (msync), no fsync
             except OSError:
                 if not failed:
                     raise
