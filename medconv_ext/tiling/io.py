@@ -47,8 +47,12 @@ def _check_npy(path) -> None:
         f.seek(0)
         try:
             version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                                     else np.lib.format.read_array_header_2_0(f))
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:  # format 3.0 (utf-8 field names): numpy's own reader
+                shape, _, dtype = np.lib.format._read_array_header(f, version)
         except (ValueError, EOFError, SyntaxError) as e:
             raise FileError(path, "has a corrupt .npy header (%s)" % str(e).splitlines()[0]) from None
         offset = f.tell()
