@@ -187,6 +187,13 @@ def _read_version():
     return m.group(1)
 
 
+_EXTRAS = {
+    "io": ["zarr>=3", "tifffile>=2024.8", "nibabel>=5"],
+    "analysis": ["matplotlib>=3.5"],
+    "onnx": ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime>=1.18"],
+}
+_EXTRAS["all"] = sorted({req for reqs in _EXTRAS.values() for req in reqs})
+
 VERSION = _read_version()
 # The compiled library links against this torch's C++ ABI: the wheel requires the same release
 # (a local label such as +cu130 is left out; PEP 440 `==` matches every local variant).
@@ -264,8 +271,13 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch==%s" % TORCH_RELEASE, "numpy"],
     license="BSD-3-Clause",
-    # Optional file formats of exact tiled inference (python -m medconv_ext.tile): Zarr / OME-Zarr,
-    # TIFF stacks, NIfTI. Without them .npy works and the other formats name the missing package.
-    extras_require={"io": ["zarr>=3", "tifffile>=2024.8", "nibabel>=5"]},
+    # Optional packages, by what needs them. Without one, the feature that needs it stops with one
+    # line naming the package and its extra (medconv_ext/_errors.py: EXTRAS), the rest works.
+    #   io        file formats of exact tiled inference (python -m medconv_ext.tile): Zarr / OME-Zarr,
+    #             TIFF stacks, NIfTI (.npy needs nothing)
+    #   analysis  the figures of the filter-analysis report (python -m medconv_ext.analysis report)
+    #   onnx      ONNX export (medconv_ext.export.onnx_export, torch.onnx.export) and running the result
+    #   all       every extra
+    extras_require=_EXTRAS,
     zip_safe=False,
 )

@@ -12,7 +12,7 @@ CSV: bench/out/<device>/models.csv.  --quick: fewer repetitions.
 
 CPU (with --qsm-step): one training step of rolling_qsmnet and qsmnet at width 16, batch 2 of 32^3.
 
-Goals on the 2-core CPU: rolling_unet at most 0.45x the dense unet's time per 512^2 slice in eval
+Goals on 2 CPU cores: rolling_unet at most 0.45x the dense unet's time per 512^2 slice in eval
 mode; the rolling_qsmnet training step at most 0.5x the dense qsmnet's.
 """
 import argparse

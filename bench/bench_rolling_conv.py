@@ -3,7 +3,7 @@ published approach and the dense layer it replaces.
 
 Cases: 2D 3x3 with C in {32, 64, 128, 256, 512} and 3D 5x5x5 with C in {16, 32, 64, 128, 256},
 single roll (n_base = 1, C_out = C_in), stride 1, "same" padding; N and S chosen per C so that a
-case takes ~1-100 ms on the 2-core CPU. Modes: "fwd" (under torch.no_grad, inference) and
+case takes ~1-100 ms on 2 CPU cores. Modes: "fwd" (under torch.no_grad, inference) and
 "fwdbwd" (forward + gradients of input and weights, training).
 
 Impls:
@@ -40,7 +40,7 @@ OP = "rolling_conv"
 CONV = {2: F.conv2d, 3: F.conv3d}
 ROLLING = {2: medconv_ext.rolling_conv2d, 3: medconv_ext.rolling_conv3d}
 
-# (dims, N, C, S, k). Sizes so that the dense conv takes ~1-100 ms forward on the 2-core CPU.
+# (dims, N, C, S, k). Sizes so that the dense conv takes ~1-100 ms forward on 2 CPU cores.
 # The two cases the project's goals name: 2D C=512 at 32^2 and 3D C=128 at 16^3.
 CPU_SHAPES = [
     (2, 1, 32, 128, 3), (2, 1, 64, 96, 3), (2, 1, 128, 64, 3), (2, 1, 256, 48, 3), (2, 1, 512, 32, 3),
@@ -400,7 +400,7 @@ def main(argv=None) -> int:
     print_tables(res.rows, impls)
     targets = check_targets(res.rows)
     if targets:
-        print("\nGoals (meaningful on the 2-core CPU at full size):")
+        print("\nGoals (meaningful on 2 CPU cores at full size):")
         print("\n".join("  " + t for t in targets))
     out_dir = a.out_dir or os.path.join(harness.results_root(),
                                         harness.device_slug(device) + ("-threadtime" if a.timer == "thread" else ""))

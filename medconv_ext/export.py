@@ -139,9 +139,9 @@ def _register_decompositions() -> None:
 # ONNX translations (ONNX Script, traced: plain Python building standard ONNX operators)
 # --------------------------------------------------------------------------------------
 def _op():
-    from onnxscript import opset18  # noqa: WPS433  (optional dependency, imported when exporting)
+    from ._errors import need  # one line naming the extra when onnxscript is not installed
 
-    return opset18
+    return need("onnxscript", "ONNX export and its translations").opset18
 
 
 def _static_shape(value, what: str) -> list:
@@ -288,6 +288,9 @@ def onnx_export(model, args, f=None, *, custom_translation_table: Optional[dict]
         raise ValueError("onnx_export: the translations of medconv_ext's operators need dynamo=True "
                          "(the torch.export-based exporter)")
     kwargs["dynamo"] = True
+    from ._errors import need
+    for mod in ("onnx", "onnxscript"):  # torch.onnx.export needs both: one line naming the extra
+        need(mod, "ONNX export")
     table = onnx_translation_table()
     table.update(custom_translation_table or {})
     if not isinstance(args, tuple):

@@ -102,7 +102,7 @@ def count_params(builder, *args, **kwargs):
 
 def assert_close(got, want, rtol=1e-7, atol=1e-7):
     """torch.allclose with a useful message (torch.testing.assert_close imports torch.distributed.tensor
-    on first use, ~10 s on a loaded 2-core machine)."""
+    on first use, ~10 s on 2 busy CPU cores)."""
     assert got.shape == want.shape, "shape %s != %s" % (tuple(got.shape), tuple(want.shape))
     assert got.dtype == want.dtype, "dtype %s != %s" % (got.dtype, want.dtype)
     if not torch.allclose(got, want, rtol=rtol, atol=atol):

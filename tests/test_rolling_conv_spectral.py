@@ -193,7 +193,7 @@ def test_deterministic():
 
 def test_compile_fullgraph_forward_and_backward():
     # aot_eager traces forward and backward exactly as inductor does (dynamo + AOTAutograd) without
-    # spending minutes compiling C++ kernels on the 2-core CI machine.
+    # spending minutes compiling C++ kernels on a 2-core CI runner.
     x = torch.randn(2, 6, 7, 9, requires_grad=True)
     w = torch.randn(1, 6, 3, 3, requires_grad=True)
     wt = torch.randn(6, 1, 3, 3, requires_grad=True)

@@ -198,7 +198,7 @@ def test_cli_end_to_end_tiny_model(tmp_path, capsys):
     assert rep["world_size"] == 1 and rep["config"]["loss"] == "mse" and rep["config"]["residual"] == "tkd"
     for vals in rep["metrics"].values():
         assert set(vals) == {"psnr", "ssim", "nmse", "hfen"} and all(math.isfinite(v) for v in vals.values())
-    assert main(["qsm", "--resume", "--out", out, "--steps", "3", "--val-size", "0", "--quiet"]) == 0
+    assert main(["qsm", "--resume", "--out", out, "--steps", "3", "--quiet"]) == 0
     assert torch.load(os.path.join(out, CKPT_NAME), weights_only=True)["step"] == 3
     # clear errors, no traceback
     assert main(["qsm", "--model", "_train_util:nope", "--out", out]) == 2

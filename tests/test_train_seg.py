@@ -134,7 +134,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert set(rep["metrics"]) == {"rolling_unet", "Otsu threshold", "mean threshold"}
     for vals in rep["metrics"].values():
         assert set(vals) == {"dice", "iou"} and all(0.0 <= v <= 1.0 for v in vals.values())
-    assert main(["seg", "--resume", "--out", out, "--steps", "3", "--val-size", "0", "--quiet"]) == 0
+    assert main(["seg", "--resume", "--out", out, "--steps", "3", "--quiet"]) == 0
     assert torch.load(os.path.join(out, CKPT_NAME), weights_only=True)["step"] == 3
     assert main(["seg", "--size", "4", "--out", out]) == 2
     assert "--size must be an int >= 8" in capsys.readouterr().err

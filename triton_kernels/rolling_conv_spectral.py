@@ -1,4 +1,4 @@
-"""Triton kernels of the spectral rolling convolution (DESIGN.md §1), installed as
+"""Triton kernels of the spectral rolling convolution (docs/design.md §1), installed as
 medconv_ext.triton_kernels.rolling_conv_spectral.
 
 For a fixed tap the rolled bank is circulant over channels, so with the real channel DFT

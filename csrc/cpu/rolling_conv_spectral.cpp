@@ -1,4 +1,4 @@
-// Fused CPU kernels of the spectral rolling convolution (DESIGN.md §1, docs/rolling_conv_spectral.md):
+// Fused CPU kernels of the spectral rolling convolution (docs/design.md §1, docs/rolling_conv_spectral.md):
 // forward, grad_input and grad_weight of the rolling conv and of the transposed rolling conv,
 // 2D and 3D, float32 and float64.
 //

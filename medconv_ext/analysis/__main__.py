@@ -37,10 +37,15 @@ def main(argv=None) -> int:
         entries += [model_entry(name, weights, args.seed) for name, weights in args.models]
         print("analysing %d model(s): %s" % (len(entries), ", ".join(e.label for e in entries)), file=sys.stderr)
         files = build_report(entries, kernel_size=args.kernel_size, bins=args.bins)
-    except AnalysisError as e:
+    except (AnalysisError, ImportError) as e:
         print("error: %s" % e, file=sys.stderr)
         return 2
-    for path in write_report(files, args.out):
+    try:
+        paths = write_report(files, args.out)
+    except OSError as e:
+        print("error: %s: %s" % (e.filename or args.out, e.strerror or e), file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
     return 0
 

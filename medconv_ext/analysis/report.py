@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from .._errors import FileError, check_readable, need, reading
 from .filters import AnalysisError, FilterBasis, extract_filters, kl_shift, normalize_maxabs
 from .stats import layer_stats
 
@@ -120,7 +121,7 @@ def _slug(label: str) -> str:
 
 def build_report(entries: List[ModelEntry], kernel_size: int = 3, bins: int = 70) -> Dict[str, bytes]:
     """{file name: content} of the whole report; raises AnalysisError before anything is written."""
-    import matplotlib
+    matplotlib = need("matplotlib", "the analysis report's figures")
 
     matplotlib.use("Agg")
     if not entries:
@@ -215,13 +216,14 @@ def write_report(files: Dict[str, bytes], out_dir: str) -> List[str]:
 def load_entry(path: str, label: Optional[str] = None) -> ModelEntry:
     import torch
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise AnalysisError("no such checkpoint: %s" % path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise AnalysisError("%s could not be read as a weights-only PyTorch checkpoint (%s: %s)"
-                            % (path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")) from None
+        check_readable(path)
+        with reading(path):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileError as e:
+        raise AnalysisError(str(e)) from None
     return ModelEntry(label or os.path.splitext(os.path.basename(path))[0], path, obj)
 
 

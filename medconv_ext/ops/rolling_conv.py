@@ -152,8 +152,9 @@ def _auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool, n_
 
 
 # CPU rule, from bench/bench_rolling_conv.py shapes (N=1, single roll, stride 1, "same" padding),
-# float32, measured as thread CPU time with 1 thread (the 2-core machine was shared with other jobs,
-# load average 9-12, so wall-clock medians were unusable for decisions). spectral / reference time:
+# float32, measured as thread CPU time with 1 thread (`--threads 1 --timer thread`: robust to other
+# processes on the machine, unlike wall-clock medians), 2-vCPU Intel Xeon (x86-64; bench/results/
+# cpu-1threads-threadtime/). spectral / reference time:
 #   2D 3x3    C=32 128^2   fwd 1.81  fwd+bwd 1.06      3D 5^3  C=16 32^3   fwd 0.62  fwd+bwd 2.08
 #             C=64 96^2        0.76          0.99              C=32 24^3       0.31          1.02
 #             C=128 64^2       0.71          0.58              C=64 16^3       0.23          0.46

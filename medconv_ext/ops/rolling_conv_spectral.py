@@ -11,7 +11,7 @@ The complex product (a - ib)(c + id) = (ca + db) + i(da - cb) is computed with O
 depthwise convolution (groups == channels): the input holds [c, d] and the swapped [d, c] of
 every frequency (two halves of the channel axis), the weights [a, a] and [b, -b], and the two
 halves of the output are added.
-Why this shape (measured on the 2-core CPU, see docs/rolling_conv_spectral.md):
+Why this shape (measured on a 2-vCPU x86-64 virtual machine, see docs/rolling_conv_spectral.md):
   * plain depthwise convolution (multiplier 1) is oneDNN's fast path; a grouped conv with 2
     in/2 out channels per group (the obvious real form of a complex conv) was ~9x slower
     (3D 5^3 C=128 at 16^3: 33.8 ms vs 3.8 ms for 2F channels), a depthwise conv with channel

@@ -1,6 +1,6 @@
 """Exact tiled (crop-equivariant) inference for images and volumes larger than memory.
 
-Two modes (DESIGN.md section 3):
+Two modes (docs/design.md, section 3):
 
 * valid networks (stride-1 unpadded convolutions, no resampling; `margin`): the image is padded once
   by the margin (virtually: a tile reads only what it needs, padding its border part with

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 
+from .._errors import FileError, check_readable, problem_of
 from . import io as tio
 from .checkpoint import load_tiling_checkpoint
 from .plan import _check_inputs, _np_dtype_for, make_plan
@@ -67,6 +68,12 @@ def build_parser():
     p.add_argument("--background", type=float, default=0.0, help="output value of skipped tiles (default 0)")
     p.add_argument("--stats", default=None, help="write run statistics (JSON) to this file")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--sync-every", type=float, default=5.0, metavar="S",
+                   help="make written tiles durable (fsync data, then their ledger flags) at most every S seconds "
+                        "(default 5; 0: after every batch); tiles written since the last sync are recomputed by "
+                        "--resume after a power loss")
+    p.add_argument("--no-sync", action="store_true",
+                   help="no fsync: the ledger survives a killed process but not a power loss (slightly faster)")
     return p
 
 
@@ -153,10 +160,35 @@ def _prepare(args, src, plan, model, device, mdtype, fingerprint, c_out, out_dty
                      "max |diff| %.3g, within rounding" % res["max_abs_diff"]), file=sys.stderr)
     if exists:  # --overwrite
         tio.remove_output(args.output, ledger.dir)
-    os.makedirs(ledger.dir, exist_ok=True)
-    tio.create_output(args.output, src, c_out, out_dtype, plan.dims, plan.chunk, ledger.dir)
-    ledger.create(fingerprint, len(plan))  # after the output: a ledger always has its output
+    try:
+        os.makedirs(ledger.dir, exist_ok=True)
+        tio.create_output(args.output, src, c_out, out_dtype, plan.dims, plan.chunk, ledger.dir)
+        if ledger.sync:  # the empty output (its header, its Zarr metadata) is on the disk before its ledger
+            tio.sync_output(args.output, ledger.dir, None)
+        ledger.create(fingerprint, len(plan))  # after the output: a ledger always has its output
+    except BaseException:
+        tio.remove_output(args.output, ledger.dir)  # no half-created output (full disk, no permission, ...)
+        raise
     return "new"
+
+
+def _one_line(e) -> str:
+    if isinstance(e, OSError) and not isinstance(e, FileError) and e.filename and e.strerror:
+        return "%s: %s" % (e.filename, e.strerror)
+    return " ".join(line.strip() for line in str(e).strip().splitlines()) or type(e).__name__
+
+
+def _load_checkpoint(path):
+    """load_tiling_checkpoint, with a file that cannot be read reported as one line naming it."""
+    check_readable(path, "checkpoint")
+    try:
+        return load_tiling_checkpoint(path)
+    except (ValueError, TypeError) as e:
+        if str(path) in str(e):
+            raise
+        raise FileError(path, problem_of(e)) from e
+    except Exception as e:  # torch.load: truncated zip, pickle errors, a text file, ...
+        raise FileError(path, problem_of(e)) from e
 
 
 def _kill_hook():
@@ -174,8 +206,8 @@ def main(argv=None) -> int:
         dist = _Dist(args.device)
         rc = _run(args, dist)
     except (ValueError, TypeError, RuntimeError, OSError, ImportError) as e:
-        print("medconv_ext.tile: error%s: %s" % (" (rank %d)" % dist.rank if dist and dist.world > 1 else "", e),
-              file=sys.stderr)
+        print("medconv_ext.tile: error%s: %s" % (" (rank %d)" % dist.rank if dist and dist.world > 1 else "",
+                                                 _one_line(e)), file=sys.stderr)
         rc = 2
     finally:
         if dist is not None:
@@ -185,7 +217,9 @@ def main(argv=None) -> int:
 
 def _run(args, dist) -> int:
     t_start = time.perf_counter()
-    model, info = load_tiling_checkpoint(args.model)
+    if not (args.sync_every >= 0 and args.sync_every < float("inf")):
+        raise ValueError("--sync-every must be a number of seconds >= 0, got %r" % args.sync_every)
+    model, info = _load_checkpoint(args.model)
     if args.dtype:
         model.to(_DTYPES[args.dtype])
     device = dist.device(args.device)
@@ -215,7 +249,7 @@ def _run(args, dist) -> int:
         mask = tio.open_image(args.mask, dims).view  # ((N,) 1, *spatial), as the image's layout
     skip = _Skip(plan, args.foreground_threshold, mask, "medconv_ext.tile")
     device, mdtype = _resolve_device(model, image, device)
-    ledger = tio.Ledger(args.output)
+    ledger = tio.Ledger(args.output, sync=not args.no_sync)
     with _exact_mode(args.exact), torch.inference_mode():
         c_out, ydt = output_spec(model, plan, device, mdtype)
         out_dtype = np.dtype(args.out_dtype) if args.out_dtype else _np_dtype_for(ydt)
@@ -253,14 +287,16 @@ def _run(args, dist) -> int:
         def on_done(ids):
             if kill_k is not None and kill_before_flag and n_done[0] + len(ids) >= kill_k:
                 os.kill(os.getpid(), 9)  # data written, flags not yet
-            ledger.mark(ids)
+            ledger.mark(ids)  # flagged, after the data are durable, at the next group commit
+            if kill_k is not None or ledger.due(args.sync_every):
+                ledger.commit(out)
             n_done[0] += len(ids)
             if kill_k is not None and n_done[0] >= kill_k:
                 os.kill(os.getpid(), 9)
 
         total = len(plan)
-        bar = _Progress(total, dist.rank == 0 and not args.no_progress)
         base = total - len(todo)
+        bar = _Progress(total, dist.rank == 0 and not args.no_progress, label="medconv_ext.tile", start=base)
         last = [0.0]
 
         def progress(k):  # rank 0 shows the ledger's count: every rank's finished tiles
@@ -269,21 +305,32 @@ def _run(args, dist) -> int:
             now = time.perf_counter()
             if now - last[0] >= 0.5:
                 last[0] = now
-                bar.update(int(ledger.done().sum()) if dist.world > 1 else base + n_done[0])
+                bar.update(int(ledger.done().sum()) + len(ledger.pending) if dist.world > 1 else base + n_done[0])
 
         stats = RunStats()
         failed = 0.0
+        discard = False  # a new output whose input turned out unreadable is removed again
         t_loop = time.perf_counter()
         try:
             run_tiles(model, image, plan, mine, device=device, mdtype=mdtype, batch_size=args.batch_size, sink=sink,
                       on_done=on_done, skip=skip if skip.active else None, background=args.background, stats=stats,
                       progress=progress, op="medconv_ext.tile")
-        except BaseException:
+        except BaseException as e:
             failed = 1.0
+            discard = isinstance(e, FileError) and state == "new" and dist.world == 1
             raise
         finally:
-            if hasattr(out.arr, "flush"):
-                out.arr.flush()
+            try:
+                if discard:
+                    ledger.close()
+                    tio.remove_output(args.output, ledger.dir)
+                else:
+                    ledger.commit(out)  # the tiles written so far: data durable, then their flags
+                    if not ledger.sync and hasattr(out.arr, "flush"):
+                        out.arr.flush()  # --no-sync: hand the mapped pages to the system (msync), no fsync
+            except OSError:
+                if not failed:
+                    raise
             red, work = dist.allreduce_async(stats.as_list() + [failed])
             if work is not None:
                 while not work.is_completed():
@@ -291,7 +338,8 @@ def _run(args, dist) -> int:
                     time.sleep(0.05)
                 work.wait()
             run_s = time.perf_counter() - t_loop
-            bar.update(int(ledger.done().sum()))
+            if not discard:
+                bar.update(int(ledger.done().sum()))
             bar.close()
             ledger.close()
         if red[-1] > 0:

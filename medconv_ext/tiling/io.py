@@ -12,26 +12,57 @@ anywhere (OME-Zarr 'c', TIFF 'C'/'S', the 4th NIfTI axis) is moved in front of t
 singleton axes are dropped, and with a 2D network on a volume the 'z' axis becomes the batch axis
 (slice by slice). The output has the input's physical layout with the model's channels.
 """
+import contextlib
 import gzip
 import hashlib
 import json
+import logging
 import os
 import shutil
+import time
 from typing import List
 
 import numpy as np
 import torch
+
+from .._errors import FileError, check_readable, need, reading
 
 FORMATS = ("npy", "zarr", "tiff", "nii", "nii.gz")
 LEDGER_FORMAT = "medconv_ext.tiling_ledger.v1"
 
 
 def _need(module, fmt):
-    try:
-        return __import__(module)
-    except ImportError:
-        raise ImportError("%s files need the '%s' package, which is not installed: pip install %s (or pip install "
-                          "'medconv_ext[io]')" % (fmt, module, module)) from None
+    return need(module, "%s files" % fmt)
+
+
+def _check_npy(path) -> None:
+    """A FileError unless `path` is a complete .npy file of numbers (checked before mapping it, so
+    that a truncated file or a text file named .npy is named and explained)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            raise FileError(path, "is not a NumPy .npy file (no .npy header%s)"
+                            % (": it is empty" if size == 0 else ""))
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:  # format 3.0 (utf-8 field names): np.load checks it (its errors name the file too)
+                return
+        except (ValueError, EOFError, SyntaxError) as e:
+            raise FileError(path, "has a corrupt .npy header (%s)" % str(e).splitlines()[0]) from None
+        offset = f.tell()
+    if dtype.hasobject:
+        raise FileError(path, "holds Python objects (pickled data), not numbers: save the image as a numeric "
+                              "array")
+    need_bytes = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < need_bytes:
+        raise FileError(path, "is truncated: %d bytes, its header (shape %s, %s) needs %d"
+                        % (size, tuple(shape), dtype, need_bytes))
 
 
 def detect_format(path) -> str:
@@ -113,6 +144,7 @@ class AxesView:
         self.shape = tuple(1 if p is None else int(arr.shape[p]) for p in self.logical)
         self.ndim = len(self.shape)
         self.dtype = np.dtype(dtype if dtype is not None else arr.dtype)
+        self.path = None  # set for inputs: a failed read names the file
 
     def _phys(self, key):
         if not isinstance(key, tuple):
@@ -131,7 +163,11 @@ class AxesView:
 
     def __getitem__(self, key):
         phys, kept = self._phys(key)
-        blk = np.asarray(self.arr[phys])
+        if self.path is None:
+            blk = np.asarray(self.arr[phys])
+        else:
+            with reading(self.path):
+                blk = np.asarray(self.arr[phys])
         real = [p for p in kept if p is not None]
         order = sorted(real)  # the block's axes are the kept physical axes in physical order
         blk = blk.transpose([order.index(p) for p in real]) if real != order else blk
@@ -214,15 +250,23 @@ def open_image(path, dims: int, mode: str = "r") -> Source:
     """Open an input image (or, with mode='r+', an output created by create_output) by its path."""
     fmt = detect_format(path)
     what = "%s (%s)" % (path, fmt)
-    if not os.path.exists(str(path)):
-        raise FileNotFoundError("input %s does not exist" % (path,))
+    check_readable(path, "input" if mode == "r" else "file")
     if fmt == "npy":
-        arr = np.load(path, mmap_mode=mode)
+        if os.path.isdir(str(path)):
+            raise FileError(path, "is a folder, not a .npy file")
+        _check_npy(str(path))
+        with reading(path):
+            arr = np.load(path, mmap_mode=mode, allow_pickle=False)
         names = _default_names(arr.ndim, dims, what)
         return Source(path, fmt, _view(arr, names, dims, what), names, arr.shape, arr.dtype)
     if fmt == "zarr":
         zarr = _need("zarr", "Zarr")
-        node = zarr.open(str(path), mode=mode)
+        if not os.path.isdir(str(path)):
+            raise FileError(path, "is a file, not a Zarr folder")
+        if not any(os.path.exists(os.path.join(str(path), f)) for f in ("zarr.json", ".zarray", ".zgroup")):
+            raise FileError(path, "is not a Zarr array or group (no zarr.json, .zarray or .zgroup in it)")
+        with reading(path):
+            node = zarr.open(str(path), mode=mode)
         extra = {}
         if isinstance(node, zarr.Group):
             ms, version = _ome_multiscales(node.attrs.asdict())
@@ -237,12 +281,16 @@ def open_image(path, dims: int, mode: str = "r") -> Source:
         else:
             arr = node
             names = _zarr_names(arr) or _default_names(arr.ndim, dims, what)
-        return Source(path, fmt, _view(arr, names, dims, what), names, arr.shape, arr.dtype, **extra)
+        return Source(path, fmt, _named(_view(arr, names, dims, what), path), names, arr.shape, arr.dtype, **extra)
     if fmt == "tiff":
         tifffile = _need("tifffile", "TIFF")
-        with tifffile.TiffFile(str(path)) as tf:
-            series = tf.series[0]
-            axes, shape, dtype = series.axes, tuple(series.shape), series.dtype
+        with reading(path), _quiet_logger("tifffile"):
+            with tifffile.TiffFile(str(path)) as tf:
+                if not tf.series or not tf.pages:
+                    raise FileError(path, "is not a valid TIFF file (no readable image in it)")
+                series = tf.series[0]
+                axes, shape, dtype = series.axes, tuple(series.shape), series.dtype
+                _check_tiff_extent(path, tf)
         try:
             arr = tifffile.memmap(str(path), mode=mode)
             if tuple(arr.shape) != shape:
@@ -250,23 +298,33 @@ def open_image(path, dims: int, mode: str = "r") -> Source:
         except (ValueError, OSError):
             if mode != "r":
                 raise
-            try:  # compressed or scattered: read through tifffile's Zarr store, chunk by chunk
-                zarr = __import__("zarr")
-                arr = zarr.open(tifffile.TiffFile(str(path)).series[0].aszarr(), mode="r")
-            except ImportError:
-                arr = tifffile.imread(str(path))  # no zarr: the whole stack in memory
+            with reading(path):
+                try:  # compressed or scattered: read through tifffile's Zarr store, chunk by chunk
+                    zarr = __import__("zarr")
+                    arr = zarr.open(tifffile.TiffFile(str(path)).series[0].aszarr(), mode="r")
+                except ImportError:
+                    arr = tifffile.imread(str(path))  # no zarr: the whole stack in memory
         names = "".join("c" if a in "CS" else a.lower() if a in "XYZ" else "q" if a in "QI" else "n" for a in axes)
-        return Source(path, fmt, _view(arr, names, dims, what), names, shape, dtype, tiff_axes=axes)
+        return Source(path, fmt, _named(_view(arr, names, dims, what), path), names, shape, dtype, tiff_axes=axes)
     nib = _need("nibabel", "NIfTI")
-    img = nib.load(str(path), mmap=fmt == "nii")
-    shape = img.shape
+    with reading(path):
+        img = nib.load(str(path), mmap=fmt == "nii")
+        shape = img.shape
+        if fmt == "nii":
+            need_bytes = int(img.dataobj.offset) + int(np.prod(shape, dtype=np.int64)) * \
+                img.header.get_data_dtype().itemsize
+            if os.path.getsize(str(path)) < need_bytes:
+                raise FileError(path, "is truncated: %d bytes, its header (shape %s, %s) needs %d"
+                                % (os.path.getsize(str(path)), tuple(shape), img.header.get_data_dtype(),
+                                   need_bytes))
     if fmt == "nii" and mode == "r+":
         arr = np.memmap(str(path), dtype=img.header.get_data_dtype(), mode="r+",
                         offset=int(img.dataobj.offset), shape=shape, order="F")
     elif fmt == "nii":
         arr = img.dataobj  # sliced on demand from the memory-mapped file
     else:
-        arr = np.asanyarray(img.dataobj)  # gzip cannot seek cheaply: decompressed once
+        with reading(path):
+            arr = np.asanyarray(img.dataobj)  # gzip cannot seek cheaply: decompressed once
     names = {2: "xy", 3: "xyz", 4: "xyzc", 5: "xyznc"}.get(len(shape))
     if names is None:
         raise ValueError("%s: a NIfTI image with %d axes is not supported (2 to 5)" % (path, len(shape)))
@@ -274,8 +332,37 @@ def open_image(path, dims: int, mode: str = "r") -> Source:
     slope, inter = img.header.get_slope_inter()
     if (slope not in (None, 1.0) and slope == slope) or (inter not in (None, 0.0) and inter == inter):
         dtype = np.dtype(np.float64)  # scaled data are read as floats
-    return Source(path, fmt, _view(arr, names, dims, what, dtype=dtype), names, shape, dtype,
+    return Source(path, fmt, _named(_view(arr, names, dims, what, dtype=dtype), path), names, shape, dtype,
                   header=img.header, affine=img.affine, nifti_class=type(img))
+
+
+@contextlib.contextmanager
+def _quiet_logger(name):
+    """tifffile logs a warning before raising on a corrupt file: the error alone is reported."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _named(view, path):
+    """Reads of a lazily read input (Zarr chunks, compressed TIFF, .nii proxies) that fail name the file."""
+    if isinstance(view, AxesView):
+        view.path = str(path)
+    return view
+
+
+def _check_tiff_extent(path, tf) -> None:
+    """A FileError when an image's data lie beyond the end of the file (a truncated TIFF)."""
+    size = os.path.getsize(str(path))
+    for page in tf.pages:
+        offs, counts = getattr(page, "dataoffsets", ()), getattr(page, "databytecounts", ())
+        for o, c in zip(offs, counts):
+            if o + c > size:
+                raise FileError(path, "is truncated: image data up to byte %d, the file has %d" % (o + c, size))
 
 
 # ------------------------------------------------------------------ writing
@@ -412,9 +499,13 @@ def finalize_output(out_path, ledger_dir) -> None:
         return
     part = partial_path(out_path, fmt, ledger_dir)
     tmp = str(out_path) + ".tmp-gz"
-    with open(part, "rb") as fin, gzip.open(tmp, "wb", compresslevel=6) as fout:
-        shutil.copyfileobj(fin, fout, 16 << 20)
+    with open(part, "rb") as fin, open(tmp, "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as fout:
+            shutil.copyfileobj(fin, fout, 16 << 20)
+        raw.flush()
+        os.fsync(raw.fileno())  # durable before it replaces anything and before the ledger says complete
     os.replace(tmp, str(out_path))
+    _fsync_path(os.path.dirname(os.path.abspath(str(out_path))), directory=True)
 
 
 def remove_output(out_path, ledger_dir) -> None:
@@ -436,17 +527,96 @@ def model_digest(model) -> str:
     return h.hexdigest()
 
 
+def _fsync_path(path, directory=False):
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_syncfs():
+    """libc's syncfs(fd) (Linux): one call makes every file of a file system durable."""
+    try:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.syncfs
+        fn.argtypes = [ctypes.c_int]
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _load_syncfs()
+
+
+def _syncfs(path) -> bool:
+    """syncfs on the file system of `path`; False when unavailable (then fsync file by file)."""
+    if _SYNCFS is None:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _SYNCFS(fd) != 0:
+            import ctypes
+            raise OSError(ctypes.get_errno(), "syncfs failed", path)
+    finally:
+        os.close(fd)
+    return True
+
+
+def sync_output(out_path, ledger_dir, view, since_ns: int = 0) -> None:
+    """Make the output's written data durable (on the disk, not only in the page cache).
+    Memory-mapped files (.npy, TIFF, .nii and the .nii of a .nii.gz run): the mapping is flushed
+    (msync) and the file fsync'ed. Zarr (one file per chunk): syncfs of its file system where the
+    system has it (Linux; one call instead of one fsync per chunk file), else every chunk file and
+    folder changed since `since_ns` (st_mtime_ns) is fsync'ed (a new file's folder entry needs its
+    folder's fsync)."""
+    fmt = detect_format(out_path)
+    target = partial_path(out_path, fmt, ledger_dir)
+    arr = getattr(view, "arr", view)
+    if fmt != "zarr":
+        if hasattr(arr, "flush"):
+            arr.flush()
+        _fsync_path(target)
+        return
+    if _syncfs(target):
+        return
+    slack = 2_000_000_000  # file systems with coarse timestamps: look 2 s further back
+    stack = [target]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            entries = list(it)
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                stack.append(e.path)
+            elif e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime_ns >= since_ns - slack:
+                _fsync_path(e.path)
+        if os.stat(d).st_mtime_ns >= since_ns - slack:
+            _fsync_path(d, directory=True)
+
+
 class Ledger:
     """A folder `<output>.ledger` beside the output: ledger.json (what the run computes, so that a
     resumed run can check it is the same run, and whether it finished) and done.u8, one byte per
-    tile, set to 1 with pwrite after the tile's data were written. A process killed at any moment
-    leaves each byte either 0 (recomputed on resume) or 1 (its data are complete)."""
+    tile. A tile's byte is set to 1 only after its data are durable, in group commits (`commit`):
+    the output's data written so far are flushed and fsync'ed (sync_output), then the bytes of the
+    tiles of the group are written with pwrite and done.u8 is fsync'ed. So neither a killed process
+    nor a machine losing power leaves a byte at 1 whose data are incomplete; a byte still 0 (a tile
+    whose flag was not yet committed) is recomputed on resume. sync=False skips both fsyncs: the
+    ledger then survives a killed process (the page cache is the system's) but not a power loss."""
 
-    def __init__(self, out_path):
+    def __init__(self, out_path, sync: bool = True):
+        self.out_path = str(out_path)
         self.dir = str(out_path).rstrip("/").rstrip(os.sep) + ".ledger"
         self.meta_path = os.path.join(self.dir, "ledger.json")
         self.flags_path = os.path.join(self.dir, "done.u8")
         self.fd = None
+        self.sync = sync
+        self.pending: List[int] = []
+        self.last_commit = time.monotonic()
+        self.synced_ns = 0  # data changed before this (st_mtime_ns) are durable
 
     def exists(self) -> bool:
         return os.path.isfile(self.meta_path)
@@ -458,6 +628,7 @@ class Ledger:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.meta_path)
+        _fsync_path(self.dir, directory=True)  # the rename itself
 
     def create(self, fingerprint: dict, n_tiles: int) -> None:
         os.makedirs(self.dir, exist_ok=True)
@@ -482,6 +653,8 @@ class Ledger:
 
     def open(self) -> "Ledger":
         self.fd = os.open(self.flags_path, os.O_RDWR)
+        self.synced_ns = time.time_ns()
+        self.last_commit = time.monotonic()
         return self
 
     def close(self):
@@ -490,8 +663,26 @@ class Ledger:
             self.fd = None
 
     def mark(self, ids) -> None:
-        for i in ids:
-            os.pwrite(self.fd, b"\x01", int(i))
+        """Tiles whose data were written (not yet durable): flagged at the next commit."""
+        self.pending.extend(int(i) for i in ids)
+
+    def due(self, interval: float) -> bool:
+        return bool(self.pending) and time.monotonic() - self.last_commit >= interval
+
+    def commit(self, view=None) -> None:
+        """Make the pending tiles' data durable, then their flags (see the class)."""
+        if not self.pending:
+            return
+        start_ns = time.time_ns()
+        if self.sync and view is not None:
+            sync_output(self.out_path, self.dir, view, self.synced_ns)
+        for i in self.pending:
+            os.pwrite(self.fd, b"\x01", i)
+        if self.sync:
+            os.fsync(self.fd)
+        self.pending = []
+        self.synced_ns = start_ns
+        self.last_commit = time.monotonic()
 
     def done(self) -> np.ndarray:
         return np.fromfile(self.flags_path, dtype=np.uint8) != 0

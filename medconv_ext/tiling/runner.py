@@ -1,6 +1,5 @@
 """Exact mode, progress bar, reading tiles, and the runner behind predict_tiled."""
 import contextlib
-import math
 import sys
 import time
 from typing import Callable, Optional
@@ -9,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._progress import Progress
 from .plan import _WIDER, _check_inputs, _np_dtype_for, _out_torch_dtype, make_plan
 from .receptive import _STOCHASTIC, IntOrSeq, _model_dtype_device, check_crop_equivariance
 
@@ -73,35 +73,14 @@ def _exact_mode(enabled: bool):
 
 
 # ------------------------------------------------------------------ progress
-class _Progress:
-    """A one-line progress bar on stderr, shown only once a run has lasted `delay` seconds."""
+class _Progress(Progress):
+    """The tile count of a run on stderr (medconv_ext._progress.Progress: redraws on a terminal, one
+    line at a bounded rate in a log), shown only once a run has lasted `delay` seconds."""
 
-    def __init__(self, total: int, enabled: bool, delay: float = 2.0, every: float = 0.5):
-        self.total, self.enabled, self.delay, self.every = total, enabled, delay, every
-        self.t0 = time.perf_counter()
-        self.last = -math.inf
-        self.shown = False
-
-    def update(self, done: int):
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        el = now - self.t0
-        if (el < self.delay or now - self.last < self.every) and not (self.shown and done == self.total):
-            return
-        self.last = now
-        self.shown = True
-        frac = done / max(self.total, 1)
-        eta = el / frac - el if frac > 0 else float("nan")
-        bar = "#" * int(30 * frac)
-        sys.stderr.write("\rpredict_tiled [%-30s] %d/%d tiles %5.1f%% %6.1fs ETA %6.1fs"
-                         % (bar, done, self.total, 100 * frac, el, eta))
-        sys.stderr.flush()
-
-    def close(self):
-        if self.shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+    def __init__(self, total: int, enabled: bool, delay: float = 2.0, every: Optional[float] = None,
+                 label: str = "predict_tiled", start: int = 0, stream=None):
+        super().__init__(total, label=label, unit="tiles", start=start, enabled=bool(enabled), delay=delay,
+                         interval=every, stream=stream)
 
 
 def _gather_index(start, ext, size, pad_mode):

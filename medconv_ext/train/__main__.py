@@ -30,7 +30,8 @@ def _common(q, d, what):
     a("--device", default=None, help="auto, cpu, cuda, cuda:1, ...; default auto (under torchrun: one GPU per process)")
     a("--out", default=None, help="directory for checkpoint.pt, train_log.csv and metrics.json; default %s" % d.out)
     a("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-      help="continue from OUT/checkpoint.pt (or from CKPT): weights, optimizer state, step and RNG")
+      help="continue from OUT/checkpoint.pt (or from CKPT): weights, optimizer state, step, RNG and every option "
+           "of the run; only --steps, --device, --backend, --out, --ckpt-every, --log-every, --quiet may change")
     a("--seed", type=int, default=None, help="seed of the initial weights and of the training data; default %d" % d.seed)
     a("--val-size", type=int, default=None, help="number of held-out samples (another seed stream); default %d"
       % d.val_size)
@@ -39,7 +40,8 @@ def _common(q, d, what):
     a("--amp", default=None, choices=["none", "bf16"], help="autocast dtype of the model; default none")
     a("--ckpt-every", type=int, default=None, help="checkpoint every N steps (and at the end); default %d"
       % d.ckpt_every)
-    a("--log-every", type=int, default=None, help="progress line every N steps when not on a terminal; default ~20 lines")
+    a("--log-every", type=int, default=None,
+      help="progress line every N steps when not on a terminal; default: at most one line every 10 s")
     a("--quiet", action="store_true", help="no progress bar")
 
 
@@ -81,8 +83,12 @@ def main(argv=None):
     cfg = dataclasses.replace(cls(), **given, quiet=args.quiet)
     try:
         run(cfg, resume=args.resume, given=set(given))
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
-        print("error: %s" % e, file=sys.stderr)
+    except (ValueError, TypeError, OSError, FloatingPointError) as e:
+        if isinstance(e, OSError) and e.filename and e.strerror:
+            msg = "%s: %s" % (e.filename, e.strerror)  # e.g. an --out that cannot be created
+        else:
+            msg = " ".join(line.strip() for line in str(e).strip().splitlines()) or type(e).__name__
+        print("error: %s" % msg, file=sys.stderr)
         return 2
     return 0
 

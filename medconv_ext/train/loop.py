@@ -14,12 +14,14 @@ import inspect
 import json
 import math
 import os
-import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from .._errors import FileError, check_readable, problem_of
+from .._progress import Progress
 
 CKPT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.csv"
@@ -181,44 +183,13 @@ def build_model(cfg, device: torch.device, builder=None, log=print, task: Option
 
 
 # --------------------------------------------------------------------------------------
-# progress bar (no dependency)
+# progress (medconv_ext._progress: redraws on a terminal, one line at a bounded rate in a log)
 # --------------------------------------------------------------------------------------
-class Progress:
-    def __init__(self, total: int, start: int = 0, stream=None, every: int = 0, quiet: bool = False):
-        self.total, self.start = total, start
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.every = every or max(1, (total - start) // 20)
-        self.quiet = quiet
-        self.t0 = time.perf_counter()
-
-    def update(self, step: int, info: str):
-        """step: number of steps done so far."""
-        if self.quiet:
-            return
-        done = step - self.start
-        last = step == self.total
-        if not self.tty and not (done % self.every == 0 or last):
-            return
-        el = time.perf_counter() - self.t0
-        rate = done / el if el > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        width = 24
-        fill = int(width * step / max(self.total, 1))
-        bar = "#" * fill + "-" * (width - fill)
-        line = "[%s] %d/%d %s %.2f it/s eta %s" % (bar, step, self.total, info, rate, _fmt_time(eta))
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if last else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def _fmt_time(s):
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    return "%d:%02d:%02d" % (s // 3600, s // 60 % 60, s % 60) if s >= 3600 else "%d:%02d" % (s // 60, s % 60)
+def make_progress(cfg, start: int, stream=None, enabled: bool = True) -> Progress:
+    """The training progress: every cfg.log_every steps in a log when given, else at most one line
+    every LOG_INTERVAL seconds (and the last step); a redrawn line on a terminal."""
+    return Progress(cfg.steps, label="", unit="steps", start=start, stream=stream, every=cfg.log_every,
+                    enabled=enabled and not cfg.quiet)
 
 
 # --------------------------------------------------------------------------------------
@@ -296,24 +267,54 @@ def save_checkpoint(path, model, opt, step, cfg, history, world_size=1):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    if not os.path.isfile(path):
+    """The training checkpoint at `path`; a file that is missing, unreadable, truncated or not a
+    checkpoint of this loop is a FileError naming it."""
+    if not os.path.exists(path):
         raise FileNotFoundError("--resume: no checkpoint at %s" % path)
-    return torch.load(path, map_location=map_location, weights_only=True)
+    check_readable(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle errors, a text file, ...
+        raise FileError(path, problem_of(e)) from e
+    missing = [k for k in ("step", "model", "optimizer", "config", "history", "rng_cpu") if
+               not isinstance(state, dict) or k not in state]
+    if missing:
+        raise FileError(path, "is not a checkpoint of python -m medconv_ext.train (it has no %s)"
+                        % ", ".join(repr(k) for k in missing))
+    return state
+
+
+# Options that a resumed run may change (the others are the run's: restored when not given, refused
+# when given with another value): --steps (to train further), --device (another machine or GPU),
+# --backend (the kernels of the rolling layers, which a device may not have), --out (where a run
+# given by its checkpoint path writes), --ckpt-every, --log-every and --quiet (bookkeeping only).
+RESUME_MAY_CHANGE = ("steps", "device", "backend", "out", "ckpt_every", "log_every", "quiet")
 
 
 def merge_resumed_config(cfg, saved: Dict, given: Optional[set] = None, locked: Sequence[str] = LOCKED):
-    """The run continues with the checkpoint's trajectory settings (`locked`); explicitly given
-    values that differ are an error. Other settings (steps, device, ...) come from cfg."""
-    given = given if given is not None else set()
+    """The configuration of a resumed run: every option of the saved run, except those in `given`
+    (given on the command line). A given option in RESUME_MAY_CHANGE replaces the run's; any other
+    given option must equal the run's, else a ValueError names it. given=None (a call from Python
+    with a whole config): every option of cfg that is not None counts as given. (`locked` names
+    options that may never change; every option outside RESUME_MAY_CHANGE is locked anyway.)"""
+    if given is None:
+        given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) is not None}
     merged = dataclasses.replace(cfg)
-    for k in locked:
-        if k not in saved or not hasattr(cfg, k):
+    changed = []
+    for f in dataclasses.fields(cfg):
+        k = f.name
+        if k not in saved or k == "quiet":
             continue
-        if k in given and getattr(cfg, k) != saved[k]:
-            raise ValueError("--resume: %s=%r differs from the checkpoint's %s=%r; a resumed run keeps the "
-                             "settings that define the training trajectory (%s)"
-                             % (k, getattr(cfg, k), k, saved[k], ", ".join(locked)))
+        if k in given:
+            if getattr(cfg, k) != saved[k] and (k not in RESUME_MAY_CHANGE or k in locked):
+                opt = "--" + k.replace("_", "-")
+                changed.append("%s %s differs from the checkpoint's run (%s %s)" % (opt, getattr(cfg, k), opt, saved[k]))
+            continue
         setattr(merged, k, saved[k])
+    if changed:
+        raise ValueError("--resume: %s; a resumed run keeps every option of the run except %s: start a new run "
+                         "(another --out) to change it"
+                         % ("; ".join(changed), ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)))
     return merged
 
 
@@ -471,7 +472,7 @@ def _run(cfg, task, d, resume, given, builder, log, stream):
            d.world_size, cfg.batch_size, cfg.amp))
 
     log_path = os.path.join(cfg.out, LOG_NAME)
-    prog = Progress(cfg.steps, start, stream, cfg.log_every, cfg.quiet or not d.main)
+    prog = make_progress(cfg, start, stream, enabled=d.main)
     t0 = time.perf_counter()
     logf = writer = None
     columns = list(history[0]) if history else None
@@ -498,6 +499,7 @@ def _run(cfg, task, d, resume, given, builder, log, stream):
                     save_checkpoint(ckpt_path, model, opt, step + 1, cfg, history, d.world_size)
                 _barrier(d)
     finally:
+        prog.close()
         if logf is not None:
             logf.close()
     train_s = time.perf_counter() - t0
