@@ -259,6 +259,8 @@ setup(
     # The top-level folder triton_kernels/ is installed as medconv_ext.triton_kernels: the
     # top-level name `triton_kernels` belongs to an unrelated PyPI package.
     package_dir={"medconv_ext.triton_kernels": "triton_kernels"},
+    # The measured CUDA `auto` table (bench/make_cuda_auto_table.py from bench/results/<gpu>/ CSVs).
+    package_data={"medconv_ext": ["data/cuda_auto_table.json"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExt},
     python_requires=">=3.9",

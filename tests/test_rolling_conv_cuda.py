@@ -250,7 +250,7 @@ def _call_backend(backend, transposed, x, w, b, stride, padding, output_padding,
     return f(x, w, b, stride, padding, 1, n_rolls=n_rolls, backend=backend)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("transposed,dims,N,C,nb,n_rolls,k,spatial,stride,padding,output_padding", REALISTIC)
 def test_realistic_channel_counts(backend, dtype, transposed, dims, N, C, nb, n_rolls, k, spatial, stride, padding,
