@@ -43,6 +43,8 @@ from typing import Tuple
 
 import torch
 
+from . import _configs
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_GRID_X = 2 ** 31 - 1
 MAX_GRID_YZ = 65535
@@ -127,18 +129,21 @@ def grad_weight_splits(items: int, entry_blocks: int, interpret: bool = INTERPRE
     return n_splits, max(1, -(-items // n_splits))
 
 
-# Configurations. On a GPU the kernels are autotuned over these lists; under the interpreter one config
-# per kernel runs (tests call every config of the lists explicitly through `config=`).
+# Configurations. On a GPU the kernels are autotuned over these lists, minus the ones pruned for the GPU's
+# architecture (_configs.PRUNED); under the interpreter one config per kernel runs (tests call every config of
+# the lists explicitly through `config=`). MEDCONV_TRITON_CONFIG pins one (_configs.py).
 GEMM_CONFIG_LIST = [  # (BLOCK_P, BLOCK_K, BLOCK_E, num_warps, num_stages)
     (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (32, 32, 16, 2, 2),
 ]
 MIX_CONFIG_LIST = [  # (BLOCK_P, BLOCK_F, BLOCK_A, num_warps, num_stages)
-    (64, 16, 64, 4, 2), (64, 32, 128, 4, 2), (128, 32, 128, 8, 2), (64, 32, 256, 8, 2), (32, 16, 32, 2, 2),
+    (64, 16, 64, 4, 2), (64, 16, 32, 4, 2), (32, 32, 64, 4, 2), (64, 16, 64, 8, 2), (32, 16, 32, 2, 2),
 ]
 GW_CONFIG_LIST = [  # (BLOCK_J, BLOCK_F, num_warps)
-    (128, 32, 4), (64, 64, 4), (256, 16, 8),
+    (32, 32, 4), (64, 16, 4), (16, 32, 2), (32, 16, 2),
 ]
 INTERPRET_CONFIGS = {"gemm": (64, 32, 16, 1, 1), "mix": (32, 16, 16, 1, 1), "gw": (64, 16, 1)}
+# (Larger tiles spilled registers on sm_80 and sm_90: (64, 32, 128), (128, 32, 128) and (64, 32, 256) of the
+# mix kernel, BLOCK_J * BLOCK_F >= 2048 of grad_weight; tests/test_triton_aot.py.)
 
 
 if triton is not None:
@@ -151,14 +156,9 @@ if triton is not None:
     def _gw_cfg(c):
         return triton.Config({"BLOCK_J": c[0], "BLOCK_F": c[1]}, num_warps=c[2])
 
-    if INTERPRET:
-        _GEMM_CONFIGS = [_gemm_cfg(INTERPRET_CONFIGS["gemm"])]
-        _MIX_CONFIGS = [_mix_cfg(INTERPRET_CONFIGS["mix"])]
-        _GW_CONFIGS = [_gw_cfg(INTERPRET_CONFIGS["gw"])]
-    else:
-        _GEMM_CONFIGS = [_gemm_cfg(c) for c in GEMM_CONFIG_LIST]
-        _MIX_CONFIGS = [_mix_cfg(c) for c in MIX_CONFIG_LIST]
-        _GW_CONFIGS = [_gw_cfg(c) for c in GW_CONFIG_LIST]
+    _GEMM_CONFIGS = [_gemm_cfg(c) for c in _configs.select("spec_gemm", GEMM_CONFIG_LIST, INTERPRET_CONFIGS["gemm"])]
+    _MIX_CONFIGS = [_mix_cfg(c) for c in _configs.select("spec_mix", MIX_CONFIG_LIST, INTERPRET_CONFIGS["mix"])]
+    _GW_CONFIGS = [_gw_cfg(c) for c in _configs.select("spec_grad_weight", GW_CONFIG_LIST, INTERPRET_CONFIGS["gw"])]
 
     @triton.jit
     def _spec_gemm_body(out_ptr, in_ptr, m_ptr, E, K2, NBO, E_STEP, C_TOT, P,
