@@ -163,10 +163,11 @@ def test_pin_parsing():
     assert C.parse_pin("0") == (0, {})
     assert C.parse_pin("1,spec_mix=2") == (1, {"spec_mix": 2})
     assert C.parse_pin("spec_gemm=0, involution_fwd=3") == (None, {"spec_gemm": 0, "involution_fwd": 3})
+    assert C.parse_pin("first,spec_mix=1") == ("first", {"spec_mix": 1})
     with pytest.raises(ValueError, match="unknown kernel 'mix'"):
         C.parse_pin("mix=1")
     with pytest.raises(ValueError, match="not a configuration index"):
-        C.parse_pin("spec_mix=first")
+        C.parse_pin("spec_mix=last")
     with pytest.raises(ValueError, match="start at 0"):
         C.parse_pin("-1")
 
@@ -181,6 +182,9 @@ def test_select_pins_prunes_and_refuses(monkeypatch):
     assert C.select("spec_mix", LIST, None, arch="sm_90", pin="2") == [LIST[2]]
     assert C.select("spec_mix", LIST, None, arch="sm_80", pin="0,spec_mix=1") == [LIST[1]]
     assert C.select("spec_gemm", LIST, None, arch="sm_80", pin="spec_mix=1") == LIST  # not pinned
+    # "first": the first configuration kept on this architecture
+    assert C.select("spec_mix", LIST, None, arch="sm_80", pin="first") == [LIST[1]]
+    assert C.select("spec_mix", LIST, None, arch="sm_90", pin="first") == [LIST[0]]
     with pytest.raises(ValueError, match="does not fit sm_80"):
         C.select("spec_mix", LIST, None, arch="sm_80", pin="0")
     with pytest.raises(ValueError, match="has 3 configurations"):

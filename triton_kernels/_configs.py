@@ -11,8 +11,10 @@ Every autotuned kernel has a named list of configurations (tuples of block sizes
   runs and reproducible timings. Values (read when a kernel module is first imported):
       unset, "" or "auto"   autotune over the (pruned) list
       "N"                   configuration N (0-based, of the full list) of every kernel
-      "KERNEL=N,..."        configuration N of the named kernels (names in KERNELS), the others autotuned;
-                            "N,KERNEL=M" pins every kernel to N except KERNEL to M
+      "first"               the first configuration each kernel keeps on this GPU's architecture (what
+                            bench/gpu_check.sh uses: valid on every architecture)
+      "KERNEL=N,..."        configuration N (or "first") of the named kernels (names in KERNELS), the others
+                            autotuned; "N,KERNEL=M" pins every kernel to N except KERNEL to M
   A pinned configuration that is pruned on this GPU's architecture, or an index past the list, is an
   error naming the kernel. Under TRITON_INTERPRET=1 a pin replaces the small interpreter config too.
 Determinism holds per configuration: each output element is summed in a fixed order for a given
@@ -69,8 +71,19 @@ def current_arch() -> Optional[str]:
     return "sm_90" if major >= 9 else "sm_80"
 
 
-def parse_pin(text: Optional[str]) -> Tuple[Optional[int], Dict[str, int]]:
-    """(index for every kernel or None, {kernel: index}) from a MEDCONV_TRITON_CONFIG value."""
+def _index(val: str, text: str):
+    if val == "first":
+        return "first"
+    try:
+        return int(val)
+    except ValueError:
+        raise ValueError("%s: %r is not a configuration index (expected N, first or KERNEL=N[,...], got %r)"
+                         % (PIN_ENV, val, text)) from None
+
+
+def parse_pin(text: Optional[str]) -> Tuple[Optional[object], Dict[str, object]]:
+    """(index or "first" for every kernel or None, {kernel: index or "first"}) from a MEDCONV_TRITON_CONFIG
+    value."""
     text = (text or "").strip()
     if text in ("", "auto"):
         return None, {}
@@ -85,12 +98,8 @@ def parse_pin(text: Optional[str]) -> Tuple[Optional[int], Dict[str, int]]:
         name = name.strip() if name else None
         if name is not None and name not in KERNELS:
             raise ValueError("%s: unknown kernel %r in %r (kernels: %s)" % (PIN_ENV, name, text, ", ".join(KERNELS)))
-        try:
-            idx = int(val)
-        except ValueError:
-            raise ValueError("%s: %r is not a configuration index (expected N or KERNEL=N[,...], got %r)"
-                             % (PIN_ENV, val.strip(), text)) from None
-        if idx < 0:
+        idx = _index(val.strip(), text)
+        if idx != "first" and idx < 0:
             raise ValueError("%s: configuration indices start at 0, got %d in %r" % (PIN_ENV, idx, text))
         if name is None:
             default = idx
@@ -109,6 +118,11 @@ def select(kernel: str, configs: Sequence[Tuple], interpret_config: Optional[Tup
     default, per = parse_pin(os.environ.get(PIN_ENV) if pin is None else pin)
     idx = per.get(kernel, default)
     pruned = set(PRUNED.get(arch, {}).get(kernel, ())) if arch else set()
+    if idx == "first":
+        kept = [tuple(c) for c in configs if tuple(c) not in pruned]
+        if not kept:  # pragma: no cover - the AOT test guarantees one survivor per kernel and architecture
+            raise RuntimeError("kernel %s has no configuration that fits %s" % (kernel, arch))
+        return kept[:1]
     if idx is not None:
         if idx >= len(configs):
             raise ValueError("%s: kernel %s has %d configurations (0..%d), got index %d"
