@@ -21,9 +21,12 @@ from ._common import (
     check_positive,
     check_rank,
     check_same_dtype_device,
-    conv_out_size,
+    conv_out_size,  # noqa: F401  (re-exported: other modules and tests use rolling_conv.conv_out_size)
     conv_transpose_out_size,
+    make_rolling_backward,
+    make_rolling_setup,
     ntuple,
+    rolling_out_shape,
     run_with_epilogue,
 )
 
@@ -302,68 +305,28 @@ if _ext.has_compiled_ops():
     # ---- fake kernels (shapes only), so the ops trace under torch.compile ----
     @torch.library.register_fake("medconv::rolling_conv")
     def _(x, weight, bias, stride, padding, dilation, n_rolls):
-        out = [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
-        return x.new_empty((x.shape[0], n_rolls * weight.shape[0], *out))
-
-    @torch.library.register_fake("medconv::rolling_conv_grad_input")
-    def _(grad_out, weight, input_size, stride, padding, dilation, n_rolls):
-        return grad_out.new_empty(input_size)
-
-    @torch.library.register_fake("medconv::rolling_conv_grad_weight")
-    def _(grad_out, x, weight_size, stride, padding, dilation, n_rolls):
-        return grad_out.new_empty(weight_size)
+        return x.new_empty(rolling_out_shape(x.shape, weight.shape, stride, padding, dilation, n_rolls))
 
     @torch.library.register_fake("medconv::rolling_conv_transpose")
     def _(x, weight, bias, stride, padding, output_padding, dilation, n_rolls):
-        out = [conv_transpose_out_size(n, k, s, p, o, d) for n, k, s, p, o, d in
-               zip(x.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation)]
-        return x.new_empty((x.shape[0], n_rolls * weight.shape[1], *out))
+        return x.new_empty(rolling_out_shape(x.shape, weight.shape, stride, padding, dilation, n_rolls, True,
+                                             output_padding))
 
-    @torch.library.register_fake("medconv::rolling_conv_transpose_grad_input")
-    def _(grad_out, weight, input_size, stride, padding, dilation, n_rolls):
-        return grad_out.new_empty(input_size)
-
-    @torch.library.register_fake("medconv::rolling_conv_transpose_grad_weight")
-    def _(grad_out, x, weight_size, stride, padding, dilation, n_rolls):
-        return grad_out.new_empty(weight_size)
+    for _name in ("rolling_conv_grad_input", "rolling_conv_transpose_grad_input"):
+        torch.library.register_fake("medconv::" + _name)(
+            lambda grad_out, weight, input_size, stride, padding, dilation, n_rolls: grad_out.new_empty(input_size))
+    for _name in ("rolling_conv_grad_weight", "rolling_conv_transpose_grad_weight"):
+        torch.library.register_fake("medconv::" + _name)(
+            lambda grad_out, x, weight_size, stride, padding, dilation, n_rolls: grad_out.new_empty(weight_size))
 
     # ---- autograd: gradients by the compiled grad kernels (paper eq. 7 and 8) ----
-    def _setup_conv(ctx, inputs, output):
-        x, weight, bias, stride, padding, dilation, n_rolls = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.params = (stride, padding, dilation, n_rolls)
-
-    def _backward_conv(ctx, grad):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, n_rolls = ctx.params
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.medconv.rolling_conv_grad_input(grad, weight, list(x.shape), stride, padding, dilation, n_rolls)
-        if ctx.needs_input_grad[1]:
-            gw = torch.ops.medconv.rolling_conv_grad_weight(grad, x, list(weight.shape), stride, padding, dilation, n_rolls)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
-        return gx, gw, gb, None, None, None, None
-
-    torch.library.register_autograd("medconv::rolling_conv", _backward_conv, setup_context=_setup_conv)
-
-    def _setup_conv_t(ctx, inputs, output):
-        x, weight, bias, stride, padding, output_padding, dilation, n_rolls = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.params = (stride, padding, dilation, n_rolls)
-
-    def _backward_conv_t(ctx, grad):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, n_rolls = ctx.params
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.medconv.rolling_conv_transpose_grad_input(grad, weight, list(x.shape), stride, padding, dilation, n_rolls)
-        if ctx.needs_input_grad[1]:
-            gw = torch.ops.medconv.rolling_conv_transpose_grad_weight(grad, x, list(weight.shape), stride, padding, dilation, n_rolls)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
-        return gx, gw, gb, None, None, None, None, None
-
-    torch.library.register_autograd("medconv::rolling_conv_transpose", _backward_conv_t, setup_context=_setup_conv_t)
+    _ops = torch.ops.medconv
+    torch.library.register_autograd(
+        "medconv::rolling_conv",
+        make_rolling_backward(lambda *a: _ops.rolling_conv_grad_input(*a), lambda *a: _ops.rolling_conv_grad_weight(*a), 4),
+        setup_context=make_rolling_setup(3))
+    torch.library.register_autograd(
+        "medconv::rolling_conv_transpose",
+        make_rolling_backward(lambda *a: _ops.rolling_conv_transpose_grad_input(*a),
+                              lambda *a: _ops.rolling_conv_transpose_grad_weight(*a), 5),
+        setup_context=make_rolling_setup(3))

@@ -27,7 +27,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._common import apply_epilogue, conv_out_size, conv_transpose_out_size
+from ._common import (apply_epilogue, conv_out_size, conv_transpose_out_size, make_rolling_backward,
+                      make_rolling_setup, rolling_out_shape)
 from .rolling_conv_spectral import register_fused_spectral
 from .rolling_conv_triton import device_guard
 
@@ -276,15 +277,12 @@ def rolling_conv_transpose_spectral_triton_backward(grad_out: Tensor, x: Tensor,
 # ---- fake kernels (shapes only) ----
 @rolling_conv_spectral_triton.register_fake
 def _(x, weight, bias, scale, shift, relu, stride, padding, dilation, n_rolls):
-    out = [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
-    return x.new_empty((x.shape[0], n_rolls * weight.shape[0], *out))
+    return x.new_empty(rolling_out_shape(x.shape, weight.shape, stride, padding, dilation, n_rolls))
 
 
 @rolling_conv_transpose_spectral_triton.register_fake
 def _(x, weight, bias, scale, shift, relu, stride, padding, output_padding, dilation, n_rolls):
-    out = [conv_transpose_out_size(n, k, s, p, o, d) for n, k, s, p, o, d in
-           zip(x.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation)]
-    return x.new_empty((x.shape[0], n_rolls * weight.shape[1], *out))
+    return x.new_empty(rolling_out_shape(x.shape, weight.shape, stride, padding, dilation, n_rolls, True, output_padding))
 
 
 for _op in (rolling_conv_spectral_triton_grad_input, rolling_conv_transpose_spectral_triton_grad_input):
@@ -296,43 +294,17 @@ for _op in (rolling_conv_spectral_triton_backward, rolling_conv_transpose_spectr
                       (x.new_empty(x.shape), x.new_empty(weight.shape)))
 
 
-# ---- autograd: grad_input and grad_weight kernels; bias grad a torch sum ----
-def _setup(ctx, inputs, output):
-    x, weight, bias, scale, shift, relu = inputs[:6]
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-    ctx.epilogue = scale is not None or shift is not None or bool(relu)
-    # (stride, padding, dilation, n_rolls); the transposed op has output_padding between padding and dilation
-    ctx.params = (inputs[6], inputs[7], inputs[-2], inputs[-1])
-
-
-def _make_backward(grad_input_op, grad_weight_op, backward_op, n_nondiff):
-    def backward(ctx, grad):
-        if ctx.epilogue:
-            raise RuntimeError("rolling_conv_spectral_triton: no gradient through the fused epilogue (scale, shift, "
-                               "relu); call it without the epilogue and apply it with torch ops when training")
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, n_rolls = ctx.params
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-            gx, gw = backward_op(grad, x, weight, stride, padding, dilation, n_rolls)
-        elif ctx.needs_input_grad[0]:
-            gx = grad_input_op(grad, weight, list(x.shape), stride, padding, dilation, n_rolls)
-        elif ctx.needs_input_grad[1]:
-            gw = grad_weight_op(grad, x, list(weight.shape), stride, padding, dilation, n_rolls)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
-        return (gx, gw, gb) + (None,) * n_nondiff
-    return backward
-
-
+# ---- autograd: grad_input and grad_weight kernels (one shared op when both are needed); bias grad a torch sum.
+# The gradient does not go through a fused epilogue (the entry points below apply it with torch ops then).
 rolling_conv_spectral_triton.register_autograd(
-    _make_backward(rolling_conv_spectral_triton_grad_input, rolling_conv_spectral_triton_grad_weight,
-                   rolling_conv_spectral_triton_backward, 7),
-    setup_context=_setup)
+    make_rolling_backward(rolling_conv_spectral_triton_grad_input, rolling_conv_spectral_triton_grad_weight, 7,
+                          rolling_conv_spectral_triton_backward, "rolling_conv_spectral_triton"),
+    setup_context=make_rolling_setup(6, epilogue=True))
 rolling_conv_transpose_spectral_triton.register_autograd(
-    _make_backward(rolling_conv_transpose_spectral_triton_grad_input, rolling_conv_transpose_spectral_triton_grad_weight,
-                   rolling_conv_transpose_spectral_triton_backward, 8), setup_context=_setup)
+    make_rolling_backward(rolling_conv_transpose_spectral_triton_grad_input,
+                          rolling_conv_transpose_spectral_triton_grad_weight, 8,
+                          rolling_conv_transpose_spectral_triton_backward, "rolling_conv_transpose_spectral_triton"),
+    setup_context=make_rolling_setup(6, epilogue=True))
 
 
 # ---- the entry points registered with the "spectral" backend ----
