@@ -162,8 +162,14 @@ def test_epilogue_scale_shift_relu(poison):
 # --------------------------------------------------------------------------------------
 @needs_triton
 def test_every_config(poison):
+    """Every configuration this device may launch (on a GPU: the lists minus the ones pruned for its
+    architecture, triton_kernels/_configs.PRUNED; under the interpreter: all of them)."""
+    from medconv_ext.triton_kernels import _configs
     from medconv_ext.triton_kernels import rolling_conv_spectral as K
     from medconv_ext.triton_kernels.rolling_conv import make_geom
+
+    def launched(kernel, configs):
+        return _configs.select(kernel, configs, None, pin="")
 
     C, nb, nr = 5, 2, 3
     x, w, _ = make_case(False, 2, 2, C, nb, nr, 3, (6, 5), torch.float32, DEVICE)
@@ -177,17 +183,17 @@ def test_every_config(poison):
     coef = K.forward_coef(K.weight_spectrum(w))
     inv = K.inverse_matrix(C, nr, DEVICE)
     gspec = K.channel_transform(go, K.inverse_matrix(C, nr, DEVICE).t().contiguous(), nb, nb)
-    for cfg in K.GEMM_CONFIG_LIST:
+    for cfg in launched("spec_gemm", K.GEMM_CONFIG_LIST):
         spec = K.channel_transform(x, D, 1, 1, config=cfg)
         assert_close(spec, want_spec, torch.float32, "channel_transform %s" % (cfg,))
-    for cfg in K.MIX_CONFIG_LIST:
+    for cfg in launched("spec_mix", K.MIX_CONFIG_LIST):
         out = torch.empty((2, nr * nb, *lo), device=DEVICE)
         K.spectral_mix(out, spec, coef, inv, g, inverse=False, config=cfg)
         assert_close(out, ry, torch.float32, "spectral_mix forward %s" % (cfg,))
         gx = torch.empty(x.shape, device=DEVICE)
         K.spectral_mix(gx, gspec, K.adjoint_coef(K.weight_spectrum(w)), D.t().contiguous(), g, inverse=True, config=cfg)
         assert_close(gx, rgx, torch.float32, "spectral_mix grad_input %s" % (cfg,))
-    for cfg in K.GW_CONFIG_LIST:
+    for cfg in launched("spec_grad_weight", K.GW_CONFIG_LIST):
         part = K.spectral_grad_weight(gspec, spec, g, 9, True, config=cfg)
         gw = torch.einsum("ck,btk->bct", D, part).reshape(w.shape)
         assert_close(gw, rgw, torch.float32, "spectral_grad_weight %s" % (cfg,))
