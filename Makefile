@@ -18,7 +18,7 @@ BENCH_ARGS ?=
 # make test-cuda-emu EMU_ARGS=--full : all dtypes, the WMMA path, all schedule variants (docs/cuda_on_cpu.md)
 EMU_ARGS ?=
 
-.PHONY: all setup build test test-cuda-emu bench wheel clean
+.PHONY: all setup build test test-cuda-emu test-triton-aot gpu-check-dry-run bench wheel clean
 
 all: test
 
@@ -39,6 +39,15 @@ test: build
 # schedules), checked against the GPU tests' cases and references: no GPU needed (docs/cuda_on_cpu.md).
 test-cuda-emu: build
 	PYTHONPATH=$(CURDIR) $(PYTHON) tests/cuda_on_cpu/run.py $(EMU_ARGS)
+
+# Every launch configuration of every Triton kernel compiled ahead of time for sm_80 and sm_90 on the CPU
+# (shared memory, register spills; must agree with triton_kernels/_configs.PRUNED): a few minutes.
+test-triton-aot: setup
+	MEDCONV_AOT_FULL=1 PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest tests/test_triton_aot.py -ra $(PYTEST_ARGS)
+
+# bench/gpu_check.sh on the CPU at tiny sizes (no GPU, no sanitizer, no rebuild); on a GPU: bash bench/gpu_check.sh
+gpu-check-dry-run: setup
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh --dry-run
 
 # Representative set (at most ~10 min on 2 CPU cores), results in bench/out/ (untracked), then a
 # summary table. Every case: make bench BENCH_ARGS=--full; committed results: BENCH_ARGS=--update-results

@@ -9,9 +9,13 @@ Build switches (environment variables, printed at build time; `pip install -v` s
   CUDA_HOME              CUDA toolkit root (the folder whose bin/ has nvcc and lib64/ libcudart);
                          found automatically when unset, even behind an nvcc wrapper script
   TORCH_CUDA_ARCH_LIST   CUDA architectures (default: "8.0;9.0+PTX", plus "12.0" where nvcc knows
-                         sm_120, plus any visible GPU not covered: runs on Ampere, Hopper, Blackwell)
+                         sm_120, plus any visible GPU older than sm_80: runs on Ampere, Hopper, Blackwell;
+                         bench/gpu_check.sh sets it to the visible GPU's capability alone, a faster build)
   MEDCONV_DEBUG=1        -O0 -g, no -DNDEBUG
   MAX_JOBS               parallel compile jobs (ninja)
+
+Package data: medconv_ext/data/cuda_auto_table.json, the measured CUDA `auto` table of rolling
+convolution (bench/make_cuda_auto_table.py).
 
 What was built (torch version, CUDA kernels or why not) is recorded next to the compiled library
 in medconv_ext/_build_info.py: the package checks at import that it runs with the same torch, and
@@ -266,6 +270,8 @@ setup(
     # The top-level folder triton_kernels/ is installed as medconv_ext.triton_kernels: the
     # top-level name `triton_kernels` belongs to an unrelated PyPI package.
     package_dir={"medconv_ext.triton_kernels": "triton_kernels"},
+    # The measured CUDA `auto` table (bench/make_cuda_auto_table.py from bench/results/<gpu>/ CSVs).
+    package_data={"medconv_ext": ["data/cuda_auto_table.json"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExt},
     python_requires=">=3.9",

@@ -57,6 +57,25 @@ def gpu_shapes(quick):
     return shapes
 
 
+def parse_shape(text):
+    import argparse
+    import re
+
+    m = re.fullmatch(r"\s*([23])d\s+N=(\d+)\s+C=(\d+)\s+S=(\d+)\s+K=(\d+)\s+G=(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError("shape must look like '2d N=8 C=64 S=56 K=7 G=4', got %r" % text)
+    d, n, c, s, k, g = (int(v) for v in m.groups())
+    if c % g:
+        raise argparse.ArgumentTypeError("G=%d must divide C=%d" % (g, c))
+    return dict(dims=d, n=n, c=c, s=s, k=k, g=g)
+
+
+# dtype labels: "float32-tf32" is float32 with PyTorch's default TF32 flags on CUDA (cuDNN on, cuBLAS off);
+# plain "float32" rows on CUDA run with TF32 off.
+DTYPE_LABELS = {"float32": torch.float32, "float32-tf32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16, "float64": torch.float64}
+
+
 def smoke_shapes():
     return [dict(dims=2, n=2, c=16, s=9, k=3, g=1), dict(dims=3, n=1, c=16, s=5, k=3, g=1)]
 
@@ -152,6 +171,13 @@ def measure(fn, sh, mode, device, dtype, reps):
 
 def run_list(results, shapes, device, dtypes, reps):
     for dtype in dtypes:
+        label = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
+        dtype = DTYPE_LABELS[label]
+        if device.type == "cuda":  # float32: TF32 off; float32-tf32: PyTorch's defaults
+            torch.backends.cudnn.allow_tf32 = label == "float32-tf32"
+            torch.backends.cuda.matmul.allow_tf32 = False
+        elif label == "float32-tf32":
+            raise SystemExit("--dtype float32-tf32 needs CUDA (TF32 is a CUDA setting)")
         impls = impls_for(device, dtype)
         for sh in shapes:
             for mode in ("fwd", "fwd+bwd"):
@@ -163,7 +189,7 @@ def run_list(results, shapes, device, dtypes, reps):
                         print("  %s %s %s failed: %s: %s" % (name, mode, shape_str(sh), type(e).__name__,
                                                              str(e).splitlines()[0][:200]))
                         continue
-                    rows[name] = results.add(op=OP, impl=name, dtype=str(dtype).replace("torch.", ""), mode=mode,
+                    rows[name] = results.add(op=OP, impl=name, dtype=label, mode=mode,
                                              shape=shape_str(sh), median_ms=ms, peak_mem_mb=mb)
                 base = rows.get("unfold")
                 for r in rows.values():
@@ -231,6 +257,10 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="CSV path (default bench/out/<device>/involution.csv); "
                     "with --device all and a GPU the GPU CSV gets the suffix _cuda")
     ap.add_argument("--only", default=None, help="keep only shapes whose label contains this text, e.g. 'C=64 S=56 K=7'")
+    ap.add_argument("--shape", action="append", type=parse_shape, default=None,
+                    help="custom case(s) replacing the shape lists, e.g. '2d N=8 C=64 S=56 K=7 G=4'")
+    ap.add_argument("--dtype", default=None, help="comma list replacing the dtypes (default: float32 on the CPU, "
+                    "float32,bfloat16 on CUDA); float32-tf32 on CUDA: float32 with PyTorch's default TF32 flags")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -247,6 +277,14 @@ def main(argv=None):
             print("--device cuda: no CUDA device visible")
             return 1
         runs.append(("cuda", smoke_shapes() if args.smoke else gpu_shapes(args.quick), [torch.float32, torch.bfloat16]))
+    if args.shape:
+        runs = [(d, list(args.shape), dt) for d, shapes, dt in runs]
+    if args.dtype:
+        labels = args.dtype.split(",")
+        for lab in labels:
+            if lab not in DTYPE_LABELS:
+                ap.error("--dtype: unknown %r (choose from %s)" % (lab, ", ".join(DTYPE_LABELS)))
+        runs = [(d, shapes, labels) for d, shapes, dt in runs]
     if args.only:
         runs = [(d, [sh for sh in shapes if args.only in shape_str(sh)], dt) for d, shapes, dt in runs]
     written = []

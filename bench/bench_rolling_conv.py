@@ -64,7 +64,10 @@ TARGETS = {  # (shape, minimum forward speed-up of "auto" over dense) the projec
 }
 BASELINES = ["roll_loop", "dense", "dense_cl", "depthwise_separable"]
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
+          "bfloat16": torch.bfloat16, "float32-tf32": torch.float32}
+# On CUDA, "float32" rows run with TF32 off in cuDNN and cuBLAS (exact float32 for every impl alike: a
+# comparison of algorithms); "float32-tf32" rows with PyTorch's defaults (cuDNN TF32 on, cuBLAS TF32 off),
+# what a user who sets nothing gets. The fused spectral kernel uses tf32x3 dots in both.
 
 
 def shape_str(dims, n, c, s, k) -> str:
@@ -152,7 +155,8 @@ def time_thread_ms(fn, warmup: int = 2, min_reps: int = 5, max_reps: int = 50, b
 
 
 def bench_case(res: harness.Results, shape, device, dtype, modes, budget_s: float, skipped: Dict[str, str],
-               timer: str = "wall", peak_mem: bool = True, only: Optional[List[str]] = None):
+               timer: str = "wall", peak_mem: bool = True, only: Optional[List[str]] = None,
+               dtype_label: Optional[str] = None):
     dims, n, c, s, k = shape
     pad = k // 2
     sh = shape_str(*shape)
@@ -198,7 +202,7 @@ def bench_case(res: harness.Results, shape, device, dtype, modes, budget_s: floa
                 ms = harness.time_ms(fn, device, budget_s=budget_s)
             mem = harness.measure_peak_mb(fn, device) if peak_mem else float("nan")
             gb, gf = work(impl, mode, shape, dtype)
-            res.add(op=OP, impl=impl, dtype=str(dtype).replace("torch.", ""), mode=mode, shape=sh,
+            res.add(op=OP, impl=impl, dtype=dtype_label or str(dtype).replace("torch.", ""), mode=mode, shape=sh,
                     median_ms=ms, peak_mem_mb=mem, max_rel_err=err, gbytes=gb, gflop=gf,
                     bw_frac=gb / (ms * 1e-3) / MACHINE["copy_gbs"] if MACHINE.get("copy_gbs") else float("nan"),
                     flop_frac=gf / (ms * 1e-3) / MACHINE["peak_gflops"] if MACHINE.get("peak_gflops") else float("nan"))
@@ -328,11 +332,18 @@ def plot(rows: List[dict], impls: List[str], path: str) -> Optional[str]:
     return path
 
 
+def set_tf32(on: bool) -> None:
+    """on: PyTorch's defaults (cuDNN convolutions in TF32, cuBLAS matmuls not); off: exact float32 everywhere."""
+    torch.backends.cudnn.allow_tf32 = on
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few shapes only (smoke run)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="comma list (default: float32 on CPU, float32,bfloat16 on CUDA)")
+    p.add_argument("--dtype", default=None, help="comma list (default: float32 on CPU; float32,float32-tf32,bfloat16 "
+                   "on CUDA: float32 = TF32 off, float32-tf32 = PyTorch's default cuDNN TF32)")
     p.add_argument("--mode", default="all", choices=["fwd", "fwdbwd", "all"])
     p.add_argument("--budget", type=float, default=0.5, help="seconds of repeats per measurement (>= 5 repeats)")
     p.add_argument("--shape", action="append", type=parse_shape, help="custom case, e.g. '3d N=1 C=128 S=16 k=5'")
@@ -352,10 +363,12 @@ def main(argv=None) -> int:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
-    dtype_names = (a.dtype or ("float32" if device.type == "cpu" else "float32,bfloat16")).split(",")
+    dtype_names = (a.dtype or ("float32" if device.type == "cpu" else "float32,float32-tf32,bfloat16")).split(",")
     for d in dtype_names:
         if d not in DTYPES:
             p.error("--dtype: unknown %r (choose from %s)" % (d, ", ".join(DTYPES)))
+        if d == "float32-tf32" and device.type != "cuda":
+            p.error("--dtype float32-tf32 needs --device cuda (TF32 is a CUDA setting)")
     modes = ["fwd", "fwdbwd"] if a.mode == "all" else [a.mode]
     if a.threads is not None:
         torch.set_num_threads(a.threads)
@@ -363,10 +376,6 @@ def main(argv=None) -> int:
         p.error("--timer thread needs --device cpu and --threads 1")
     shapes = a.shape or (QUICK_SHAPES if a.quick else FUSED_SHAPES if a.set == "fused" else
                          (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES))
-    if device.type == "cuda":
-        # Exact fp32 for every impl alike (no TF32), so the comparison is between algorithms.
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
 
     print("rolling_conv benchmark on %s, torch %s, %d threads, %s timer" % (
         harness.device_name(device), torch.__version__, torch.get_num_threads(), a.timer))
@@ -374,8 +383,9 @@ def main(argv=None) -> int:
         print("  backend %-9s %s  %s" % (name, "yes" if ok else "no ", why))
     if device.type == "cuda":
         from medconv_ext.ops import rolling_conv_spectral as spectral_mod
-        print("  float32 rows: TF32 OFF in cuDNN and cuBLAS (dense, reference, roll_loop: exact float32); the "
-              "fused spectral kernel uses tf32x3 dots (float32-level error)")
+        print("  float32 rows: TF32 OFF in cuDNN and cuBLAS (dense, reference, roll_loop: exact float32); "
+              "float32-tf32 rows: PyTorch's defaults (cuDNN TF32 on, cuBLAS TF32 off); the fused spectral kernel "
+              "uses tf32x3 dots in both (float32-level error)")
         print("  backend spectral on CUDA: %s; spectral_unfused: the torch-op composition (cuFFT + cuDNN)"
               % ("the fused Triton kernel where it supports the input" if "cuda" in spectral_mod._FUSED
                  else "no fused kernel registered, the torch-op composition"))
@@ -386,9 +396,11 @@ def main(argv=None) -> int:
           % (MACHINE["copy_gbs"], dtype_names[0], MACHINE["peak_gflops"]))
     skipped: Dict[str, str] = {}
     for dt in dtype_names:
+        if device.type == "cuda":
+            set_tf32(dt == "float32-tf32")
         for shape in shapes:
             bench_case(res, shape, device, DTYPES[dt], modes, a.budget, skipped, a.timer, not a.no_peak_mem,
-                       a.impls.split(",") if a.impls else None)
+                       a.impls.split(",") if a.impls else None, dtype_label=dt)
     for name, why in skipped.items():
         print("not timed: %s (%s)" % (name, why))
 

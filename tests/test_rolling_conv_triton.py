@@ -253,54 +253,6 @@ def test_kernels_use_int64_offsets():
     assert "int " not in "".join(l for l in cu.splitlines() if "blockIdx" in l and "threadIdx" not in l)
 
 
-AOT_SCRIPT = r"""
-import os, sys, importlib.util
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-spec = importlib.util.spec_from_file_location("_rolling_conv_aot", sys.argv[1])
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
-assert not mod.INTERPRET
-
-def signature(fn, ptr, const, ints64):
-    return {a: ("constexpr" if a in const else ptr if a.endswith("_ptr") else "i64" if a in ints64 else "i32")
-            for a in fn.arg_names}
-
-target = GPUTarget("cuda", 90, 32)
-gemm = mod._rolling_gemm_kernel.fn
-const = dict(A_IS_ROLL=False, INVERSE=True, HAS_BIAS=True, IEEE=False, DOT_F32=False, **mod._GEMM_CONFIGS[0].kwargs)
-k = triton.compile(ASTSource(gemm, signature(gemm, "*bf16", const, ("P_OUT", "P_IN")), const), target=target,
-                   options=dict(num_warps=4, num_stages=3))
-assert "mma" in k.asm["ptx"], "the bfloat16 GEMM should use the tensor cores"
-gw = mod._rolling_grad_weight_kernel.fn
-const = dict(ROLL_IS_LO=False, **mod._GW_CONFIGS[0].kwargs)
-sig = signature(gw, "*fp16", const, ("ITEMS", "CHUNK"))
-sig["part_ptr"] = "*fp32"
-k = triton.compile(ASTSource(gw, sig, const), target=target, options=dict(num_warps=4))
-assert k.asm["ptx"]
-print("ok")
-"""
-
-
-def test_triton_kernels_compile_for_sm90(tmp_path):
-    """Compile the real kernels ahead of time for sm_90 (no GPU needed): catches what the interpreter
-    cannot (types of loop-carried values, dot operand shapes and dtypes, constexpr branches). Two of
-    the variants, to stay cheap: the bfloat16 GEMM with the inverted window and the transposed
-    grad_weight. In a subprocess without TRITON_INTERPRET, with an empty kernel cache."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    r = subprocess.run([sys.executable, "-c", AOT_SCRIPT, os.path.join(ROOT, "triton_kernels", "rolling_conv.py")],
-                       env=env, capture_output=True, text=True, timeout=600)
-    if r.returncode != 0 and "ImportError" in r.stderr and "GPUTarget" in r.stderr:  # pragma: no cover
-        pytest.skip("triton has no ahead-of-time compile API here")
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr[-3000:]
-
-
 # --------------------------------------------------------------------------------------
 # launch on the tensor's GPU; 64-bit offsets of the grad_weight roll rows
 # --------------------------------------------------------------------------------------

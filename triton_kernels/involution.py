@@ -27,19 +27,23 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _configs as _cfg
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_P": 128, "BLOCK_C": 8}, num_warps=1)]
-    cfgs = []
-    for bp, bc, nw in [(128, 16, 4), (256, 16, 8), (64, 16, 4), (128, 8, 4), (256, 8, 4), (256, 4, 4),
-                       (512, 2, 4), (512, 1, 4), (256, 1, 2)]:
-        cfgs.append(triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=nw))
-    return cfgs
+# (BLOCK_P, BLOCK_C, num_warps), shared by the three kernels; autotuned on a GPU minus the ones pruned for
+# its architecture (_configs.PRUNED); one config under the interpreter; MEDCONV_TRITON_CONFIG pins one.
+CONFIG_LIST = [(128, 16, 4), (256, 16, 8), (64, 16, 4), (128, 8, 4), (256, 8, 4), (256, 4, 4),
+               (512, 2, 4), (512, 1, 4), (256, 1, 2)]
+INTERPRET_CONFIG = (128, 8, 1)
+
+
+def _configs(kernel):
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=nw)
+            for bp, bc, nw in _cfg.select(kernel, CONFIG_LIST, INTERPRET_CONFIG)]
 
 
 _KEY = ["Cg", "So", "Si", "KD", "KH", "KW", "SH", "SW"]
@@ -52,7 +56,7 @@ def tap_offset(t, So):
     return tl.cast(t, tl.int64) * So
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs("involution_fwd"), key=_KEY)
 @triton.jit
 def _involution_fwd_kernel(
     x_ptr, w_ptr, out_ptr,
@@ -100,7 +104,7 @@ def _involution_fwd_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs("involution_grad_input"), key=_KEY)
 @triton.jit
 def _involution_grad_input_kernel(
     gy_ptr, w_ptr, gx_ptr,
@@ -157,7 +161,7 @@ def _involution_grad_input_kernel(
     tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_i[None, :])
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs("involution_grad_weight"), key=_KEY)
 @triton.jit
 def _involution_grad_weight_kernel(
     gy_ptr, x_ptr, gw_ptr,

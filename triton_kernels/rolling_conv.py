@@ -26,6 +26,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from . import _configs
+
 # Hardware grid limits (CUDA): axis 0 up to 2^31 - 1 programs, axes 1 and 2 up to 65535.
 MAX_GRID_X = 2 ** 31 - 1
 MAX_GRID_YZ = 65535
@@ -128,25 +130,28 @@ except Exception as e:  # pragma: no cover - depends on the install
     TRITON_ERROR = "triton is not importable (%s: %s)" % (type(e).__name__, e)
 
 
+# Configurations: autotuned on a GPU over these lists minus the ones pruned for its architecture
+# (_configs.PRUNED); one config under the interpreter; MEDCONV_TRITON_CONFIG pins one (_configs.py).
+GEMM_CONFIG_LIST = [  # (BLOCK_P, BLOCK_A, BLOCK_E, num_warps, num_stages)
+    (64, 32, 16, 4, 2), (32, 64, 16, 4, 2), (64, 64, 16, 4, 2), (64, 64, 16, 8, 2), (32, 32, 32, 4, 2),
+    (64, 32, 16, 4, 1), (32, 32, 16, 2, 2),
+]
+# (The per-tap index arithmetic makes the GEMM register-hungry: BLOCK_E = 32 with BLOCK_P * BLOCK_A >= 2048,
+# and (128, ., .) tiles, spilled on sm_80 and sm_90; tests/test_triton_aot.py.)
+GW_CONFIG_LIST = [  # (BLOCK_M, BLOCK_J, num_warps)
+    (8, 128, 4), (16, 128, 4), (32, 64, 4), (8, 256, 8), (32, 128, 8),
+]
+# One config under the interpreter (CPU tests stay fast): it pays per operation, not per element, so
+# blocks are large enough to cover a test shape in one or two programs.
+INTERPRET_CONFIGS = {"gemm": (64, 16, 16, 1, 1), "gw": (16, 128, 1)}
+
+
 if triton is not None:
-    if INTERPRET:
-        # One small config under the interpreter: CPU tests stay fast.
-        # One config under the interpreter (CPU tests stay fast): it pays per operation, not per
-        # element, so blocks are large enough to cover a test shape in one or two programs.
-        _GEMM_CONFIGS = [triton.Config({"BLOCK_P": 64, "BLOCK_A": 16, "BLOCK_E": 16}, num_warps=1)]
-        _GW_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_J": 128}, num_warps=1)]
-    else:
-        _GEMM_CONFIGS = [
-            triton.Config({"BLOCK_P": bp, "BLOCK_A": ba, "BLOCK_E": be}, num_warps=nw, num_stages=ns)
-            for bp, ba, be, nw, ns in [
-                (64, 32, 32, 4, 3), (128, 32, 32, 4, 3), (64, 64, 32, 4, 3), (128, 64, 32, 8, 3),
-                (128, 128, 32, 8, 3), (64, 16, 16, 2, 2), (32, 32, 16, 2, 2), (256, 64, 32, 8, 2),
-            ]
-        ]
-        _GW_CONFIGS = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_J": bj}, num_warps=nw)
-            for bm, bj, nw in [(8, 128, 4), (16, 128, 4), (32, 64, 4), (8, 256, 8), (32, 128, 8)]
-        ]
+    _GEMM_CONFIGS = [triton.Config({"BLOCK_P": bp, "BLOCK_A": ba, "BLOCK_E": be}, num_warps=nw, num_stages=ns)
+                     for bp, ba, be, nw, ns in _configs.select("rolling_gemm", GEMM_CONFIG_LIST,
+                                                               INTERPRET_CONFIGS["gemm"])]
+    _GW_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_J": bj}, num_warps=nw)
+                   for bm, bj, nw in _configs.select("rolling_grad_weight", GW_CONFIG_LIST, INTERPRET_CONFIGS["gw"])]
 
     @triton.jit
     def roll_row_offset(base, r, NB, P_R):

@@ -24,10 +24,14 @@ channel DFT is a separate GEMM kernel whose float32 spectrum (N, P, 2F) goes thr
 in shared memory explicitly.
 
 Precision (constexpr PREC of each dot): float32 inputs use input_precision="tf32x3" (three TF32
-products: float32-level error on the tensor cores); float16/bfloat16 inputs multiply the channel DFT in
-their own dtype (fp32 accumulation) and the float32 spectrum products in TF32 (the spectrum can exceed
-the float16 range; TF32 has float32's range). Everything accumulates in float32. Under
-TRITON_INTERPRET=1 every dot is an IEEE float32 product (the interpreter mishandles bfloat16 dots).
+products: float32-level error on the tensor cores). float16/bfloat16 inputs multiply the channel
+transforms (forward DFT, adjoint inverse DFT) as two native 16-bit dots with a hi/lo split of the float32
+matrix (split16: hi + lo carries 16 or 22 significant bits; the 16-bit products are exact in float32), so
+the spectrum is as accurate as with a float32 matrix. The float32 spectrum products of the mix kernel run
+in tf32x3 for float16 results and TF32 for bfloat16 results (the spectrum can exceed the float16 range;
+TF32 has float32's range). Everything accumulates in float32. Under TRITON_INTERPRET=1 every dot is an
+IEEE float32 product of the same operands (the interpreter mishandles bfloat16 dots): the hi/lo split is
+kept there, so the interpreter sees the matrices the GPU multiplies.
 
 Geometry in conv terms as in rolling_conv.py: `lo` the conv-output grid, `hi` the conv-input grid;
 hi = lo * stride + tap * dilation - padding. 2D runs as 3D with depth 1. Offsets are int64 (program ids
@@ -38,6 +42,8 @@ import os
 from typing import Tuple
 
 import torch
+
+from . import _configs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_GRID_X = 2 ** 31 - 1
@@ -123,18 +129,21 @@ def grad_weight_splits(items: int, entry_blocks: int, interpret: bool = INTERPRE
     return n_splits, max(1, -(-items // n_splits))
 
 
-# Configurations. On a GPU the kernels are autotuned over these lists; under the interpreter one config
-# per kernel runs (tests call every config of the lists explicitly through `config=`).
+# Configurations. On a GPU the kernels are autotuned over these lists, minus the ones pruned for the GPU's
+# architecture (_configs.PRUNED); under the interpreter one config per kernel runs (tests call every config of
+# the lists explicitly through `config=`). MEDCONV_TRITON_CONFIG pins one (_configs.py).
 GEMM_CONFIG_LIST = [  # (BLOCK_P, BLOCK_K, BLOCK_E, num_warps, num_stages)
     (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (32, 32, 16, 2, 2),
 ]
 MIX_CONFIG_LIST = [  # (BLOCK_P, BLOCK_F, BLOCK_A, num_warps, num_stages)
-    (64, 16, 64, 4, 2), (64, 32, 128, 4, 2), (128, 32, 128, 8, 2), (64, 32, 256, 8, 2), (32, 16, 32, 2, 2),
+    (64, 16, 64, 4, 2), (64, 16, 32, 4, 2), (32, 32, 64, 4, 2), (64, 16, 64, 8, 2), (32, 16, 32, 2, 2),
 ]
 GW_CONFIG_LIST = [  # (BLOCK_J, BLOCK_F, num_warps)
-    (128, 32, 4), (64, 64, 4), (256, 16, 8),
+    (32, 32, 4), (64, 16, 4), (16, 32, 2), (32, 16, 2),
 ]
 INTERPRET_CONFIGS = {"gemm": (64, 32, 16, 1, 1), "mix": (32, 16, 16, 1, 1), "gw": (64, 16, 1)}
+# (Larger tiles spilled registers on sm_80 and sm_90: (64, 32, 128), (128, 32, 128) and (64, 32, 256) of the
+# mix kernel, BLOCK_J * BLOCK_F >= 2048 of grad_weight; tests/test_triton_aot.py.)
 
 
 if triton is not None:
@@ -147,18 +156,13 @@ if triton is not None:
     def _gw_cfg(c):
         return triton.Config({"BLOCK_J": c[0], "BLOCK_F": c[1]}, num_warps=c[2])
 
-    if INTERPRET:
-        _GEMM_CONFIGS = [_gemm_cfg(INTERPRET_CONFIGS["gemm"])]
-        _MIX_CONFIGS = [_mix_cfg(INTERPRET_CONFIGS["mix"])]
-        _GW_CONFIGS = [_gw_cfg(INTERPRET_CONFIGS["gw"])]
-    else:
-        _GEMM_CONFIGS = [_gemm_cfg(c) for c in GEMM_CONFIG_LIST]
-        _MIX_CONFIGS = [_mix_cfg(c) for c in MIX_CONFIG_LIST]
-        _GW_CONFIGS = [_gw_cfg(c) for c in GW_CONFIG_LIST]
+    _GEMM_CONFIGS = [_gemm_cfg(c) for c in _configs.select("spec_gemm", GEMM_CONFIG_LIST, INTERPRET_CONFIGS["gemm"])]
+    _MIX_CONFIGS = [_mix_cfg(c) for c in _configs.select("spec_mix", MIX_CONFIG_LIST, INTERPRET_CONFIGS["mix"])]
+    _GW_CONFIGS = [_gw_cfg(c) for c in _configs.select("spec_grad_weight", GW_CONFIG_LIST, INTERPRET_CONFIGS["gw"])]
 
     @triton.jit
     def _spec_gemm_body(out_ptr, in_ptr, m_ptr, E, K2, NBO, E_STEP, C_TOT, P,
-                        PREC: tl.constexpr, A_F32: tl.constexpr,
+                        PREC: tl.constexpr, A_F32: tl.constexpr, SPLIT: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         k_tiles = tl.cdiv(K2, BLOCK_K)
@@ -180,21 +184,29 @@ if triton is not None:
             mask_e = offs_e < E
             a = tl.load(in_n + offs_e[None, :].to(tl.int64) * E_STEP * P + offs_p[:, None],
                         mask=mask_p[:, None] & mask_e[None, :], other=0.0)
-            m = tl.load(m_ptr + offs_e[:, None] * K2 + offs_k[None, :], mask=mask_e[:, None] & mask_k[None, :],
-                        other=0.0)
+            m_offs = offs_e[:, None] * K2 + offs_k[None, :]
+            mask_m = mask_e[:, None] & mask_k[None, :]
+            m = tl.load(m_ptr + m_offs, mask=mask_m, other=0.0)
             if A_F32:
                 acc = tl.dot(a.to(tl.float32), m.to(tl.float32), acc, input_precision=PREC)
             else:
                 acc = tl.dot(a, m, acc, input_precision=PREC)
+            if SPLIT:  # the low half of the 16-bit hi/lo split matrix (stored after the high half)
+                m_lo = tl.load(m_ptr + E * K2 + m_offs, mask=mask_m, other=0.0)
+                if A_F32:
+                    acc = tl.dot(a.to(tl.float32), m_lo.to(tl.float32), acc, input_precision=PREC)
+                else:
+                    acc = tl.dot(a, m_lo, acc, input_precision=PREC)
         out_offs = (nb * P + offs_p[:, None]) * K2 + offs_k[None, :]
         tl.store(out_ptr + out_offs, acc, mask=mask_p[:, None] & mask_k[None, :])
 
     @triton.autotune(configs=_GEMM_CONFIGS, key=["E", "K2", "NBO", "P"])
     @triton.jit
     def _spec_gemm_kernel(out_ptr, in_ptr, m_ptr, E, K2, NBO, E_STEP, C_TOT, P,
-                          PREC: tl.constexpr, A_F32: tl.constexpr,
+                          PREC: tl.constexpr, A_F32: tl.constexpr, SPLIT: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
-        _spec_gemm_body(out_ptr, in_ptr, m_ptr, E, K2, NBO, E_STEP, C_TOT, P, PREC, A_F32, BLOCK_P, BLOCK_K, BLOCK_E)
+        _spec_gemm_body(out_ptr, in_ptr, m_ptr, E, K2, NBO, E_STEP, C_TOT, P, PREC, A_F32, SPLIT,
+                        BLOCK_P, BLOCK_K, BLOCK_E)
 
     @triton.jit
     def _spec_mix_body(
@@ -412,11 +424,12 @@ def _require_triton():
 
 
 def precision(dtype: torch.dtype) -> str:
-    """input_precision of the float32 dots: tf32x3 keeps float32 accuracy on the tensor cores; 16-bit
-    inputs get TF32 (error well below their own rounding)."""
+    """input_precision of the float32 dots for results of `dtype`: tf32x3 keeps float32 accuracy on the
+    tensor cores (float32, and float16, whose tolerance a TF32 product's 2^-11 relative error would use up);
+    bfloat16 results get TF32 (its error is ~16x below bfloat16's own rounding)."""
     if INTERPRET:
         return "ieee"
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    return "tf32" if dtype == torch.bfloat16 else "tf32x3"
 
 
 def _launch(kernel, body_meta, config, grid_fn, args, kwargs):
@@ -433,25 +446,45 @@ def _launch(kernel, body_meta, config, grid_fn, args, kwargs):
     kernel.fn[grid_fn](*args, **kwargs, **meta, **opts)
 
 
+def split16(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(2, E, K2) in the 16-bit `dtype`: hi = m rounded to dtype, lo = (m - hi) rounded to dtype, so that
+    hi + lo carries ~16 (bfloat16) or ~22 (float16) significant bits of the float32 matrix m. Two native
+    16-bit dots with float32 accumulation then transform a 16-bit input as accurately as a float32 matrix:
+    a 16-bit product is exact in float32. (A matrix rounded once to 16 bits makes errors proportional to the
+    whole spectrum's magnitude, not each element's: the small entries of a weight gradient summed over
+    every pixel fall outside the 16-bit tolerances.)"""
+    m = m.float()
+    hi = m.to(dtype)
+    lo = (m - hi.float()).to(dtype)
+    return torch.stack([hi, lo]).contiguous()
+
+
 def channel_transform(inp: torch.Tensor, m: torch.Tensor, nbo: int, e_step: int, config=None) -> torch.Tensor:
-    """out (N, nbo, P, K2) float32 = sum_e inp[n, e*e_step + b, p] m[e, :], inp (N, C_tot, *S) contiguous,
-    m (E, K2) contiguous (the input's dtype for 16-bit inputs, else float32)."""
+    """out (N, nbo, P, K2) float32 = sum_e inp[n, e*e_step + b, p] M[e, :], inp (N, C_tot, *S) contiguous.
+    m: (E, K2) float32 = M, or for 16-bit inputs (2, E, K2) of the input's dtype = split16(M, dtype)
+    (hi + lo = M; two native 16-bit dots)."""
     _require_triton()
     N, c_tot = inp.shape[0], inp.shape[1]
     P = math.prod(inp.shape[2:])
-    E, K2 = m.shape
+    split = m.dim() == 3
+    if split and (m.shape[0] != 2 or m.dtype != inp.dtype):
+        raise ValueError("channel_transform: a split matrix must be (2, E, K2) of the input's dtype %s, got %s %s"
+                         % (inp.dtype, tuple(m.shape), m.dtype))
+    if not split and m.dtype != torch.float32:
+        raise ValueError("channel_transform: the matrix must be float32 (or a 16-bit hi/lo split), got %s" % m.dtype)
+    E, K2 = m.shape[-2:]
     out = torch.empty((N, nbo, P, K2), dtype=torch.float32, device=inp.device)
     if out.numel() == 0:
         return out
-    # 16-bit inputs with a matrix of the same dtype: a native 16-bit dot (input_precision is ignored there)
-    a_f32 = INTERPRET or inp.dtype == torch.float32 or m.dtype != inp.dtype
-    prec = precision(inp.dtype)
+    # 16-bit inputs with a split matrix of the same dtype: native 16-bit dots (input_precision is ignored there)
+    a_f32 = INTERPRET or not split
+    prec = precision(inp.dtype if split else torch.float32)
 
     def grid(meta):
         return grid_1d(N * nbo * triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(K2, meta["BLOCK_K"]))
 
     _launch(_spec_gemm_kernel, ("BLOCK_P", "BLOCK_K", "BLOCK_E"), config, grid,
-            (out, inp, m, E, K2, nbo, e_step, c_tot, P), dict(PREC=prec, A_F32=a_f32))
+            (out, inp, m, E, K2, nbo, e_step, c_tot, P), dict(PREC=prec, A_F32=a_f32, SPLIT=split))
     return out
 
 

@@ -117,3 +117,60 @@ def run_with_epilogue(fn, args, scale, shift, relu: bool) -> torch.Tensor:
     if getattr(fn, "supports_epilogue", False):
         return fn(*args, scale=scale, shift=shift, relu=relu)
     return apply_epilogue(fn(*args), scale, shift, relu)
+
+
+# --------------------------------------------------------------------------------------
+# shared by the custom ops of every rolling-conv backend: output shape and autograd
+# --------------------------------------------------------------------------------------
+def rolling_out_shape(x_shape, w_shape, stride, padding, dilation, n_rolls: int, transposed: bool = False,
+                      output_padding=None) -> Tuple[int, ...]:
+    """(N, n_rolls * n_base, *spatial) of a rolling conv (weight (n_base, C_in, *k)) or transposed rolling
+    conv (weight (C_in, n_base, *k), with output_padding): the fake kernels' shape formula, once."""
+    ks = list(w_shape[2:])
+    if transposed:
+        n_base = w_shape[1]
+        sp = [conv_transpose_out_size(n, k, s, p, o, d)
+              for n, k, s, p, o, d in zip(x_shape[2:], ks, stride, padding, output_padding, dilation)]
+    else:
+        n_base = w_shape[0]
+        sp = [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(x_shape[2:], ks, stride, padding, dilation)]
+    return (x_shape[0], n_rolls * n_base, *sp)
+
+
+def make_rolling_setup(geom_start: int, epilogue: bool = False):
+    """setup_context of a rolling-conv custom op whose inputs are (x, weight, bias, [scale, shift, relu,]
+    stride, padding, [output_padding,] dilation, n_rolls): saves x and weight, and (stride, padding, dilation,
+    n_rolls) taken from inputs[geom_start], inputs[geom_start + 1], inputs[-2], inputs[-1]."""
+    def setup(ctx, inputs, output):
+        x, weight, bias = inputs[:3]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.epilogue = epilogue and (inputs[3] is not None or inputs[4] is not None or bool(inputs[5]))
+        ctx.params = (inputs[geom_start], inputs[geom_start + 1], inputs[-2], inputs[-1])
+    return setup
+
+
+def make_rolling_backward(grad_input_op, grad_weight_op, n_nondiff: int, backward_op=None, op_name: str = ""):
+    """The autograd backward of a rolling-conv custom op (paper eq. 7 and 8 through its grad ops; the bias
+    gradient is a torch sum). grad_input_op(grad, weight, input_size, stride, padding, dilation, n_rolls),
+    grad_weight_op(grad, x, weight_size, ...), and optionally backward_op(grad, x, weight, ...) -> (gx, gw)
+    used when both gradients are needed (it shares work between them). n_nondiff: the number of inputs
+    after bias. An op whose setup recorded a fused epilogue refuses the gradient with a clear error."""
+    def backward(ctx, grad):
+        if getattr(ctx, "epilogue", False):
+            raise RuntimeError("%s: no gradient through the fused epilogue (scale, shift, relu); call it without "
+                               "the epilogue and apply it with torch ops when training" % op_name)
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, n_rolls = ctx.params
+        gx = gw = gb = None
+        if backward_op is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            gx, gw = backward_op(grad, x, weight, stride, padding, dilation, n_rolls)
+        else:
+            if ctx.needs_input_grad[0]:
+                gx = grad_input_op(grad, weight, list(x.shape), stride, padding, dilation, n_rolls)
+            if ctx.needs_input_grad[1]:
+                gw = grad_weight_op(grad, x, list(weight.shape), stride, padding, dilation, n_rolls)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
+        return (gx, gw, gb) + (None,) * n_nondiff
+    return backward

@@ -21,9 +21,12 @@ from ._common import (
     check_positive,
     check_rank,
     check_same_dtype_device,
-    conv_out_size,
+    conv_out_size,  # noqa: F401  (re-exported: other modules and tests use rolling_conv.conv_out_size)
     conv_transpose_out_size,
+    make_rolling_backward,
+    make_rolling_setup,
     ntuple,
+    rolling_out_shape,
     run_with_epilogue,
 )
 
@@ -110,44 +113,29 @@ def _bank_for_export() -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# backend choice for backend="auto" (rule derived from bench/bench_rolling_conv.py)
+# backend choice for backend="auto"
 # --------------------------------------------------------------------------------------
-CUDA_SPECTRAL_MIN_C = 64
-CUDA_SPECTRAL_MIN_SPEEDUP = 2.0
-
-
 def _auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool, n_rolls: int) -> List[str]:
     """Ordered backends to try for backend="auto"; "reference" is always the last resort."""
     if x.device.type == "cuda":
-        # Rule written from operation counts, NOT yet from GPU measurements (they await
-        # bench/bench_rolling_conv.py on a GPU; see docs/rolling_conv_gpu.md):
-        # - the direct kernels ("cuda", "triton") do the dense multiply-adds on slower paths than cuDNN:
-        #   never chosen automatically (backend= or MEDCONV_BACKEND still select them);
-        # - "reference" (materialized bank + cuDNN) is the default;
-        # - the fused spectral kernel (Triton, ops/rolling_conv_spectral_triton.py) only where its weighted
-        #   operation count predicts >= 2x over the dense conv (predicted_speedup there: per output pixel
-        #   dense C_out*C_in*T against channel DFT C_in*2F + inverse n_base*2F*n_rolls (GEMMs on the tensor
-        #   cores) + complex depthwise n_base*4F*T (float32 FMA), F = C_in//2 + 1, each multiply-add weighted
-        #   by the H100/H200 peak rate of its unit: bf16 TC 1, TF32 TC 2, tf32x3 6, FP32 FMA 15). E.g.
-        #   2D 3x3 C=256 full roll: fp32 10.3x, bf16 2.2x; C=128: fp32 9.3x, bf16 1.7x (-> reference);
-        #   3D 5^3 C=128: fp32 44x, bf16 3.8x;
-        #   and only from C_in >= 64: below, both are bound by memory traffic, which the count ignores, and
-        #   the fused path moves a float32 spectrum of 2F values per pixel (more bytes than the input).
-        # "spectral" is only a candidate where the fused kernel runs the input: on CUDA without it the
-        # backend is the composition of ~10 kernels, not a fast path.
-        from .rolling_conv_spectral import _fused_for
-        from .rolling_conv_spectral_triton import predicted_speedup
+        # CUDA: measured, never predicted (ops/_cuda_auto.py). "reference" (bank + cuDNN) everywhere, except
+        # where the GPU benchmark committed for this GPU (bench/results/<gpu>/, turned into the package's
+        # table by bench/make_cuda_auto_table.py) measured another backend faster for this kind of layer
+        # (dims, channels, taps, dtype, TF32 flag, training or inference). The shipped table is empty until
+        # such a benchmark exists, so today every CUDA layer runs "reference". (The operation-count model
+        # of the fused spectral kernel, which overestimates it against TF32 cuDNN and ignores memory
+        # traffic, is documentation only: docs/rolling_conv_gpu.md.)
+        from ._cuda_auto import cuda_auto_candidates
 
-        c_in = x.shape[1]
-        taps = 1
-        for k in weight.shape[2:]:
-            taps *= int(k)
-        n_base = weight.shape[1] if transposed else weight.shape[0]
-        n_rolls = c_in if n_rolls is None else n_rolls
-        if (c_in >= CUDA_SPECTRAL_MIN_C and _fused_for(x, weight, transposed) is not None
-                and predicted_speedup(c_in, n_base, n_rolls, taps, x.dtype) >= CUDA_SPECTRAL_MIN_SPEEDUP):
-            return ["spectral", "reference"]
-        return ["reference"]
+        cands = cuda_auto_candidates(x, weight, transposed, n_rolls)
+        if cands[0] == "spectral":
+            # measured as the fused Triton kernel: on CUDA without it "spectral" is the composition of
+            # ~10 torch kernels, not what was measured
+            from .rolling_conv_spectral import _fused_for
+
+            if _fused_for(x, weight, transposed) is None:
+                return ["reference"]
+        return cands
     return _cpu_auto_candidates(x, weight, transposed, n_rolls)
 
 
@@ -331,68 +319,28 @@ if _ext.has_compiled_ops():
     # ---- fake kernels (shapes only), so the ops trace under torch.compile ----
     @torch.library.register_fake("medconv::rolling_conv")
     def _(x, weight, bias, stride, padding, dilation, n_rolls):
-        out = [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
-        return x.new_empty((x.shape[0], n_rolls * weight.shape[0], *out))
-
-    @torch.library.register_fake("medconv::rolling_conv_grad_input")
-    def _(grad_out, weight, input_size, stride, padding, dilation, n_rolls):
-        return grad_out.new_empty(input_size)
-
-    @torch.library.register_fake("medconv::rolling_conv_grad_weight")
-    def _(grad_out, x, weight_size, stride, padding, dilation, n_rolls):
-        return grad_out.new_empty(weight_size)
+        return x.new_empty(rolling_out_shape(x.shape, weight.shape, stride, padding, dilation, n_rolls))
 
     @torch.library.register_fake("medconv::rolling_conv_transpose")
     def _(x, weight, bias, stride, padding, output_padding, dilation, n_rolls):
-        out = [conv_transpose_out_size(n, k, s, p, o, d) for n, k, s, p, o, d in
-               zip(x.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation)]
-        return x.new_empty((x.shape[0], n_rolls * weight.shape[1], *out))
+        return x.new_empty(rolling_out_shape(x.shape, weight.shape, stride, padding, dilation, n_rolls, True,
+                                             output_padding))
 
-    @torch.library.register_fake("medconv::rolling_conv_transpose_grad_input")
-    def _(grad_out, weight, input_size, stride, padding, dilation, n_rolls):
-        return grad_out.new_empty(input_size)
-
-    @torch.library.register_fake("medconv::rolling_conv_transpose_grad_weight")
-    def _(grad_out, x, weight_size, stride, padding, dilation, n_rolls):
-        return grad_out.new_empty(weight_size)
+    for _name in ("rolling_conv_grad_input", "rolling_conv_transpose_grad_input"):
+        torch.library.register_fake("medconv::" + _name)(
+            lambda grad_out, weight, input_size, stride, padding, dilation, n_rolls: grad_out.new_empty(input_size))
+    for _name in ("rolling_conv_grad_weight", "rolling_conv_transpose_grad_weight"):
+        torch.library.register_fake("medconv::" + _name)(
+            lambda grad_out, x, weight_size, stride, padding, dilation, n_rolls: grad_out.new_empty(weight_size))
 
     # ---- autograd: gradients by the compiled grad kernels (paper eq. 7 and 8) ----
-    def _setup_conv(ctx, inputs, output):
-        x, weight, bias, stride, padding, dilation, n_rolls = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.params = (stride, padding, dilation, n_rolls)
-
-    def _backward_conv(ctx, grad):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, n_rolls = ctx.params
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.medconv.rolling_conv_grad_input(grad, weight, list(x.shape), stride, padding, dilation, n_rolls)
-        if ctx.needs_input_grad[1]:
-            gw = torch.ops.medconv.rolling_conv_grad_weight(grad, x, list(weight.shape), stride, padding, dilation, n_rolls)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
-        return gx, gw, gb, None, None, None, None
-
-    torch.library.register_autograd("medconv::rolling_conv", _backward_conv, setup_context=_setup_conv)
-
-    def _setup_conv_t(ctx, inputs, output):
-        x, weight, bias, stride, padding, output_padding, dilation, n_rolls = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.params = (stride, padding, dilation, n_rolls)
-
-    def _backward_conv_t(ctx, grad):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, n_rolls = ctx.params
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.medconv.rolling_conv_transpose_grad_input(grad, weight, list(x.shape), stride, padding, dilation, n_rolls)
-        if ctx.needs_input_grad[1]:
-            gw = torch.ops.medconv.rolling_conv_transpose_grad_weight(grad, x, list(weight.shape), stride, padding, dilation, n_rolls)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
-        return gx, gw, gb, None, None, None, None, None
-
-    torch.library.register_autograd("medconv::rolling_conv_transpose", _backward_conv_t, setup_context=_setup_conv_t)
+    _ops = torch.ops.medconv
+    torch.library.register_autograd(
+        "medconv::rolling_conv",
+        make_rolling_backward(lambda *a: _ops.rolling_conv_grad_input(*a), lambda *a: _ops.rolling_conv_grad_weight(*a), 4),
+        setup_context=make_rolling_setup(3))
+    torch.library.register_autograd(
+        "medconv::rolling_conv_transpose",
+        make_rolling_backward(lambda *a: _ops.rolling_conv_transpose_grad_input(*a),
+                              lambda *a: _ops.rolling_conv_transpose_grad_weight(*a), 5),
+        setup_context=make_rolling_setup(3))

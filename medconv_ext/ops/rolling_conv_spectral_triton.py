@@ -27,7 +27,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._common import apply_epilogue, conv_out_size, conv_transpose_out_size
+from ._common import (apply_epilogue, conv_out_size, conv_transpose_out_size, make_rolling_backward,
+                      make_rolling_setup, rolling_out_shape)
 from .rolling_conv_spectral import register_fused_spectral
 from .rolling_conv_triton import device_guard
 
@@ -69,13 +70,14 @@ def _cached(key, make):
     return m
 
 
-def _mat_dtype(dtype):
-    # the channel transforms multiply 16-bit inputs in their own dtype (fp32 accumulation)
-    return dtype if dtype in _16BIT else torch.float32
-
-
 def _dft(c, device, dtype):
-    return _cached(("D", c, str(device), dtype), lambda: _kernels().dft_matrix(c, device, dtype).contiguous())
+    """The forward channel DFT for inputs of `dtype`: float32 (C, 2F), or for 16-bit inputs its hi/lo split
+    (2, C, 2F) in that dtype (triton_kernels.rolling_conv_spectral.split16: two native 16-bit dots as accurate
+    as a float32 matrix; a matrix rounded once to 16 bits put grad_weight outside the 16-bit tolerances)."""
+    def make():
+        m = _kernels().dft_matrix(c, device, torch.float32).contiguous()
+        return _kernels().split16(m, dtype) if dtype in _16BIT else m
+    return _cached(("D", c, str(device), dtype), make)
 
 
 def _dft_t(c, device):
@@ -87,8 +89,11 @@ def _inv(c, n_rolls, device):
 
 
 def _inv_t(c, n_rolls, device, dtype):
-    return _cached(("IT", c, n_rolls, str(device), dtype),
-                   lambda: _kernels().inverse_matrix(c, n_rolls, device).t().contiguous().to(dtype))
+    """The adjoint of the inverse transform (n_rolls, 2F): float32, or its hi/lo split for 16-bit grads."""
+    def make():
+        m = _kernels().inverse_matrix(c, n_rolls, device).t().contiguous()
+        return _kernels().split16(m, dtype) if dtype in _16BIT else m
+    return _cached(("IT", c, n_rolls, str(device), dtype), make)
 
 
 def _base(weight: Tensor, transposed: bool) -> Tensor:
@@ -128,7 +133,7 @@ def _forward(x, weight, bias, scale, shift, relu, stride, padding, output_paddin
         return out.zero_()
     g = _geom(lo, hi, ks, stride, padding, dilation)
     with device_guard(x):
-        spec = k.channel_transform(x, _dft(c, x.device, _mat_dtype(x.dtype)), 1, 1)
+        spec = k.channel_transform(x, _dft(c, x.device, x.dtype), 1, 1)
         coef = k.forward_coef(k.weight_spectrum(base))
         k.spectral_mix(out, spec, coef, _inv(c, n_rolls, x.device), g, inverse=transposed,
                        bias=_vec(bias, c_out, "bias"), scale=_vec(scale, c_out, "scale"),
@@ -144,7 +149,7 @@ def _grad_geom(grad_out, other_size, ks, stride, padding, dilation, transposed):
 
 def _grad_spectrum(k, gy, c, nb, n_rolls):
     """(N, n_base, P, 2F): the adjoint of the inverse transform applied to grad_out rows r*n_base + b."""
-    return k.channel_transform(gy, _inv_t(c, n_rolls, gy.device, _mat_dtype(gy.dtype)), nb, nb)
+    return k.channel_transform(gy, _inv_t(c, n_rolls, gy.device, gy.dtype), nb, nb)
 
 
 def _grad_input(grad_out, weight, input_size, stride, padding, dilation, n_rolls, transposed, gspec=None):
@@ -177,7 +182,7 @@ def _grad_weight(grad_out, x, weight_size, stride, padding, dilation, n_rolls, t
         return torch.zeros(list(weight_size), dtype=x.dtype, device=x.device)
     g = _grad_geom(gy, list(x.shape[2:]), ks, stride, padding, dilation, transposed)
     with device_guard(x):
-        xspec = k.channel_transform(x, _dft(c, x.device, _mat_dtype(x.dtype)), 1, 1)
+        xspec = k.channel_transform(x, _dft(c, x.device, x.dtype), 1, 1)
         if gspec is None:
             gspec = _grad_spectrum(k, gy, c, nb, n_rolls)
         part = k.spectral_grad_weight(gspec, xspec, g, T, g_is_lo=not transposed)  # (nb, T, 2F)
@@ -272,15 +277,12 @@ def rolling_conv_transpose_spectral_triton_backward(grad_out: Tensor, x: Tensor,
 # ---- fake kernels (shapes only) ----
 @rolling_conv_spectral_triton.register_fake
 def _(x, weight, bias, scale, shift, relu, stride, padding, dilation, n_rolls):
-    out = [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
-    return x.new_empty((x.shape[0], n_rolls * weight.shape[0], *out))
+    return x.new_empty(rolling_out_shape(x.shape, weight.shape, stride, padding, dilation, n_rolls))
 
 
 @rolling_conv_transpose_spectral_triton.register_fake
 def _(x, weight, bias, scale, shift, relu, stride, padding, output_padding, dilation, n_rolls):
-    out = [conv_transpose_out_size(n, k, s, p, o, d) for n, k, s, p, o, d in
-           zip(x.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation)]
-    return x.new_empty((x.shape[0], n_rolls * weight.shape[1], *out))
+    return x.new_empty(rolling_out_shape(x.shape, weight.shape, stride, padding, dilation, n_rolls, True, output_padding))
 
 
 for _op in (rolling_conv_spectral_triton_grad_input, rolling_conv_transpose_spectral_triton_grad_input):
@@ -292,43 +294,17 @@ for _op in (rolling_conv_spectral_triton_backward, rolling_conv_transpose_spectr
                       (x.new_empty(x.shape), x.new_empty(weight.shape)))
 
 
-# ---- autograd: grad_input and grad_weight kernels; bias grad a torch sum ----
-def _setup(ctx, inputs, output):
-    x, weight, bias, scale, shift, relu = inputs[:6]
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-    ctx.epilogue = scale is not None or shift is not None or bool(relu)
-    # (stride, padding, dilation, n_rolls); the transposed op has output_padding between padding and dilation
-    ctx.params = (inputs[6], inputs[7], inputs[-2], inputs[-1])
-
-
-def _make_backward(grad_input_op, grad_weight_op, backward_op, n_nondiff):
-    def backward(ctx, grad):
-        if ctx.epilogue:
-            raise RuntimeError("rolling_conv_spectral_triton: no gradient through the fused epilogue (scale, shift, "
-                               "relu); call it without the epilogue and apply it with torch ops when training")
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, n_rolls = ctx.params
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-            gx, gw = backward_op(grad, x, weight, stride, padding, dilation, n_rolls)
-        elif ctx.needs_input_grad[0]:
-            gx = grad_input_op(grad, weight, list(x.shape), stride, padding, dilation, n_rolls)
-        elif ctx.needs_input_grad[1]:
-            gw = grad_weight_op(grad, x, list(weight.shape), stride, padding, dilation, n_rolls)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
-        return (gx, gw, gb) + (None,) * n_nondiff
-    return backward
-
-
+# ---- autograd: grad_input and grad_weight kernels (one shared op when both are needed); bias grad a torch sum.
+# The gradient does not go through a fused epilogue (the entry points below apply it with torch ops then).
 rolling_conv_spectral_triton.register_autograd(
-    _make_backward(rolling_conv_spectral_triton_grad_input, rolling_conv_spectral_triton_grad_weight,
-                   rolling_conv_spectral_triton_backward, 7),
-    setup_context=_setup)
+    make_rolling_backward(rolling_conv_spectral_triton_grad_input, rolling_conv_spectral_triton_grad_weight, 7,
+                          rolling_conv_spectral_triton_backward, "rolling_conv_spectral_triton"),
+    setup_context=make_rolling_setup(6, epilogue=True))
 rolling_conv_transpose_spectral_triton.register_autograd(
-    _make_backward(rolling_conv_transpose_spectral_triton_grad_input, rolling_conv_transpose_spectral_triton_grad_weight,
-                   rolling_conv_transpose_spectral_triton_backward, 8), setup_context=_setup)
+    make_rolling_backward(rolling_conv_transpose_spectral_triton_grad_input,
+                          rolling_conv_transpose_spectral_triton_grad_weight, 8,
+                          rolling_conv_transpose_spectral_triton_backward, "rolling_conv_transpose_spectral_triton"),
+    setup_context=make_rolling_setup(6, epilogue=True))
 
 
 # ---- the entry points registered with the "spectral" backend ----
@@ -377,7 +353,11 @@ def supports(x: Tensor, weight: Tensor, transposed: bool) -> Optional[str]:
     return None
 
 
-# ---- when the fused kernel is predicted to beat the dense convolution (the CUDA `auto` rule) ----
+# ---- the operation-count model of the fused kernel (documentation only) ----
+# NOT the CUDA `auto` rule: that rule follows GPU measurements only (ops/_cuda_auto.py). The count ignores
+# memory traffic (the float32 spectrum of 2D C=256 at 128^2, N=8 is ~135 MB, more than an H100's L2) and
+# weights the dense float32 conv at the FMA rate, while cuDNN runs it in TF32 by default
+# (torch.backends.cudnn.allow_tf32), where the predicted 10x of 2D 3x3 C=256 falls to ~1.4x.
 # Relative cost of one multiply-add, in units of a bfloat16 tensor-core multiply-add, from the H100/H200
 # SXM peak rates (dense): bf16 tensor cores 990 TFLOP/s, TF32 495, float32 FMA 67 (and tf32x3 is three
 # TF32 products). cuDNN's float32 conv with TF32 off runs on the FMA units.
@@ -390,8 +370,7 @@ def predicted_speedup(c_in: int, n_base: int, n_rolls: int, taps: int, dtype: to
         spectral  C_in * 2F          (channel DFT GEMM)     16-bit: native dot; float32: tf32x3
                 + n_base * 2F * n_rolls (inverse GEMM)  TF32 (16-bit) or tf32x3 (float32)
                 + n_base * 4F * T    (complex depthwise)    FMA units, float32
-    with F = C_in // 2 + 1 and C_out = n_rolls * n_base. Memory traffic is not in the model; see the
-    minimum channel count in the rule."""
+    with F = C_in // 2 + 1 and C_out = n_rolls * n_base. Memory traffic is not in the model."""
     f2 = 2 * (c_in // 2 + 1)
     c_out = n_rolls * n_base
     dw = n_base * 2 * f2 * taps * COST_FP32_FMA

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..backends import register_impl
-from ._common import conv_out_size, conv_transpose_out_size
+from ._common import conv_out_size, conv_transpose_out_size, make_rolling_backward, make_rolling_setup, rolling_out_shape
 
 OP = "rolling_conv"
 OP_T = "rolling_conv_transpose"
@@ -149,68 +149,29 @@ def rolling_conv_transpose_triton_grad_weight(grad_out: Tensor, x: Tensor, weigh
 # --------------------------------------------------------------------------------------
 @rolling_conv_triton.register_fake
 def _(x, weight, bias, stride, padding, dilation, n_rolls):
-    out = [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
-    return x.new_empty((x.shape[0], n_rolls * weight.shape[0], *out))
+    return x.new_empty(rolling_out_shape(x.shape, weight.shape, stride, padding, dilation, n_rolls))
 
 
 @rolling_conv_transpose_triton.register_fake
 def _(x, weight, bias, stride, padding, output_padding, dilation, n_rolls):
-    out = [conv_transpose_out_size(n, k, s, p, o, d) for n, k, s, p, o, d in
-           zip(x.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation)]
-    return x.new_empty((x.shape[0], n_rolls * weight.shape[1], *out))
+    return x.new_empty(rolling_out_shape(x.shape, weight.shape, stride, padding, dilation, n_rolls, True, output_padding))
 
 
-@rolling_conv_triton_grad_input.register_fake
-def _(grad_out, weight, input_size, stride, padding, dilation, n_rolls):
-    return grad_out.new_empty(input_size)
-
-
-@rolling_conv_transpose_triton_grad_input.register_fake
-def _(grad_out, weight, input_size, stride, padding, dilation, n_rolls):
-    return grad_out.new_empty(input_size)
-
-
-@rolling_conv_triton_grad_weight.register_fake
-def _(grad_out, x, weight_size, stride, padding, dilation, n_rolls):
-    return grad_out.new_empty(weight_size)
-
-
-@rolling_conv_transpose_triton_grad_weight.register_fake
-def _(grad_out, x, weight_size, stride, padding, dilation, n_rolls):
-    return grad_out.new_empty(weight_size)
+for _op in (rolling_conv_triton_grad_input, rolling_conv_transpose_triton_grad_input):
+    _op.register_fake(lambda grad_out, weight, input_size, stride, padding, dilation, n_rolls: grad_out.new_empty(input_size))
+for _op in (rolling_conv_triton_grad_weight, rolling_conv_transpose_triton_grad_weight):
+    _op.register_fake(lambda grad_out, x, weight_size, stride, padding, dilation, n_rolls: grad_out.new_empty(weight_size))
 
 
 # --------------------------------------------------------------------------------------
 # autograd (paper eq. 7 and 8 through the grad kernels; bias grad is a torch sum)
 # --------------------------------------------------------------------------------------
-def _setup(ctx, inputs, output):
-    x, weight, bias = inputs[:3]
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-    # (stride, padding, dilation, n_rolls); the transposed op has output_padding between padding and dilation
-    ctx.params = (inputs[3], inputs[4], inputs[-2], inputs[-1])
-
-
-def _make_backward(grad_input_op, grad_weight_op, n_nondiff):
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, n_rolls = ctx.params
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = grad_input_op(grad, weight, list(x.shape), stride, padding, dilation, n_rolls)
-        if ctx.needs_input_grad[1]:
-            gw = grad_weight_op(grad, x, list(weight.shape), stride, padding, dilation, n_rolls)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
-        return (gx, gw, gb) + (None,) * n_nondiff
-    return backward
-
-
 rolling_conv_triton.register_autograd(
-    _make_backward(rolling_conv_triton_grad_input, rolling_conv_triton_grad_weight, 4), setup_context=_setup)
+    make_rolling_backward(rolling_conv_triton_grad_input, rolling_conv_triton_grad_weight, 4),
+    setup_context=make_rolling_setup(3))
 rolling_conv_transpose_triton.register_autograd(
-    _make_backward(rolling_conv_transpose_triton_grad_input, rolling_conv_transpose_triton_grad_weight, 5),
-    setup_context=_setup)
+    make_rolling_backward(rolling_conv_transpose_triton_grad_input, rolling_conv_transpose_triton_grad_weight, 5),
+    setup_context=make_rolling_setup(3))
 
 
 # --------------------------------------------------------------------------------------
