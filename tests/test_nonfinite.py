@@ -307,11 +307,13 @@ def test_triton_spectral_kernel_epilogue_nan():
     from medconv_ext.ops import rolling_conv_spectral_triton as ST
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for case in (CASES[0], CASES[3]):
+    for case, kind in ((CASES[0], "scale-shift-relu"), (CASES[3], "scale-shift-relu"), (CASES[0], "nonfinite-params")):
         x, w, b = _case(case, torch.float32, "nan")
+        if kind == "nonfinite-params":
+            b[0] = INF
         x, w, b = x.to(device), w.to(device), b.to(device)
         epi = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-               for k, v in _epilogue("scale-shift-relu", case[6] * case[5], torch.float32).items()}
+               for k, v in _epilogue(kind, case[6] * case[5], torch.float32).items()}
         _, transposed, _, _, _, _, n_rolls, _, _, stride, padding, output_padding, dilation = case
         if transposed:
             got = ST.conv_transpose(x, w, b, stride, padding, output_padding, dilation, n_rolls, **epi)
@@ -319,7 +321,7 @@ def test_triton_spectral_kernel_epilogue_nan():
             got = ST.conv(x, w, b, stride, padding, dilation, n_rolls, **epi)
         exp = _expected(case, x.cpu(), w.cpu(), b.cpu(), **{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
                                                              for k, v in epi.items()})
-        assert_same_nonfinite(got, exp, torch.float32, "triton spectral %s" % case[0])
+        assert_same_nonfinite(got, exp, torch.float32, "triton spectral %s %s" % (case[0], kind))
 
 
 # ------------------------------------------------------------------ involution
