@@ -77,6 +77,15 @@ def test_analytic_unet_radius_equals_the_probe(name, build, dims, align):
     assert min(analytic) > 0
 
 
+def test_probe_same_on_every_backend():
+    model = models.UNet(2, 1, 2, 2, 3, kind="rolling", first_kind="dense", first_level_convs=3, depth=2).eval()
+    expected = receptive_radius(model, 2, align=4, method="analytic")
+    for backend in CPU_BACKENDS:
+        set_backend(model, backend)
+        REC._RADIUS_CACHE.pop(model, None)
+        assert receptive_radius(model, 2, align=4, method="probe", probe_size=64) == expected, backend
+
+
 def _nan_killing_fused(monkeypatch):
     """The fused spectral kernel as it was: its ReLU epilogue mapped NaN to 0."""
     entry = RS._FUSED.get("cpu")
