@@ -1,7 +1,6 @@
 """Receptive field of a network, and whether tiled inference can be exact with it."""
 from typing import List, Optional, Sequence, Tuple, Union
 import itertools
-import math
 import weakref
 
 import torch
@@ -205,10 +204,9 @@ def _chain_intervals(module, ivs, dims, op):
         k, d, p = module.kernel_size, module.dilation, module.padding
         return [_conv_interval(iv, k[i], 1, p[i], d[i]) for i, iv in enumerate(ivs)]
     if isinstance(module, conv + (nn.Conv2d, nn.Conv3d)):
-        if _conv_dims(module) != dims or isinstance(module.padding, str) and module.padding != "valid" \
-                and any(st != 1 for st in module.stride):
+        if _conv_dims(module) != dims:
             return None
-        left, _ = _conv_extents(module, op)
+        left, _ = _conv_extents(module, op)  # padding="same"/"valid" included (stride 1 there)
         k, st, d = module.kernel_size, module.stride, module.dilation
         return [_conv_interval(iv, k[i], st[i], left[i], d[i]) for i, iv in enumerate(ivs)]
     if isinstance(module, conv_t + (nn.ConvTranspose2d, nn.ConvTranspose3d)):
