@@ -16,7 +16,7 @@ import torch
 
 from .. import _ext
 from ._common import apply_epilogue, conv_out_size, conv_transpose_out_size
-from .rolling_conv_spectral import register_fused_spectral
+from .rolling_conv_spectral import register_fused_spectral, rolling_conv_spectral, rolling_conv_transpose_spectral
 
 DTYPES = (torch.float32, torch.float64)
 # The channel transforms are GEMMs (C^2/2 multiply-adds per pixel each way after folding); the
@@ -148,9 +148,19 @@ def _kernel_epilogue_exact(bias, scale) -> bool:
     return bool(torch.isfinite(scale).all())
 
 
+def _weight_finite(weight) -> bool:
+    """The kernel's inverse transform is one GEMM over all bases, whose zero entries would carry a NaN or
+    Inf of one base's weight into every base's outputs (torch's dense conv keeps it in its own base's
+    outputs). A non-finite weight therefore runs the composition of torch ops (same algorithm, per base)."""
+    return torch.compiler.is_compiling() or bool(torch.isfinite(weight).all())
+
+
 def rolling_conv_spectral_cpu(x, weight, bias, stride, padding, dilation, n_rolls,
                               scale=None, shift=None, relu=False):
     """The fused CPU kernel (backend "spectral" on CPU tensors); epilogue in-kernel."""
+    if not _weight_finite(weight):
+        return apply_epilogue(rolling_conv_spectral(x, weight, bias, stride, padding, dilation, n_rolls),
+                              scale, shift, relu)
     if not _kernel_epilogue_exact(bias, scale):
         return apply_epilogue(rolling_conv_spectral_cpu(x, weight, bias, stride, padding, dilation, n_rolls),
                               scale, shift, relu)
@@ -160,6 +170,9 @@ def rolling_conv_spectral_cpu(x, weight, bias, stride, padding, dilation, n_roll
 
 def rolling_conv_transpose_spectral_cpu(x, weight, bias, stride, padding, output_padding, dilation, n_rolls,
                                         scale=None, shift=None, relu=False):
+    if not _weight_finite(weight):
+        return apply_epilogue(rolling_conv_transpose_spectral(x, weight, bias, stride, padding, output_padding,
+                                                              dilation, n_rolls), scale, shift, relu)
     if not _kernel_epilogue_exact(bias, scale):
         return apply_epilogue(rolling_conv_transpose_spectral_cpu(x, weight, bias, stride, padding, output_padding,
                                                                   dilation, n_rolls), scale, shift, relu)
