@@ -16,8 +16,11 @@ benchmark, written down in the operator's module) and takes the first one that i
 and supports the input. The environment variable MEDCONV_BACKEND overrides the automatic
 choice wherever that backend supports the input (elsewhere auto proceeds as usual).
 An explicitly requested backend that cannot run the input raises an error saying why.
+`forced_backend(name)` (a context manager) overrides every choice, explicit ones included, within a block.
 """
+import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -120,12 +123,34 @@ def _why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, ct
     return impl.supports(device, dtype, **ctx)
 
 
+_FORCED = threading.local()
+
+
+@contextlib.contextmanager
+def forced_backend(name: str):
+    """Within the block (this thread only), every operator call runs on backend `name` wherever it supports
+    the input, whatever the call's own backend= argument, the module's backend or MEDCONV_BACKEND say.
+    receptive_radius probes networks this way on "reference" (torch's own ops), so that its answer does not
+    depend on any kernel's NaN semantics."""
+    if name not in BACKENDS:
+        raise ValueError("forced_backend: unknown backend %r; choose one of %s" % (name, ", ".join(BACKENDS)))
+    prev = getattr(_FORCED, "name", None)
+    _FORCED.name = name
+    try:
+        yield
+    finally:
+        _FORCED.name = prev
+
+
 def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype,
             auto_candidates: Sequence[str], ctx=None) -> Tuple[str, Callable]:
     """The backend name and implementation that runs `op` on this input."""
     ctx = ctx or {}
     if not isinstance(backend, str):
         raise TypeError("backend must be a string, got %r" % (backend,))
+    forced = getattr(_FORCED, "name", None)
+    if forced is not None and _why_not(op, forced, device, dtype, ctx) is None:
+        return forced, _IMPLS[op][forced].fn
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError("%s: unknown backend %r; choose one of %s or 'auto'" % (op, backend, ", ".join(BACKENDS)))

@@ -115,8 +115,11 @@ def test_margin_undeterminable_and_wrong(vnet):
         predict_tiled(SRNet(1, 2, 1, 2, padding=1).eval(), x, 16)
     with pytest.raises(ValueError, match="cannot be determined"):
         predict_tiled(lambda t: t, x, (16, 16))
-    with pytest.raises(ValueError, match="margin \\[3, 3\\] is wrong"):
+    with pytest.raises(ValueError, match=r"margin \(3, 3\) is smaller than the model's receptive field \(4, 4\).*"
+                                         r"check_receptive_field=False"):
         predict_tiled(vnet, x, 16, margin=3)
+    with pytest.raises(ValueError, match="margin \\[3, 3\\] is wrong"):  # the tile-size check behind it
+        predict_tiled(vnet, x, 16, margin=3, check_receptive_field=False)
     with pytest.raises(ValueError, match="output has its input.s size"):
         predict_tiled(vnet, x, 16, halo=2)
 

@@ -64,8 +64,10 @@ def test_dilated_padded_halo_and_too_small_halo_differs():
     x = integer_image((1, 1, 37, 50))
     full, y = _halo_case(net, x, 6, (20, 23))
     assert torch.equal(y, full)
-    # the test can fail: a halo below the receptive radius gives a different result
-    y_bad = predict_tiled(net, x, (20, 23), halo=3, progress=False)
+    # the test can fail: a halo below the receptive radius gives a different result; predict_tiled refuses it
+    with pytest.raises(ValueError, match=r"halo \(3, 3\) is smaller than the model's receptive field \(6, 6\)"):
+        predict_tiled(net, x, (20, 23), halo=3, progress=False)
+    y_bad = predict_tiled(net, x, (20, 23), halo=3, progress=False, check_receptive_field=False)
     assert not torch.equal(y_bad, full)
 
 

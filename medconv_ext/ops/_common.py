@@ -98,7 +98,9 @@ def check_epilogue(op: str, x: torch.Tensor, c_out: int, scale, shift, relu) -> 
 
 def apply_epilogue(y: torch.Tensor, scale, shift, relu: bool) -> torch.Tensor:
     """y * scale + shift (per channel, dim 1), then ReLU: the epilogue of the backends that do not
-    fuse it (the fused kernels compute the same in-kernel)."""
+    fuse it. It defines the epilogue's semantics, non-finite values included, which the fused kernels
+    reproduce in-kernel: torch.relu keeps NaN (`v < 0 ? 0 : v`, never `max(v, 0)`), Inf * 0 is NaN,
+    and the bias is added before the scale ((conv + bias) * scale + shift; tests/test_nonfinite.py)."""
     shape = (1, -1) + (1,) * (y.dim() - 2)
     if scale is not None:  # in y's dtype: a float32 BatchNorm fold must not promote a bf16 output
         y = y * scale.to(y.dtype).view(shape)

@@ -15,8 +15,8 @@ from typing import List, Optional
 import torch
 
 from .. import _ext
-from ._common import conv_out_size, conv_transpose_out_size
-from .rolling_conv_spectral import register_fused_spectral
+from ._common import apply_epilogue, conv_out_size, conv_transpose_out_size
+from .rolling_conv_spectral import register_fused_spectral, rolling_conv_spectral, rolling_conv_transpose_spectral
 
 DTYPES = (torch.float32, torch.float64)
 # The channel transforms are GEMMs (C^2/2 multiply-adds per pixel each way after folding); the
@@ -75,12 +75,12 @@ if available():
     torch.library.register_fake("medconv::rolling_conv_transpose_spectral_grad_weight")(_fake_grad_weight)
 
     # ---- autograd, epilogue included ----
-    # y = relu?(z * scale + shift), z = conv + bias. With relu the mask is y > 0 (saved y); the
+    # y = relu?(z * scale + shift), z = conv + bias. With relu the gradient passes where y is not <= 0 (saved y); the
     # scale gradient needs z, recomputed by the fused forward without epilogue (only when asked for).
     def _epilogue_backward(ctx, grad, y, recompute_z):
         g = grad
-        if ctx.relu:
-            g = g * (y > 0).to(g.dtype)
+        if ctx.relu:  # torch.relu's backward: 0 where y <= 0, the gradient elsewhere (NaN outputs included)
+            g = torch.ops.aten.threshold_backward(g, y, 0)
         dims = _SUM_DIMS[g.dim()]
         gscale = gshift = None
         if ctx.has_shift and ctx.needs_shift:
@@ -138,15 +138,44 @@ if available():
         setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, True))
 
 
+def _kernel_epilogue_exact(bias, scale) -> bool:
+    """The kernel folds the bias into the shift (z * scale + (bias * scale + shift)), which equals torch's
+    (z + bias) * scale + shift, non-finite values included, except where a scale is +-Inf and the bias is
+    nonzero (Inf - Inf gives NaN where torch gives +-Inf). Such an epilogue runs as torch ops after the
+    kernel (never the case for a BatchNorm fold of finite parameters)."""
+    if bias is None or scale is None or torch.compiler.is_compiling():
+        return True
+    return bool(torch.isfinite(scale).all())
+
+
+def _weight_finite(weight) -> bool:
+    """The kernel's inverse transform is one GEMM over all bases, whose zero entries would carry a NaN or
+    Inf of one base's weight into every base's outputs (torch's dense conv keeps it in its own base's
+    outputs). A non-finite weight therefore runs the composition of torch ops (same algorithm, per base)."""
+    return torch.compiler.is_compiling() or bool(torch.isfinite(weight).all())
+
+
 def rolling_conv_spectral_cpu(x, weight, bias, stride, padding, dilation, n_rolls,
                               scale=None, shift=None, relu=False):
     """The fused CPU kernel (backend "spectral" on CPU tensors); epilogue in-kernel."""
+    if not _weight_finite(weight):
+        return apply_epilogue(rolling_conv_spectral(x, weight, bias, stride, padding, dilation, n_rolls),
+                              scale, shift, relu)
+    if not _kernel_epilogue_exact(bias, scale):
+        return apply_epilogue(rolling_conv_spectral_cpu(x, weight, bias, stride, padding, dilation, n_rolls),
+                              scale, shift, relu)
     return torch.ops.medconv.rolling_conv_spectral(x, weight, bias, scale, shift, bool(relu), list(stride),
                                                    list(padding), list(dilation), n_rolls)
 
 
 def rolling_conv_transpose_spectral_cpu(x, weight, bias, stride, padding, output_padding, dilation, n_rolls,
                                         scale=None, shift=None, relu=False):
+    if not _weight_finite(weight):
+        return apply_epilogue(rolling_conv_transpose_spectral(x, weight, bias, stride, padding, output_padding,
+                                                              dilation, n_rolls), scale, shift, relu)
+    if not _kernel_epilogue_exact(bias, scale):
+        return apply_epilogue(rolling_conv_transpose_spectral_cpu(x, weight, bias, stride, padding, output_padding,
+                                                                  dilation, n_rolls), scale, shift, relu)
     return torch.ops.medconv.rolling_conv_transpose_spectral(x, weight, bias, scale, shift, bool(relu), list(stride),
                                                              list(padding), list(output_padding), list(dilation),
                                                              n_rolls)

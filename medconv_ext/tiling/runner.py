@@ -10,7 +10,8 @@ from torch import nn
 
 from .._progress import Progress
 from .plan import _WIDER, _check_inputs, _np_dtype_for, _out_torch_dtype, make_plan
-from .receptive import _STOCHASTIC, IntOrSeq, _model_dtype_device, check_crop_equivariance
+from .receptive import (_STOCHASTIC, IntOrSeq, _min_halo, _model_dtype_device, check_crop_equivariance,
+                        receptive_margin)
 
 # ------------------------------------------------------------------ exact mode
 def _precision_objects():
@@ -146,7 +147,8 @@ def _read_tile(img, prefix, starts, ext, sizes, pad_mode, dtype):
 def predict_tiled(model, image, tile: IntOrSeq, *, margin: Optional[IntOrSeq] = None,
                   halo: Optional[IntOrSeq] = None, align: IntOrSeq = 1, batch_size: int = 4,
                   device=None, out=None, pad_mode: str = "constant", exact: bool = False, progress: bool = True,
-                  foreground_threshold: Optional[float] = None, mask=None, background: float = 0.0):
+                  foreground_threshold: Optional[float] = None, mask=None, background: float = 0.0,
+                  check_receptive_field: bool = True):
     """Run `model` on `image` tile by tile with a result equal to full-image inference.
 
     image: torch tensor, NumPy array or numpy.memmap (or an array view from
@@ -171,13 +173,18 @@ def predict_tiled(model, image, tile: IntOrSeq, *, margin: Optional[IntOrSeq] = 
         (an array of the image's spatial shape or a coarser one, scaled by nearest neighbour), is not
         run: its output region is filled with `background`. This is NOT what the network computes
         there; use it only where the output of empty space does not matter.
+    check_receptive_field: refuse (ValueError) a `halo` below receptive_radius(model, dims, align=align)
+        or a `margin` below receptive_margin(model, dims) along an axis that is cut into several tiles,
+        whenever the model's field can be computed (analytically, or by one probe cached per model);
+        False skips the check (a plain callable, or a field you know better than the rule).
     Raises a ValueError for layers that break crop equivariance (InstanceNorm, GroupNorm, LayerNorm,
     BatchNorm or Dropout in training mode, global pooling, attention; call model.eval() first for
     BatchNorm/Dropout).
     """
     return _predict_tiled(model, image, tile, margin=margin, halo=halo, align=align, batch_size=batch_size,
                           device=device, out=out, pad_mode=pad_mode, exact=exact, progress=progress,
-                          foreground_threshold=foreground_threshold, mask=mask, background=background)
+                          foreground_threshold=foreground_threshold, mask=mask, background=background,
+                          check_receptive_field=check_receptive_field)
 
 
 def _check_model_for_tiling(model, op):
@@ -188,6 +195,40 @@ def _check_model_for_tiling(model, op):
                              "differ from full-image inference; call model.eval() first"
                              % (op, ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")))
     check_crop_equivariance(model, op)
+
+
+def _check_receptive_field(model, plan, margin, halo, check, op):
+    """Refuse a halo (margin) below the model's receptive radius (margin) along an axis cut into several
+    tiles, whenever the field can be computed; the error names check_receptive_field=False, which skips it."""
+    if not isinstance(check, bool):
+        raise TypeError("%s: check_receptive_field must be a bool, got %r" % (op, check))
+    if not check or not isinstance(model, nn.Module):
+        return
+    cut = [len(tiles) > 1 for tiles in plan.axis_plans]
+    if not any(cut):
+        return  # one tile per image: full-image inference, whatever the halo
+    dims = plan.dims
+    try:
+        if halo is not None:
+            need = [0] * dims
+            for a in sorted(set(plan.align)):  # the radius depends on the align grid of each axis
+                r = _min_halo(model, dims, plan.chans, a)
+                need = [r[i] if plan.align[i] == a else need[i] for i in range(dims)]
+            what, given, rule = "halo", plan.halo, "; receptive_radius(model, %d, align=%s) is a safe one" % (
+                dims, plan.align[0] if len(set(plan.align)) == 1 else tuple(plan.align))
+        elif margin is not None:
+            need = list(receptive_margin(model, dims))
+            what, given, rule = "margin", plan.margin, ", receptive_margin(model, %d)" % dims
+        else:
+            return  # the margin came from receptive_margin itself
+    except Exception:  # the field cannot be computed (unknown layers, wider than the probe, ...): no check
+        return
+    short = [i for i in range(dims) if cut[i] and given[i] < need[i]]
+    if short:
+        raise ValueError("%s: %s %s is smaller than the model's receptive field %s along spatial axis %s: the tiles "
+                         "would differ from full-image inference. Pass a %s of at least %s%s; or pass "
+                         "check_receptive_field=False to skip this check"
+                         % (op, what, tuple(given), tuple(need), ", ".join(map(str, short)), what, tuple(need), rule))
 
 
 def _resolve_device(model, image, device):
@@ -370,13 +411,14 @@ def run_tiles(model, image, plan, tile_ids, *, device, mdtype, batch_size, sink,
 def _predict_tiled(model, image, tile, *, margin=None, halo=None, align=1, batch_size=4, device=None, out=None,
                    pad_mode="constant", exact=False, progress=True,
                    out_factory: Optional[Callable[[tuple, torch.dtype], object]] = None,
-                   foreground_threshold=None, mask=None, background=0.0):
+                   foreground_threshold=None, mask=None, background=0.0, check_receptive_field=True):
     op = "predict_tiled"
     dims, tile, align = _check_inputs(model, image, tile, margin, halo, align, batch_size, out, pad_mode)
     _check_model_for_tiling(model, op)
     plan = make_plan(model, tuple(image.shape), dims, tile, align, margin, halo, pad_mode, op)
     skip = _Skip(plan, foreground_threshold, mask, op)
     device, mdtype = _resolve_device(model, image, device)
+    _check_receptive_field(model, plan, margin, halo, check_receptive_field, op)
 
     # out: checked up front for rank and spatial shape, at the first batch for channels and dtype
     out_tail = tuple(plan.sizes)
