@@ -47,13 +47,15 @@ def _plain(v):
 
 def save_tiling_checkpoint(model: nn.Module, path, *, builder: Optional[str] = None, kwargs: Optional[dict] = None,
                            margin: Optional[IntOrSeq] = None, halo: Optional[IntOrSeq] = None,
-                           align: IntOrSeq = 1) -> None:
+                           align: IntOrSeq = 1, normalization: Optional[dict] = None) -> None:
     """Write a checkpoint for `python -m medconv_ext.tile`: a dict {format, builder, kwargs,
     state_dict, dtype, margin, halo, align} readable with torch.load(weights_only=True). The model is
     rebuilt as builder(**kwargs) (a name registered with register_tiling_builder, built-ins
     "valid_srnet" and "srnet", or "medconv_ext.<module>:<function>"). builder/kwargs default to
     model.builder_spec (set by the models of medconv_ext.models). margin/halo/align are stored as
-    the CLI's defaults."""
+    the CLI's defaults. normalization: the input's intensity normalisation (a dict of
+    medconv_ext.tiling.normalize, e.g. from the `seg --data` trainer), applied by the CLI before
+    inference; the package version is stored too, and the CLI warns when it differs."""
     op = "save_tiling_checkpoint"
     _check_model(model, op)
     if builder is None:
@@ -70,13 +72,22 @@ def save_tiling_checkpoint(model: nn.Module, path, *, builder: Optional[str] = N
     for name, v in (("margin", margin), ("halo", halo), ("align", align)):
         if not _plain(v):
             raise TypeError("%s: %s must be an int or a sequence of ints, got %r" % (op, name, v))
+    if normalization is not None:
+        from .normalize import check_normalization
+        check_normalization(normalization, op + ": normalization")
     dtype, _ = _model_dtype_device(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"format": CHECKPOINT_FORMAT, "builder": builder, "kwargs": kwargs, "state_dict": state,
                 "dtype": str(dtype or torch.float32).replace("torch.", ""),
                 "margin": list(margin) if isinstance(margin, tuple) else margin,
                 "halo": list(halo) if isinstance(halo, tuple) else halo,
-                "align": list(align) if isinstance(align, tuple) else align}, path)
+                "align": list(align) if isinstance(align, tuple) else align,
+                "normalization": normalization, "version": _package_version()}, path)
+
+
+def _package_version() -> str:
+    from .._version import __version__
+    return str(__version__)
 
 
 def load_tiling_checkpoint(path, map_location="cpu") -> Tuple[nn.Module, dict]:
