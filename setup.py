@@ -266,6 +266,8 @@ setup(
     license="BSD-3-Clause",
     # Optional file formats of exact tiled inference (python -m medconv_ext.tile): Zarr / OME-Zarr,
     # TIFF stacks, NIfTI. Without them .npy works and the other formats name the missing package.
-    extras_require={"io": ["zarr>=3", "tifffile>=2024.8", "nibabel>=5"]},
+    extras_require={"io": ["zarr>=3", "tifffile>=2024.8", "nibabel>=5"],
+                    # medconv_ext.monai: ExactTiledInferer (a MONAI Inferer) and the rollified MONAI builders
+                    "monai": ["monai>=1.4"]},
     zip_safe=False,
 )

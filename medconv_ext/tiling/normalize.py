@@ -139,7 +139,7 @@ def padded_sizes(sizes: Sequence[int], align: Sequence[int]) -> List[int]:
 
 
 class NormalizedView:
-    """An array view ((N,) C, *spatial) of `base` normalised with `norm` (None: as is, as float32)
+    """An array view ((N,) C, *spatial) of `base` normalised with `norm` (None: as is), in float64,
     and zero-padded at the high end of the spatial axes up to `sizes`. Indexed with ints and
     slices (step 1), as the tile runner does."""
 
@@ -150,7 +150,7 @@ class NormalizedView:
         if any(s < b for s, b in zip(sizes, self.src_sizes)):
             raise ValueError("NormalizedView: sizes %s smaller than the image %s" % (list(sizes), self.src_sizes))
         self.ndim = len(self.shape)
-        self.dtype = np.dtype(np.float32)
+        self.dtype = np.dtype(np.float64)  # normalised in float64; the runner casts tiles to the model's dtype
 
     def __getitem__(self, key):
         if not isinstance(key, tuple):
@@ -171,9 +171,9 @@ class NormalizedView:
         blk = np.asarray(self.base[tuple(lead) + tuple(src_key)])
         ch_axis = blk.ndim - self.dims - 1  # the channel axis is kept (a slice), any leading int dropped it
         if self.norm is not None:
-            blk = apply_normalization(blk, self.norm, channel_axis=ch_axis)
+            blk = apply_normalization(blk, self.norm, channel_axis=ch_axis, out_dtype=np.float64)
         else:
-            blk = blk.astype(np.float32, copy=False)
+            blk = blk.astype(np.float64, copy=False)
         if any(p[1] for p in pads):
             blk = np.pad(blk, [(0, 0)] * (blk.ndim - self.dims) + pads)  # zeros after normalisation
         return blk

@@ -113,8 +113,8 @@ def make_demo_data(out, cases: int = 16, size=(48, 48, 48), seed: int = 0, layou
         raise ValueError("cases must be an int >= 1, got %r" % (cases,))
     if channels < 1:
         raise ValueError("channels must be >= 1, got %r" % (channels,))
-    if any(int(s) < 8 for s in size):
-        raise ValueError("every size must be >= 8, got %s" % (list(size),))
+    if len(size) != 3 or min(int(s) for s in size[:2]) < 8 or int(size[2]) < 1:
+        raise ValueError("size must be (X, Y, Z) with X, Y >= 8 and Z >= 1, got %s" % (list(size),))
     for d in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if test_cases else ()):
         os.makedirs(os.path.join(out, d), exist_ok=True)
     spacing = (1.0, 1.0, 1.5) if modality.upper() == "CT" else (1.0, 1.0, 1.0)

@@ -326,6 +326,11 @@ class SegDataTask(loop.Task):
         if cfg.patch % self.align:
             raise ValueError("--patch %d must be a multiple of the network's alignment %d (its total down-sampling)"
                              % (cfg.patch, self.align))
+        if cfg.batch_size * (cfg.patch // self.align) ** self.dims < 2 and any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+            raise ValueError("--patch %d with --batch-size %d leaves one voxel per channel at the network's deepest "
+                             "level (patch / %d = 1), where BatchNorm needs more: use --patch >= %d or --batch-size >= 2"
+                             % (cfg.patch, cfg.batch_size, self.align, 2 * self.align))
         return net
 
     def make_data(self, cfg, device):
