@@ -113,14 +113,19 @@ def _make_inferer_class():
                 from .tiling import receptive_radius
                 a = self.align if isinstance(self.align, int) else max(self.align)
                 limit = min([self.tile] if isinstance(self.tile, int) else list(self.tile))
-                start = min(128 if dims == 2 else 48, max(a, (limit // a) * a))
-                try:  # the probe never exceeds the tile either
-                    r = receptive_radius(_Guard(network, limit), dims, align=a, probe_size=start,
-                                         in_channels=_in_channels(network))
-                except _TooLarge:
+                top = max(a, (limit // a) * a)
+                r = None
+                for start in sorted({min(128 if dims == 2 else 48, top), top}):
+                    try:  # the probe never exceeds the tile either
+                        r = receptive_radius(_Guard(network, limit), dims, align=a, probe_size=start,
+                                             in_channels=_in_channels(network))
+                        break
+                    except _TooLarge:
+                        continue
+                if r is None:
                     raise ValueError("ExactTiledInferer: the receptive field of the network needs a probe larger "
                                      "than the tile %r, so no halo fits in it; use a larger tile, or pass halo= if "
-                                     "you know the receptive radius" % (self.tile,)) from None
+                                     "you know the receptive radius" % (self.tile,))
                 self._radius[network] = tuple(r)
             return self._radius[network]
 

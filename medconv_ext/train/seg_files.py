@@ -55,7 +55,7 @@ class SegDataConfig(loop.TrainConfig):
     val_size: Optional[int] = None     # None: 20 % of the cases (at least 1)
     fg_fraction: float = 0.33
     batch_size: int = 2
-    steps: int = 300
+    steps: int = 2000
     lr: float = 3e-3
     lr_schedule: str = "cosine"
     ckpt_every: int = 50
@@ -69,7 +69,8 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, include_background:
     Soft Dice per sample and class (1 - (2 I + s) / (|P| + |T| + s)), averaged; the classes without
     the background unless include_background. MONAI's DiceCELoss(to_onehot_y=True, softmax=True,
     include_background=...) computes the same."""
-    logits = logits.float()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # the loss in float32 (float64 inputs stay float64) under autocast
     k = logits.shape[1]
     ce = F.cross_entropy(logits, target.long())
     prob = logits.softmax(1)
