@@ -520,7 +520,7 @@ def _write_outputs(cfg, task: SegDataTask, fn, res, log):
             try:
                 c0 = task.val_cases[0]
                 _overlay_png(os.path.join(cfg.out, PNG_NAME), task.val_images[0], task.last_pred[0], c0.label,
-                             task.ds.labels, "%s, held-out case %s: mean Dice %.3f" % (cfg.model, c0.name,
+                             task.ds.labels, "%s, held-out case %s (mean held-out Dice %.3f)" % (cfg.model, c0.name,
                                                                                        task.mean_dice))
             except ImportError:
                 log("note: matplotlib is not installed: no %s" % PNG_NAME)
