@@ -186,6 +186,21 @@ def test_train_2d_nnunet_multichannel_ct(tmp_path):
     assert [c["scheme"] for c in m["normalization"]["channels"]] == ["ct", "ct"]
     model, info = load_tiling_checkpoint(str(out / "model.pt"))
     assert info["align"] == [16, 16] and model.in_channels == 2
+    # the tile CLI labels a volume slice by slice; nnU-Net's channel files stacked on the 4th axis
+    chans = [nib.load(os.path.join(data, "imagesTr", "demo_001_%04d.nii.gz" % k)) for k in range(2)]
+    stacked = str(tmp_path / "stacked.nii.gz")
+    nib.save(nib.Nifti1Image(np.stack([np.asarray(c.dataobj) for c in chans], -1), chans[0].affine), stacked)
+    seg = str(tmp_path / "seg2d.nii.gz")
+    assert tile_main(["--model", str(out / "model.pt"), "--input", stacked, "--output", seg, "--tile", "64",
+                      "--argmax", "--no-progress"]) == 0
+    got = np.asarray(nib.load(seg).dataobj)
+    assert got.shape == (20, 18, 6) and got.dtype == np.uint8
+    from medconv_ext.tiling.normalize import apply_normalization as norm_
+    x = torch.from_numpy(norm_(np.stack([np.asarray(c.dataobj) for c in chans], 0), info["normalization"]))
+    xs = torch.nn.functional.pad(x.permute(3, 0, 1, 2), (0, 14, 0, 12))  # (Z, C, 32, 32)
+    with torch.no_grad():
+        ref = model(xs)[:, :, :20, :18].argmax(1).permute(1, 2, 0).numpy()
+    assert np.array_equal(got, ref)
 
 
 def test_cli_trains_and_resume_matches_uninterrupted(tmp_path):

@@ -19,7 +19,7 @@ import torch
 
 from . import io as tio
 from .checkpoint import load_tiling_checkpoint
-from .normalize import crop_region, label_dtype, prepare_input
+from .normalize import crop_region, label_dtype, label_source, prepare_input
 from .plan import _check_inputs, _np_dtype_for, make_plan
 from .receptive import PAD_MODES
 from .runner import (RunStats, _check_model_for_tiling, _exact_mode, _Progress, _resolve_device, _Skip,
@@ -237,7 +237,8 @@ def _run(args, dist) -> int:
         state = None
         if dist.rank == 0:
             try:
-                state = _prepare(args, src, plan, model, device, mdtype, fingerprint, c_out, out_dtype, ledger)
+                state = _prepare(args, label_source(src) if args.argmax else src, plan, model, device, mdtype,
+                                 fingerprint, c_out, out_dtype, ledger)
             except (ValueError, TypeError, RuntimeError, OSError, ImportError) as e:
                 state = "error: %s" % e
         state = dist.broadcast(state)

@@ -244,3 +244,16 @@ def crop_region(dst, block, sizes: Sequence[int], dims: int):
         new.append(slice(a, b))
         cut.append(slice(0, b - a))
     return tuple(lead) + tuple(new), block[(slice(None),) + tuple(cut)]
+
+
+def label_source(src):
+    """The Source the --argmax output mirrors: for NIfTI inputs with a channel axis (X, Y, Z, C), the
+    same without it, so that the label map is (X, Y, Z); other formats keep a channel axis of 1."""
+    import copy
+    if src.fmt not in ("nii", "nii.gz") or "c" not in src.names:
+        return src
+    i = src.names.index("c")
+    out = copy.copy(src)
+    out.names = src.names[:i] + src.names[i + 1:]
+    out.phys_shape = src.phys_shape[:i] + src.phys_shape[i + 1:]
+    return out
