@@ -133,7 +133,8 @@ def _make_inferer_class():
             from .tiling import predict_tiled
             op = "ExactTiledInferer"
             if not isinstance(inputs, torch.Tensor):
-                raise TypeError("%s: inputs must be a torch.Tensor (N, C, *spatial), got %s" % (op, type(inputs).__name__))
+                raise TypeError("%s: inputs must be a torch.Tensor (N, C, *spatial), got %s"
+                                % (op, type(inputs).__name__))
             if inputs.dim() not in (4, 5):
                 raise ValueError("%s: inputs must be (N, C, H, W) or (N, C, D, H, W), got shape %s"
                                  % (op, tuple(inputs.shape)))

@@ -2,7 +2,6 @@
 BasicUNet / UNet / SegResNet / DynUNet (forward and one training step), the rollified MONAI builders
 in `seg --data`, and the seg --data loss / metric against MONAI's definitions. Skipped without MONAI
 (the optional 'monai' extra), except the check of the error without it."""
-import importlib
 import sys
 
 import pytest

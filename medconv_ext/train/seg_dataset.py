@@ -217,7 +217,8 @@ def load_case(ds: SegDataset, case: Case) -> LoadedCase:
     lab, laff = _read_nifti(case.label, "label")
     if lab.ndim == 4:
         if lab.shape[3] != 1:
-            raise DatasetError("%s: label has shape %s; expected one channel of integer labels" % (case.label, lab.shape))
+            raise DatasetError("%s: label has shape %s; expected one channel of integer labels"
+                               % (case.label, lab.shape))
         lab = lab[..., 0]
     chans = []
     for p in case.images:
@@ -263,7 +264,8 @@ def load_cases(ds: SegDataset, names: Optional[Sequence[str]] = None, log=None) 
     return out
 
 
-def split_cases(ds: SegDataset, val_cases: Optional[str], val_size: Optional[int], seed: int) -> Tuple[List[str], List[str]]:
+def split_cases(ds: SegDataset, val_cases: Optional[str], val_size: Optional[int],
+                seed: int) -> Tuple[List[str], List[str]]:
     """(training names, held-out names). val_cases: comma-separated names (held out as given); else
     val_size cases (None: 20%, at least 1 when the dataset has 2 or more) drawn with `seed`."""
     names = [c.name for c in ds.cases]

@@ -10,7 +10,6 @@ are added; MR-like units by default, Hounsfield-like ones with --modality CT. Ev
 function of (seed, case index); affines are diagonal with 1 mm voxels (1.5 mm along z with
 --modality CT).
 """
-import argparse
 import json
 import math
 import os

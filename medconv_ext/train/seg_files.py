@@ -330,7 +330,8 @@ class SegDataTask(loop.Task):
         if cfg.batch_size * (cfg.patch // self.align) ** self.dims < 2 and any(
                 isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
             raise ValueError("--patch %d with --batch-size %d leaves one voxel per channel at the network's deepest "
-                             "level (patch / %d = 1), where BatchNorm needs more: use --patch >= %d or --batch-size >= 2"
+                             "level (patch / %d = 1), where BatchNorm needs more: use --patch >= %d or "
+                             "--batch-size >= 2"
                              % (cfg.patch, cfg.batch_size, self.align, 2 * self.align))
         return net
 
@@ -400,7 +401,8 @@ def _overlay_png(path, image: np.ndarray, pred: np.ndarray, truth: np.ndarray, l
     for ax, (name, lab) in zip(axs, (("image", None), ("truth", truth), ("prediction", pred))):
         ax.imshow(img, cmap="gray", origin="lower")
         if lab is not None:
-            ax.imshow(lab[:, :, z].T, cmap=cmap, vmin=0, vmax=k - 1, alpha=0.45, origin="lower", interpolation="nearest")
+            ax.imshow(lab[:, :, z].T, cmap=cmap, vmin=0, vmax=k - 1, alpha=0.45, origin="lower",
+                      interpolation="nearest")
             for c in range(1, k):
                 if (lab[:, :, z] == c).any():
                     ax.contour((lab[:, :, z] == c).T, levels=[0.5], colors=[cols((c - 1) % 10)], linewidths=0.8)
