@@ -234,6 +234,8 @@ def _run(args, dist) -> int:
                 raise ValueError("--argmax writes integer labels; --out-dtype applies to class scores")
             c_out, out_dtype = 1, label_dtype(c_out)
         fingerprint = _fingerprint(args, src, plan, c_out, out_dtype, model)
+        if info.get("normalization") is not None and not args.no_normalize:
+            fingerprint["normalization"] = info["normalization"]  # a resumed run must normalise the same way
         state = None
         if dist.rank == 0:
             try:
