@@ -269,6 +269,10 @@ def test_tile_argmax_roundtrip_non_multiple_of_align(tmp_path, capsys):
     one = str(tmp_path / "one.nii.gz")
     assert tile_main(argv[:4] + ["--tile", "500", "--no-progress", "--output", one, "--argmax"]) == 0
     assert np.array_equal(np.asarray(nib.load(one).dataobj), got)
+    # a resumed run must normalise as the first one did
+    assert tile_main(argv + ["--output", seg, "--argmax", "--resume"]) == 0
+    assert tile_main(argv + ["--output", seg, "--argmax", "--resume", "--no-normalize"]) == 2
+    assert "normalization" in capsys.readouterr().err
     # --no-normalize gives another result (the stored normalisation was applied above)
     raw = str(tmp_path / "raw.nii.gz")
     assert tile_main(argv + ["--output", raw, "--argmax", "--no-normalize"]) == 0
