@@ -217,6 +217,7 @@ def test_cli_trains_and_resume_matches_uninterrupted(tmp_path):
     for k, v in ca["model"].items():
         assert torch.equal(v, cb["model"][k]), k
     assert [r["loss"] for r in ca["history"]] == [r["loss"] for r in cb["history"]]
+    assert train_main(["seg", "--out", str(b), "--steps", "5", "--resume"]) == 2  # without --data
     # a resumed run keeps the trajectory settings
     assert train_main(common[:-1] + ["--out", str(b), "--steps", "5", "--resume", "--patch", "8"]) == 2
 

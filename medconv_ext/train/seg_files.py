@@ -553,6 +553,14 @@ def add_data_args(s):
 def check_mode_args(args) -> Optional[str]:
     """An error message when options of one `seg` mode are given to the other."""
     if args.data is None:
+        if getattr(args, "resume", None) is not None:
+            path = args.resume if args.resume != "auto" else os.path.join(args.out or "runs/seg", loop.CKPT_NAME)
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
+            except Exception:  # no or another checkpoint: the synthetic example reports it
+                saved = {}
+            if isinstance(saved, dict) and saved.get("data"):
+                return "%s was written by `seg --data %s`: pass --data again to resume it" % (path, saved["data"])
         given = [k for k in DATA_ONLY if getattr(args, k, None) is not None]
         if given:
             return "%s apply to training on a dataset folder: add --data DIR" % ", ".join(
