@@ -49,7 +49,8 @@ def save_tiling_checkpoint(model: nn.Module, path, *, builder: Optional[str] = N
                            margin: Optional[IntOrSeq] = None, halo: Optional[IntOrSeq] = None,
                            align: IntOrSeq = 1, normalization: Optional[dict] = None) -> None:
     """Write a checkpoint for `python -m medconv_ext.tile`: a dict {format, builder, kwargs,
-    state_dict, dtype, margin, halo, align} readable with torch.load(weights_only=True). The model is
+    state_dict, dtype, margin, halo, align, normalization, version} readable with
+    torch.load(weights_only=True). The model is
     rebuilt as builder(**kwargs) (a name registered with register_tiling_builder, built-ins
     "valid_srnet" and "srnet", or "medconv_ext.<module>:<function>"). builder/kwargs default to
     model.builder_spec (set by the models of medconv_ext.models). margin/halo/align are stored as
