@@ -159,3 +159,13 @@ def test_seg_data_with_a_rollified_monai_unet(tmp_path):
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x), res["model"].eval()(x))
+
+
+def test_network_align_of_monai_networks():
+    from medconv_ext.train.seg_files import network_align
+    assert network_align(SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=4, norm="batch"),
+                         3, 1) == 8
+    assert network_align(UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2),
+                              norm="batch"), 3, 1) == 4
+    assert network_align(BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4,) * 6, norm="batch"),
+                         2, 1) == 16
