@@ -195,6 +195,7 @@ _EXTRAS = {
     "io": ["zarr>=3", "tifffile>=2024.8", "nibabel>=5"],
     "analysis": ["matplotlib>=3.5"],
     "onnx": ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime>=1.18"],
+    "monai": ["monai>=1.4"],
 }
 _EXTRAS["all"] = sorted({req for reqs in _EXTRAS.values() for req in reqs})
 
@@ -283,6 +284,7 @@ setup(
     #             TIFF stacks, NIfTI (.npy needs nothing)
     #   analysis  the figures of the filter-analysis report (python -m medconv_ext.analysis report)
     #   onnx      ONNX export (medconv_ext.export.onnx_export, torch.onnx.export) and running the result
+    #   monai     medconv_ext.monai: ExactTiledInferer (a MONAI Inferer) and the rollified MONAI builders
     #   all       every extra
     extras_require=_EXTRAS,
     zip_safe=False,

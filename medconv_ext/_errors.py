@@ -10,7 +10,7 @@ import zlib
 
 # optional package -> the extra of `pip install 'medconv_ext[EXTRA]'` that installs it
 EXTRAS = {"zarr": "io", "tifffile": "io", "nibabel": "io", "matplotlib": "analysis", "onnx": "onnx",
-          "onnxscript": "onnx", "onnxruntime": "onnx"}
+          "onnxscript": "onnx", "onnxruntime": "onnx", "monai": "monai"}
 
 
 class MissingExtraError(ImportError):

@@ -107,9 +107,10 @@ def _tiling_defaults(model: nn.Module, align: Optional[IntOrSeq], op: str):
 
 def save_tiling_checkpoint(model: nn.Module, path, *, builder: Optional[str] = None, kwargs: Optional[dict] = None,
                            margin: Optional[IntOrSeq] = None, halo: Optional[IntOrSeq] = None,
-                           align: Optional[IntOrSeq] = None) -> None:
+                           align: Optional[IntOrSeq] = None, normalization: Optional[dict] = None) -> None:
     """Write a checkpoint for `python -m medconv_ext.tile`: a dict {format, builder, kwargs,
-    state_dict, dtype, margin, halo, align} readable with torch.load(weights_only=True). The model is
+    state_dict, dtype, margin, halo, align, normalization, version} readable with
+    torch.load(weights_only=True). The model is
     rebuilt as builder(**kwargs) (a name registered with register_tiling_builder, the builders of
     medconv_ext.models by name, "srnet", or "medconv_ext.<module>:<function>"). builder/kwargs default
     to model.builder_spec, which every model of medconv_ext.models records.
@@ -119,7 +120,11 @@ def save_tiling_checkpoint(model: nn.Module, path, *, builder: Optional[str] = N
     receptive_radius(model, dims, align=align), and its align: `align` if given, else the model's `tiling_align` (2**depth for the zoo's U-Nets),
     else 1 for a network without resampling (a resampling network without tiling_align needs align=).
     A model whose output depends on the whole image (global pooling, a linear classifier head,
-    GroupNorm, ...) cannot be tiled: a ValueError says which layer."""
+    GroupNorm, ...) cannot be tiled: a ValueError says which layer.
+
+    normalization: the input's intensity normalisation (a dict of medconv_ext.tiling.normalize, e.g.
+    from the `seg --data` trainer), applied by the CLI before inference; the package version is
+    stored too, and the CLI warns when it differs."""
     op = "save_tiling_checkpoint"
     _check_model(model, op)
     if builder is None:
@@ -142,13 +147,22 @@ def save_tiling_checkpoint(model: nn.Module, path, *, builder: Optional[str] = N
         margin, halo, align = _tiling_defaults(model, align, op)
     elif align is None and halo is not None:
         align = getattr(model, "tiling_align", None)
+    if normalization is not None:
+        from .normalize import check_normalization
+        check_normalization(normalization, op + ": normalization")
     dtype, _ = _model_dtype_device(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"format": CHECKPOINT_FORMAT, "builder": builder, "kwargs": kwargs, "state_dict": state,
                 "dtype": str(dtype or torch.float32).replace("torch.", ""),
                 "margin": list(margin) if isinstance(margin, tuple) else margin,
                 "halo": list(halo) if isinstance(halo, tuple) else halo,
-                "align": list(align) if isinstance(align, tuple) else align}, path)
+                "align": list(align) if isinstance(align, tuple) else align,
+                "normalization": normalization, "version": _package_version()}, path)
+
+
+def _package_version() -> str:
+    from .._version import __version__
+    return str(__version__)
 
 
 def load_tiling_checkpoint(path, map_location="cpu") -> Tuple[nn.Module, dict]:

@@ -20,6 +20,7 @@ import torch
 from .._errors import FileError, check_readable, problem_of
 from . import io as tio
 from .checkpoint import load_tiling_checkpoint
+from .normalize import crop_region, label_dtype, label_source, prepare_input
 from .plan import _check_inputs, _np_dtype_for, make_plan
 from .receptive import PAD_MODES
 from .runner import (RunStats, _check_model_for_tiling, _exact_mode, _Progress, _resolve_device, _Skip,
@@ -74,6 +75,11 @@ def build_parser():
                         "--resume after a power loss")
     p.add_argument("--no-sync", action="store_true",
                    help="no fsync: the ledger survives a killed process but not a power loss (slightly faster)")
+    p.add_argument("--argmax", action="store_true",
+                   help="write the label map (argmax over the model's output channels; uint8, uint16 above 256 "
+                        "classes) instead of the class scores")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="do not apply the intensity normalisation stored in the checkpoint")
     return p
 
 
@@ -243,6 +249,10 @@ def _run(args, dist) -> int:
     dims, tile, align = _check_inputs(model, image, args.tile, margin, halo, align, args.batch_size, None,
                                       args.pad_mode)
     _check_model_for_tiling(model, "medconv_ext.tile")
+    # stored normalisation, zero padding to a multiple of align, one tile where the tile covers the image
+    image, own_sizes, tile, halo = prepare_input(image, info, dims, tile, align, margin, halo, not args.no_normalize,
+                                                 args.argmax, lambda s: print(s, file=sys.stderr))
+    src.view = image
     plan = make_plan(model, tuple(image.shape), dims, tile, align, margin, halo, args.pad_mode, "medconv_ext.tile")
     mask = None
     if args.mask:
@@ -253,11 +263,18 @@ def _run(args, dist) -> int:
     with _exact_mode(args.exact), torch.inference_mode():
         c_out, ydt = output_spec(model, plan, device, mdtype)
         out_dtype = np.dtype(args.out_dtype) if args.out_dtype else _np_dtype_for(ydt)
+        if args.argmax:
+            if args.out_dtype:
+                raise ValueError("--argmax writes integer labels; --out-dtype applies to class scores")
+            c_out, out_dtype = 1, label_dtype(c_out)
         fingerprint = _fingerprint(args, src, plan, c_out, out_dtype, model)
+        if info.get("normalization") is not None and not args.no_normalize:
+            fingerprint["normalization"] = info["normalization"]  # a resumed run must normalise the same way
         state = None
         if dist.rank == 0:
             try:
-                state = _prepare(args, src, plan, model, device, mdtype, fingerprint, c_out, out_dtype, ledger)
+                state = _prepare(args, label_source(src) if args.argmax else src, plan, model, device, mdtype,
+                                 fingerprint, c_out, out_dtype, ledger)
             except (ValueError, TypeError, RuntimeError, OSError, ImportError) as e:
                 state = "error: %s" % e
         state = dist.broadcast(state)
@@ -270,8 +287,9 @@ def _run(args, dist) -> int:
                 print("%s is complete (its ledger has every tile); nothing to do" % args.output, file=sys.stderr)
             return 0
         out = tio.open_output(args.output, dims, ledger.dir)
-        if out.shape != plan.out_shape(c_out):
-            raise ValueError("the output %s has shape %s, expected %s" % (args.output, out.shape, plan.out_shape(c_out)))
+        want = plan.out_shape(c_out)[:-dims] + tuple(own_sizes)
+        if out.shape != want:
+            raise ValueError("the output %s has shape %s, expected %s" % (args.output, out.shape, want))
         ledger.open()
         todo = np.flatnonzero(~ledger.done()).tolist()
         dist.barrier()  # every process has read the same ledger before any tile is marked
@@ -282,7 +300,10 @@ def _run(args, dist) -> int:
 
         def sink(i, block):
             if i is not None:
-                _write_block(out, plan.dst(i), block)
+                dst, block = crop_region(plan.dst(i), block.argmax(0, keepdim=True) if args.argmax else block,
+                                         own_sizes, dims)  # padding dropped
+                if dst is not None:
+                    _write_block(out, dst, block)
 
         def on_done(ids):
             if kill_k is not None and kill_before_flag and n_done[0] + len(ids) >= kill_k:

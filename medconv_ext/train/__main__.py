@@ -1,4 +1,4 @@
-"""python -m medconv_ext.train {qsm,seg} [options]  (see docs/training.md)
+"""python -m medconv_ext.train {qsm,seg,make-demo-data} [options]  (see docs/training.md)
 
 Under torchrun (`torchrun --nproc_per_node N -m medconv_ext.train qsm ...`) every process trains
 on its own share of the samples with DistributedDataParallel."""
@@ -10,6 +10,7 @@ from ..backends import BACKENDS
 from .loop import LR_SCHEDULES
 from .qsm import LOSSES, RESIDUALS, QSMTrainConfig, run_qsm
 from .seg import SegTrainConfig, run_seg
+from . import seg_demo, seg_files
 
 _Q = QSMTrainConfig()
 _S = SegTrainConfig()
@@ -72,12 +73,23 @@ def _parser():
     _common(s, _S, "images")
     s.add_argument("--size", type=int, default=None, help="image size (multiple of 16 for the U-Nets); default %d"
                    % _S.size)
+    seg_files.add_data_args(s)  # seg --data DIR: the user's own labelled scans
+    seg_demo.add_parser(sub)
     return p
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    if args.task == "make-demo-data":
+        return seg_demo.main_from_args(args)
     cls, run = (QSMTrainConfig, run_qsm) if args.task == "qsm" else (SegTrainConfig, run_seg)
+    if args.task == "seg":
+        bad = seg_files.check_mode_args(args)
+        if bad:
+            print("error: %s" % bad, file=sys.stderr)
+            return 2
+        if args.data is not None:
+            cls, run = seg_files.SegDataConfig, seg_files.run_seg_data
     fields = {f.name for f in dataclasses.fields(cls)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None and k != "quiet"}
     cfg = dataclasses.replace(cls(), **given, quiet=args.quiet)
