@@ -28,7 +28,8 @@ ISAS = fused.supported_isas() or ["generic"]
 @pytest.fixture(params=ISAS)
 def isa(request):
     with fused.use_isa(request.param):
-        assert fused.isa() == request.param
+        assert fused.isa_setting() == request.param and fused.isa() == request.param
+        assert fused.isa(3) == request.param  # forced: every layer runs that copy
         yield request.param
 
 
@@ -241,8 +242,10 @@ def test_nan_inf_as_torch(dims, dtype, isa):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_thread_count_independent(dtype, isa):
+    """1, 2, 3 threads give bit-identical results; (2, 13, 7) has fewer slices than twice the
+    threads, so its slices are also cut into ranges of rows (2 and 3 parts)."""
     gen = torch.Generator().manual_seed(2)
-    for dims, size in ((2, (13, 11)), (3, (5, 6, 7))):
+    for dims, size in ((2, (13, 11)), (3, (5, 6, 7)), (3, (2, 13, 7))):
         for layout in ("nchw", "cl"):
             x, w, b = _inputs(dims, 2, 16, 1, 16, size, 3, False, dtype, gen)
             x = _layouts(x)[layout].requires_grad_(True)
@@ -259,32 +262,37 @@ def test_thread_count_independent(dtype, isa):
             for o in outs[1:]:
                 for a, bb in zip(outs[0], o):
                     assert torch.equal(a, bb)
+            assert _rel(outs[-1][0], _ref(x, w, b, False, 1, 1, 0, 1, 16)) < TOL[dtype]
 
 
 def test_isa_copies_agree():
-    """Every copy computes the same sums in the same order; only the generic copy (no FMA
-    contraction) may round differently."""
+    """Every copy and the automatic selection agree with the reference on a wide and a narrow layer."""
     gen = torch.Generator().manual_seed(8)
     x, w, b = _inputs(2, 1, 40, 1, 40, (9, 37), 3, False, torch.float32, gen)
     outs = {}
-    for name in ISAS:
+    for name in ISAS + ["auto"]:
         with fused.use_isa(name):
             outs[name] = _op(x, w, b, False, 1, 1, 0, 1, 40)
     want = _ref(x, w, b, False, 1, 1, 0, 1, 40)
     for name, y in outs.items():
         assert _rel(y, want) < TOL[torch.float32], name
+    x, w, b = _inputs(3, 1, 12, 1, 12, (5, 6, 7), 3, False, torch.float32, gen)
+    with fused.use_isa("auto"):
+        assert _rel(_op(x, w, b, False, 1, 1, 0, 1, 12), _ref(x, w, b, False, 1, 1, 0, 1, 12)) < TOL[torch.float32]
 
 
 def test_isa_selection():
-    assert fused.isa() in fused.ISAS
     top = fused.supported_isas()[0]
-    assert fused.isa() == top  # the widest by default (no MEDCONV_CPU_ISA in the test environment)
+    assert fused.isa_setting() == "auto"  # no MEDCONV_CPU_ISA in the test environment
+    assert fused.isa() == top and fused.isa(256) == top
+    if top == "avx512":  # 8 frequency slots would fill half of the 16 lanes: the AVX2 copy runs
+        assert fused.isa(16) == "avx2" and fused.isa(16, torch.float64) == "avx512"
     with fused.use_isa("generic"):
-        assert fused.isa() == "generic"
+        assert fused.isa_setting() == "generic" and fused.isa(16) == "generic"
         with fused.use_isa("avx512"):  # clipped to what the CPU runs
             assert fused.isa() == top
         assert fused.isa() == "generic"
-    assert fused.isa() == top
+    assert fused.isa_setting() == "auto"
     with pytest.raises(ValueError, match="avx2"):
         fused.set_isa("sse9")
     with pytest.raises(RuntimeError, match="expected one of"):
@@ -295,13 +303,13 @@ def test_isa_environment_variable():
     want = "avx2" if "avx2" in fused.supported_isas() else "generic"
     code = ("import medconv_ext, torch; from medconv_ext.ops import rolling_conv_spectral_cpu as f; "
             "x = torch.randn(1, 4, 5, 5); medconv_ext.rolling_conv2d(x, torch.randn(1, 4, 3, 3), padding=1, "
-            "backend='spectral'); print(f.isa())")
+            "backend='spectral'); print(f.isa_setting(), f.isa(16))")
     env = dict(os.environ, MEDCONV_CPU_ISA=want)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == want
+    assert out.stdout.strip().splitlines()[-1] == "%s %s" % (want, want)
 
 
 def test_spectral_backend_dispatches_to_fused():

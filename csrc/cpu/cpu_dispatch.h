@@ -4,10 +4,12 @@
 //   avx512: AVX-512 F/BW/DQ/VL + FMA (64-byte vectors; the fused spectral kernel, the others use avx2)
 //   avx2:   AVX2 + FMA (32-byte vectors)
 //   generic: the portable baseline (16-byte vectors, SSE2 on x86-64; also every non-x86 build)
-// The widest copy the CPU runs is the default; the environment variable MEDCONV_CPU_ISA
-// (avx512 | avx2 | generic, "scalar" is an alias of generic) read at the first call, or
-// torch.ops.medconv.set_cpu_isa at run time, forces a narrower one (a wider one than the CPU has
-// is clipped to what it has).
+// By default ("auto") the widest copy the CPU runs is used, except where a kernel knows a narrower one
+// is faster for the call (the spectral kernel: a channel spectrum that 16 float lanes would pad by
+// more than a quarter over 8 lanes, e.g. C_in <= 16, runs the AVX2 copy). The environment variable
+// MEDCONV_CPU_ISA (avx512 | avx2 | generic, "scalar" is an alias of generic; auto) read at the first
+// call, or torch.ops.medconv.set_cpu_isa at run time, forces exactly that copy (one wider than the
+// CPU runs is clipped to what it runs).
 #pragma once
 
 #include <atomic>
@@ -34,9 +36,12 @@ inline const char* cpu_isa_name(int isa) {
   return isa == kIsaAvx512 ? "avx512" : isa == kIsaAvx2 ? "avx2" : "generic";
 }
 
+inline constexpr int kIsaAuto = 3;  // a name only: auto selection, widest copy
+
 // -1 for an unknown name.
 inline int cpu_isa_parse(const char* s) {
   if (!s) return -1;
+  if (!std::strcmp(s, "auto")) return kIsaAuto;
   if (!std::strcmp(s, "avx512")) return kIsaAvx512;
   if (!std::strcmp(s, "avx2")) return kIsaAvx2;
   if (!std::strcmp(s, "generic") || !std::strcmp(s, "scalar")) return kIsaGeneric;
@@ -60,24 +65,27 @@ inline int cpu_isa_max() {
 #endif
 }
 
-// The copy in use (one process-wide value; inline: one instance across translation units).
+// The selection, one process-wide value (inline: one instance across translation units): the copy
+// in the low byte, bit 8 set when it was forced (not auto).
+inline int cpu_isa_encode(int want) {
+  const int mx = cpu_isa_max();
+  if (want < 0 || want == kIsaAuto) return mx;  // unknown names are reported by the Python layer
+  return (want < mx ? want : mx) | 0x100;
+}
+
 inline std::atomic<int>& cpu_isa_state() {
-  static std::atomic<int> state{[] {
-    const int mx = cpu_isa_max();
-    const int want = cpu_isa_parse(std::getenv("MEDCONV_CPU_ISA"));
-    return want < 0 ? mx : (want < mx ? want : mx);  // unknown names are reported by the Python layer
-  }()};
+  static std::atomic<int> state{cpu_isa_encode(cpu_isa_parse(std::getenv("MEDCONV_CPU_ISA")))};
   return state;
 }
 
-inline int cpu_isa() { return cpu_isa_state().load(std::memory_order_relaxed); }
+// The widest copy allowed (auto: the CPU's widest; forced: that copy).
+inline int cpu_isa() { return cpu_isa_state().load(std::memory_order_relaxed) & 0xff; }
+inline bool cpu_isa_forced() { return (cpu_isa_state().load(std::memory_order_relaxed) & 0x100) != 0; }
 
-// Sets the copy in use (clipped to the CPU's widest); returns the one set.
+// Sets the selection (a copy, clipped to the CPU's widest, or kIsaAuto); returns the copy allowed.
 inline int cpu_isa_set(int isa) {
-  const int mx = cpu_isa_max();
-  const int v = isa < mx ? isa : mx;
-  cpu_isa_state().store(v, std::memory_order_relaxed);
-  return v;
+  cpu_isa_state().store(cpu_isa_encode(isa), std::memory_order_relaxed);
+  return cpu_isa();
 }
 
 #ifdef MEDCONV_X86_DISPATCH

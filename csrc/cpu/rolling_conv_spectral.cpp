@@ -40,7 +40,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -58,6 +62,16 @@ i64 ceil_div(i64 a, i64 b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
 
 // Vector bytes of an ISA copy: spectra, DFT and inverse matrices are padded to it per row.
 i64 isa_vbytes(int isa) { return isa == kIsaAvx512 ? 64 : isa == kIsaAvx2 ? 32 : 16; }
+
+// The copy a call runs: the selected one; under auto selection AVX-512 gives way to AVX2 when the
+// H = ceil(C/2) frequency slots padded to 64 bytes exceed their padding to 32 bytes by more than a
+// quarter (C_in <= 16 in float32: half the lanes would be padding; measured 1.2-1.4x faster on AVX2).
+int call_isa(i64 C, i64 elem) {
+  const int isa = cpu_isa();
+  if (isa != kIsaAvx512 || cpu_isa_forced()) return isa;
+  const i64 H = (C + 1) / 2;
+  return round_up(H, 64 / elem) * 4 > round_up(H, 32 / elem) * 5 ? (int)kIsaAvx2 : isa;
+}
 
 // ------------------------------------------------------------------------------------------
 // DFT tables (double precision, cast once)
@@ -142,6 +156,8 @@ struct Plan {
   void* out_any = nullptr;
   bool out_cl = true, out_bf16 = false;
   int isa = kIsaGeneric;
+  // work items: `parts` ranges of dim 1 (3D: rows of a slice) per output row, item = part*rows + row
+  i64 parts = 1;
   // Folded channel DFT (x[c] +- x[C-c] first: half the multiply-adds): per base, Rn input channels
   // (channel of roll r of base b: r*NBi + b), C the transform length.
   bool fold_in = false;
@@ -423,8 +439,9 @@ MEDCONV_INLINE void fold_channels(const Plan<T>& p, const T* a, i64 cs, i64 M, T
   }
 }
 
+// Only the buffer rows j1 in [j1lo, j1hi) of dim 1 are filled (the others are not read by the caller).
 template <typename T, int VB>
-MEDCONV_INLINE void fill_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 m0, T* slab) {
+MEDCONV_INLINE void fill_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 m0, T* slab, i64 j1lo, i64 j1hi) {
   const i64 SP = p.SP();
   const i64 m2lo = std::max<i64>(0, ceil_div(p.off[2], p.su[2]));
   const i64 m2hi = std::min<i64>(p.S[2], ceil_div(p.L[2] + p.off[2], p.su[2]));
@@ -433,7 +450,7 @@ MEDCONV_INLINE void fill_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 m0, T*
   const i64 M = m2hi - m2lo, K = p.Ku + p.Kv;
   for (i64 m1 = 0; m1 < p.S[1]; ++m1) {
     const i64 j1 = m1 * p.su[1] - p.off[1];
-    if (j1 < 0 || j1 >= p.L[1]) continue;
+    if (j1 < std::max<i64>(0, j1lo) || j1 >= std::min(p.L[1], j1hi)) continue;
     T* dst = slab + (j1 * p.L[2] + j2lo) * SP;
     // the row as a (M pixels) x (Csrc channels) operand: element (m, ch) at a[m*ps + ch*cs]
     const T* a;
@@ -481,12 +498,14 @@ MEDCONV_INLINE void fill_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 m0, T*
 }
 
 // Slab of buffer row j0 (source row m0) of batch n, transformed on first use.
+// part: the dim-1 range [j1lo, j1hi) it covers (part 0 of 1: everything).
 template <typename T, int VB>
-MEDCONV_INLINE const T* get_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 j0, i64 m0) {
-  const i64 slot = j0 % ring.span, key = n * p.L[0] + j0;
+MEDCONV_INLINE const T* get_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 j0, i64 m0, i64 part = 0, i64 j1lo = 0,
+                                 i64 j1hi = INT64_MAX) {
+  const i64 slot = j0 % ring.span, key = (part * p.N + n) * p.L[0] + j0;
   T* s = ring.data.data() + slot * ring.slab;
   if (ring.tag[slot] != key) {
-    fill_slab<T, VB>(p, ring, n, m0, s);
+    fill_slab<T, VB>(p, ring, n, m0, s, j1lo, j1hi);
     ring.tag[slot] = key;
   }
   return s;
@@ -616,9 +635,10 @@ MEDCONV_INLINE void store_block(const Plan<T>& p, const T* Z, i64 ldz, i64 npx, 
 }
 
 // One output row (n, o0): depthwise over the slabs, inverse GEMM with epilogue into the output.
+// Output rows [q1lo, q1hi) of dim 1 (part `part` of the row).
 template <typename T, int VB>
-MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, std::vector<TapRef>& taps,
-                             std::vector<T>& Y, std::vector<T>& E, std::vector<T>& Z) {
+MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, i64 q1lo, i64 q1hi, i64 part,
+                             std::vector<TapRef>& taps, std::vector<T>& Y, std::vector<T>& E, std::vector<T>& Z) {
   // 4 pixels x (re, im) accumulators with 16 vector registers, 8 pixels with 32
   constexpr int MP = VB == 64 ? 8 : 4;
   const i64 SP = p.SP(), L2 = p.L[2];
@@ -629,7 +649,7 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, std
     const i64 m0 = src_index(j0, p.off[0], p.su[0], p.S[0]);
     if (m0 < 0) continue;  // a zero row (padding or zero insertion): no contribution
     const i64 slot = j0 % ring.span;
-    slabs[slot] = get_slab<T, VB>(p, ring, n, j0, m0);
+    slabs[slot] = get_slab<T, VB>(p, ring, n, j0, m0, part, q1lo * p.ks[1], (q1hi - 1) * p.ks[1] + (p.k[1] - 1) * p.d[1] + 1);
     for (i64 t1 = 0; t1 < p.k[1]; ++t1)
       for (i64 t2 = 0; t2 < p.k[2]; ++t2)
         taps.push_back(TapRef{(t1 * p.d[1] * L2 + t2 * p.d[2]) * SP, slot, (t0 * p.k[1] + t1) * p.k[2] + t2});
@@ -639,8 +659,8 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, std
   const i64 rows_per_block = std::max<i64>(1, 128 / O2);
   const bool direct = p.out != nullptr;
   T* outrow = direct ? p.out + (n * p.O[0] + o0) * O1 * O2 * p.Cout : nullptr;
-  for (i64 qb = 0; qb < O1; qb += rows_per_block) {
-    const i64 qe = std::min(O1, qb + rows_per_block);
+  for (i64 qb = q1lo; qb < q1hi; qb += rows_per_block) {
+    const i64 qe = std::min(q1hi, qb + rows_per_block);
     const i64 npx = (qe - qb) * O2;
     if ((i64)Y.size() < npx * ystride) Y.resize(npx * ystride);
     if (taps.empty()) {
@@ -721,7 +741,12 @@ MEDCONV_INLINE void conv_rows(const Plan<T>& p, i64 begin, i64 end) {
   ring.tag.assign(ring.span, -1);
   std::vector<TapRef> taps;
   std::vector<T> Y, E, Z;
-  for (i64 row = begin; row < end; ++row) conv_row<T, VB>(p, ring, row / p.O[0], row % p.O[0], taps, Y, E, Z);
+  const i64 rows = p.N * p.O[0];
+  for (i64 it = begin; it < end; ++it) {
+    const i64 part = it / rows, row = it % rows;
+    const i64 q1lo = part * p.O[1] / p.parts, q1hi = (part + 1) * p.O[1] / p.parts;
+    if (q1lo < q1hi) conv_row<T, VB>(p, ring, row / p.O[0], row % p.O[0], q1lo, q1hi, part, taps, Y, E, Z);
+  }
 }
 
 template <typename T>
@@ -740,12 +765,22 @@ MEDCONV_TARGET_AVX512 void conv_rows_avx512(const Plan<T>& p, i64 begin, i64 end
 }
 #endif
 
+// Threads: work items are output rows (2D: rows, 3D: depth slices, over the batch), one contiguous
+// chunk per thread, so every transformed input row is reused by the k0 output rows that read it and
+// a thread transforms only (k0 - 1) * d0 rows more than its share. With fewer than 2 items per thread
+// (3D with many cores: 16-24 slices for 16-64 threads) every slice is also cut into `parts` ranges of
+// its rows (dim 1, at least 4 output rows each), ordered part-major so that a thread's chunk still
+// runs consecutive slices of one range; a range transforms its (k1 - 1) * d1 halo rows again. Each
+// output element is computed by the same sums whatever the partition: bit-identical results.
 template <typename T>
-void run_conv(const Plan<T>& p) {
-  const i64 rows = p.N * p.O[0];
+void run_conv(const Plan<T>& pin) {
+  const i64 rows = pin.N * pin.O[0];
   if (rows == 0) return;
-  // one contiguous chunk of rows per thread: each input row is transformed about once per thread
-  at::parallel_for(0, rows, 1, [&](i64 begin, i64 end) {
+  Plan<T> p = pin;
+  const i64 nt = at::get_num_threads();
+  p.parts = 1;
+  if (rows < 2 * nt) p.parts = std::max<i64>(1, std::min(ceil_div(2 * nt, rows), p.O[1] / 4));
+  at::parallel_for(0, rows * p.parts, 1, [&](i64 begin, i64 end) {
 #ifdef MEDCONV_X86_DISPATCH
     if (p.isa == kIsaAvx512) {
       conv_rows_avx512<T>(p, begin, end);
@@ -950,11 +985,8 @@ struct BaseW {
 
 // Packed spectral weights (nb, taps, 4, Hp): forward mode uses conj(W), adjoint mode W.
 template <typename T>
-std::vector<T> make_wpk(const BaseW<T>& bw, const Spec& sp, bool adjoint, bool flip) {
+std::vector<T> make_wpk(const BaseW<T>& bw, const Spec& sp, const std::vector<double>& D, bool adjoint, bool flip) {
   const i64 C = sp.C, Hp = sp.Hp, nt = bw.taps;
-  std::vector<double> D((size_t)(C * 2 * Hp));
-  for (i64 c = 0; c < C; ++c)
-    for (i64 j = 0; j < 2 * Hp; ++j) D[c * 2 * Hp + j] = dft_entry(sp, c, j);
   std::vector<T> out((size_t)(bw.nb * nt * 4 * Hp), T(0));
   std::vector<double> spec((size_t)(2 * Hp));
   for (i64 b = 0; b < bw.nb; ++b)
@@ -1080,6 +1112,57 @@ void set_source(Plan<T>& p, const at::Tensor& src, int dims) {
   }
 }
 
+// The weight-independent tables of a driver call (DFT matrices, folded tables, inverse), built once
+// per (dtype, C_in, n_base, n_rolls, adjoint, ISA, fold) and kept: building them costs ~C^2 table
+// entries, a fixed per-call cost that small layers felt. plan holds the table fields of a Plan
+// (pointers into this object, which is never moved).
+template <typename T>
+struct TableSet {
+  Spec sp;
+  std::vector<double> D;  // (C, 2Hp) forward DFT in double, for the spectral weights
+  std::vector<T> Dm, Gm, Bu, Bv, Ge, Go;
+  Plan<T> plan;
+};
+
+template <typename T>
+std::shared_ptr<const TableSet<T>> get_tables(i64 C, i64 nb, i64 n_rolls, bool adjoint, int isa) {
+  using Key = std::tuple<i64, i64, i64, bool, int, bool>;
+  static std::mutex mu;
+  static std::map<Key, std::shared_ptr<const TableSet<T>>> cache;
+  const bool fold = fold_enabled();
+  const Key key{C, nb, n_rolls, adjoint, isa, fold};
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  auto ts = std::make_shared<TableSet<T>>();
+  ts->sp = make_spec(C, sizeof(T), isa_vbytes(isa));
+  const Spec& sp = ts->sp;
+  const i64 Hp2 = 2 * sp.Hp;
+  ts->D.resize((size_t)(C * Hp2));
+  for (i64 c = 0; c < C; ++c)
+    for (i64 j = 0; j < Hp2; ++j) ts->D[c * Hp2 + j] = dft_entry(sp, c, j);
+  Plan<T>& p = ts->plan;
+  p.isa = isa;
+  p.Hp = sp.Hp;
+  p.Cout = adjoint ? C : n_rolls * nb;
+  p.Np = round_up(p.Cout, isa_vbytes(isa) / (i64)sizeof(T));
+  ts->Dm = make_dm<T>(sp, adjoint, nb, n_rolls);
+  ts->Gm = make_gm<T>(sp, adjoint, nb, n_rolls, p.Np);
+  if (fold) {
+    set_fold_in<T>(p, sp, adjoint ? n_rolls : C, ts->Bu, ts->Bv);
+    const i64 rout = adjoint ? C : n_rolls;
+    if (rout > C / 2 + 1) set_fold_out<T>(p, sp, rout, ts->Ge, ts->Go);
+  }
+  p.Dm = ts->Dm.data();
+  p.Gm = ts->Gm.data();
+  std::lock_guard<std::mutex> lock(mu);
+  if (cache.size() >= 64) cache.clear();  // bounded: layers of a model share a few entries
+  cache.emplace(key, ts);
+  return ts;
+}
+
 // Memory format of an op's output: the source's (channels-last in, channels-last out; anything else
 // gives NC(D)HW), as torch's convolutions do (suggest_memory_format).
 at::MemoryFormat out_format(const at::Tensor& src, int dims) {
@@ -1112,12 +1195,12 @@ at::Tensor spectral_driver(const at::Tensor& src, const at::Tensor& weight, cons
   at::Tensor out = at::empty(full_sizes(N, Cout, O, g.dims), src.options().memory_format(fmt));
   if (out.numel() == 0) return out;
   const bool bf16 = src.scalar_type() == at::kBFloat16;
-  const int isa = cpu_isa();
+  const int isa = call_isa(g.C, src.scalar_type() == at::kDouble ? 8 : 4);
   MEDCONV_DISPATCH_SPECTRAL(src.scalar_type(), "rolling_conv_spectral_cpu", [&] {
     const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
-    const Spec sp = make_spec(g.C, sizeof(T), isa_vbytes(isa));
-    Plan<T> p;
-    p.isa = isa;
+    const auto tables = get_tables<T>(g.C, g.nb, g.n_rolls, adjoint, isa);
+    const Spec& sp = tables->sp;
+    Plan<T> p = tables->plan;
     set_source<T>(p, src, g.dims);
     for (int i = 0; i < 3; ++i) {
       if (!transposed_spatial) {
@@ -1135,7 +1218,6 @@ at::Tensor spectral_driver(const at::Tensor& src, const at::Tensor& weight, cons
     p.k = g.k;
     p.d = g.d;
     p.O = O;
-    p.Hp = sp.Hp;
     p.adjoint = adjoint;
     p.NBi = adjoint ? g.nb : 1;
     p.NBo = adjoint ? 1 : g.nb;
@@ -1143,17 +1225,8 @@ at::Tensor spectral_driver(const at::Tensor& src, const at::Tensor& weight, cons
     p.taps = g.taps();
     auto wc = weight.to(ct).contiguous();
     BaseW<T> bw{wc.data_ptr<T>(), g.C, g.nb, g.taps(), weight_transposed};
-    std::vector<T> Wpk = make_wpk<T>(bw, sp, adjoint, transposed_spatial);
-    std::vector<T> Dm = make_dm<T>(sp, adjoint, g.nb, g.n_rolls);
-    p.Cout = Cout;
-    p.Np = round_up(Cout, isa_vbytes(isa) / (i64)sizeof(T));
-    std::vector<T> Gm = make_gm<T>(sp, adjoint, g.nb, g.n_rolls, p.Np);
-    std::vector<T> Bu, Bv, Ge, Go;
-    if (fold_enabled()) {
-      set_fold_in<T>(p, sp, adjoint ? g.n_rolls : g.C, Bu, Bv);
-      const i64 rout = adjoint ? g.C : g.n_rolls;
-      if (rout > g.C / 2 + 1) set_fold_out<T>(p, sp, rout, Ge, Go);
-    }
+    std::vector<T> Wpk = make_wpk<T>(bw, sp, tables->D, adjoint, transposed_spatial);
+    TORCH_INTERNAL_ASSERT(p.Cout == Cout);
     std::vector<T> sc((size_t)p.Np, T(1)), sh((size_t)p.Np, T(0));
     at::Tensor bc, scc, shc;
     if (bias.has_value()) bc = bias->to(ct).contiguous();
@@ -1167,8 +1240,6 @@ at::Tensor spectral_driver(const at::Tensor& src, const at::Tensor& weight, cons
       sh[o] = scale.has_value() ? b * s + h : b + h;
     }
     p.Wpk = Wpk.data();
-    p.Dm = Dm.data();
-    p.Gm = Gm.data();
     p.sc = sc.data();
     p.sh = sh.data();
     p.relu = relu;
@@ -1278,7 +1349,7 @@ at::Tensor spectral_gw(const at::Tensor& small, const at::Tensor& big, const Geo
   // bfloat16: the operands in float (one conversion each; the sums run in float and double anyway)
   if (small.scalar_type() == at::kBFloat16)
     return spectral_gw(small.to(at::kFloat), big.to(at::kFloat), g, conv).to(at::kBFloat16);
-  const int isa = cpu_isa();
+  const int isa = call_isa(g.C, small.element_size());
   AT_DISPATCH_FLOATING_TYPES(small.scalar_type(), "rolling_conv_spectral_grad_weight_cpu", [&] {
     using T = scalar_t;
     const Spec sp = make_spec(g.C, sizeof(T), isa_vbytes(isa));
@@ -1409,22 +1480,30 @@ at::Tensor rolling_conv_transpose_spectral_grad_weight_cpu(const at::Tensor& gra
 
 namespace medconv {
 namespace {
-std::string cpu_isa_op() { return cpu_isa_name(cpu_isa()); }
+std::string cpu_isa_op() { return cpu_isa_forced() ? cpu_isa_name(cpu_isa()) : "auto"; }
 std::string cpu_isa_max_op() { return cpu_isa_name(cpu_isa_max()); }
+std::string cpu_isa_for_op(int64_t c_in, int64_t elem_bytes) {
+  TORCH_CHECK(c_in >= 1 && (elem_bytes == 2 || elem_bytes == 4 || elem_bytes == 8),
+              "medconv::cpu_isa_for: expected c_in >= 1 and elem_bytes 2, 4 or 8, got ", c_in, ", ", elem_bytes);
+  return cpu_isa_name(call_isa(c_in, elem_bytes == 8 ? 8 : 4));
+}
 std::string set_cpu_isa_op(const std::string& name) {
   const int v = cpu_isa_parse(name.c_str());
-  TORCH_CHECK(v >= 0, "medconv::set_cpu_isa: expected one of 'avx512', 'avx2', 'generic' ('scalar'), got '", name,
-              "'");
-  return cpu_isa_name(cpu_isa_set(v));
+  TORCH_CHECK(v >= 0, "medconv::set_cpu_isa: expected one of 'auto', 'avx512', 'avx2', 'generic' ('scalar'), got '",
+              name, "'");
+  cpu_isa_set(v);
+  return cpu_isa_op();
 }
 }  // namespace
 }  // namespace medconv
 
-// The ISA copy of the CPU kernels' hot loops (cpu/cpu_dispatch.h): the one in use, the widest this
-// CPU runs, and a setter (clipped to the widest; returns the one set).
+// The ISA copy of the CPU kernels' hot loops (cpu/cpu_dispatch.h): the selection ("auto" or the
+// forced copy), the widest this CPU runs, and a setter (a forced copy is clipped to the widest;
+// returns the selection now in effect).
 TORCH_LIBRARY_FRAGMENT(medconv, m) {
   m.def("cpu_isa() -> str", &medconv::cpu_isa_op);
   m.def("cpu_isa_max() -> str", &medconv::cpu_isa_max_op);
+  m.def("cpu_isa_for(int c_in, int elem_bytes) -> str", &medconv::cpu_isa_for_op);
   m.def("set_cpu_isa(str isa) -> str", &medconv::set_cpu_isa_op);
 }
 

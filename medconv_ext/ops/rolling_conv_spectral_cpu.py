@@ -24,6 +24,7 @@ from .rolling_conv_spectral import register_fused_spectral
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 ISAS = ("avx512", "avx2", "generic")  # widest first; see csrc/cpu/cpu_dispatch.h
+_ISA_NAMES = ("auto",) + ISAS + ("scalar",)
 # The channel transforms are GEMMs (C^2/2 multiply-adds per pixel each way after folding); the
 # composition's rFFT costs C log C. Measured forward, 2 threads (lightly loaded machine): fused vs
 # composition 2D 3x3 C=256 at 48^2 29.9 vs 80.6 ms, 3D 5^3 C=256 at 8^3 28.0 vs 19.5 ms, 2D 3x3
@@ -53,10 +54,21 @@ def _bshape(t: torch.Tensor, dim: int):
     return (1, -1) + (1,) * (dim - 2)
 
 
-def isa() -> str:
-    """The instruction-set copy of the CPU kernels' hot loops in use: "avx512", "avx2" or "generic"
-    (the widest the CPU runs unless MEDCONV_CPU_ISA or set_isa chose a narrower one)."""
-    return torch.ops.medconv.cpu_isa() if available() else "none"
+def isa(c_in: Optional[int] = None, dtype: torch.dtype = torch.float32) -> str:
+    """The instruction-set copy of the fused kernel's hot loops: "avx512", "avx2" or "generic".
+    With c_in: the copy a layer with c_in input channels runs (under the default auto selection,
+    AVX-512 gives way to AVX2 where its 16 float lanes would mostly pad the spectrum, e.g. c_in <= 16);
+    without: the widest copy allowed (the CPU's widest, or the one MEDCONV_CPU_ISA / set_isa forced)."""
+    if not available():
+        return "none"
+    if c_in is None:
+        return torch.ops.medconv.cpu_isa_max() if isa_setting() == "auto" else isa_setting()
+    return torch.ops.medconv.cpu_isa_for(int(c_in), torch.empty(0, dtype=dtype).element_size())
+
+
+def isa_setting() -> str:
+    """"auto" (the default) or the copy forced by MEDCONV_CPU_ISA / set_isa."""
+    return torch.ops.medconv.cpu_isa()
 
 
 def supported_isas() -> List[str]:
@@ -68,21 +80,22 @@ def supported_isas() -> List[str]:
 
 
 def set_isa(name: str) -> str:
-    """Selects the copy of the hot loops for the whole process (clipped to what the CPU runs);
-    returns the one now in use. Same names as the environment variable MEDCONV_CPU_ISA."""
-    if name not in ISAS + ("scalar",):
-        raise ValueError("set_isa: expected one of %s, got %r" % (", ".join(ISAS + ("scalar",)), name))
+    """Forces the copy of the hot loops for the whole process (clipped to what the CPU runs), or
+    "auto" for the default selection; returns the setting now in effect. Same names as the
+    environment variable MEDCONV_CPU_ISA."""
+    if name not in _ISA_NAMES:
+        raise ValueError("set_isa: expected one of %s, got %r" % (", ".join(_ISA_NAMES), name))
     return torch.ops.medconv.set_cpu_isa(name)
 
 
 class use_isa:
-    """Context manager: run the CPU kernels with ISA copy `name`, then restore the previous one."""
+    """Context manager: run the CPU kernels with ISA setting `name`, then restore the previous one."""
 
     def __init__(self, name: str):
         self.name = name
 
     def __enter__(self):
-        self.prev = isa()
+        self.prev = isa_setting()
         return set_isa(self.name)
 
     def __exit__(self, *exc):
@@ -92,9 +105,9 @@ class use_isa:
 
 def _check_isa_env():
     v = os.environ.get("MEDCONV_CPU_ISA")
-    if v and v not in ISAS + ("scalar",):
-        warnings.warn("MEDCONV_CPU_ISA=%r is not one of %s; using the widest copy this CPU runs (%s)"
-                      % (v, ", ".join(ISAS), isa()))
+    if v and v not in _ISA_NAMES:
+        warnings.warn("MEDCONV_CPU_ISA=%r is not one of %s; using the automatic selection"
+                      % (v, ", ".join(_ISA_NAMES)))
 
 
 def out_memory_format(x: torch.Tensor):
