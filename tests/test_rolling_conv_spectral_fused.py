@@ -78,6 +78,9 @@ CASES = [
     (3, 1, 3, 1, 3, (5, 6, 7), 3, 1, 1, 1, 0),   # 3D, odd C
     (3, 2, 8, 2, 5, (6, 5, 7), 3, 2, 1, 1, 1),   # 3D, stride 2, partial roll, 2 bases
     (3, 1, 10, 1, 10, (7, 6, 5), 3, 1, 2, 2, 0),  # 3D dilation
+    (2, 1, 32, 1, 32, (4, 9), 3, 1, 1, 1, 0),    # C/2 a multiple of the vector width: split inverse column
+    (2, 1, 33, 1, 33, (3, 7), 3, 1, 1, 1, 0),    # odd C, the split column read by both halves
+    (2, 1, 4, 1, 4, (3, 267), 3, 1, 1, 1, 0),    # rows longer than a 128-pixel block
 ]
 
 

@@ -170,6 +170,10 @@ struct Plan {
   i64 Rout = 0, NpE = 0;
   const T* Ge = nullptr;  // (Hp + 1, NpE)
   const T* Go = nullptr;  // (Hp - 1, NpE)
+  // When C/2 is a multiple of the vector width, the GEMMs cover columns r < C/2 (NpE = C/2, no
+  // padded vector for the one column r = C/2) and column C/2 is a dot product with Geh / Goh.
+  const T* Geh = nullptr;  // (Hp + 1)
+  const T* Goh = nullptr;  // (Hp - 1)
   i64 SP() const { return NBi * 2 * Hp; }
 };
 
@@ -656,27 +660,32 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, i64
   }
   const i64 ystride = p.NBo * 2 * p.Hp;
   const i64 O1 = p.O[1], O2 = p.O[2];
+  // blocks of <= 128 output pixels (whole rows of dim 2, or 128-pixel pieces of a longer one): the
+  // block's spectra, inverse and output stay in L1/L2 (512-pixel rows ran 1.5x slower per pixel)
   const i64 rows_per_block = std::max<i64>(1, 128 / O2);
+  const i64 CB = O2 <= 128 ? O2 : 128;
   const bool direct = p.out != nullptr;
   T* outrow = direct ? p.out + (n * p.O[0] + o0) * O1 * O2 * p.Cout : nullptr;
-  for (i64 qb = q1lo; qb < q1hi; qb += rows_per_block) {
+  for (i64 qb = q1lo; qb < q1hi; qb += rows_per_block)
+  for (i64 c2b = 0; c2b < O2; c2b += CB) {
     const i64 qe = std::min(q1hi, qb + rows_per_block);
-    const i64 npx = (qe - qb) * O2;
+    const i64 c2e = std::min(O2, c2b + CB), W2 = c2e - c2b;
+    const i64 npx = (qe - qb) * W2;
     if ((i64)Y.size() < npx * ystride) Y.resize(npx * ystride);
     if (taps.empty()) {
       std::fill(Y.begin(), Y.begin() + npx * ystride, T(0));
     } else {
       for (i64 q1 = qb; q1 < qe; ++q1) {
         const i64 rowo = q1 * p.ks[1] * L2 * SP;
-        T* yrow = Y.data() + (q1 - qb) * O2 * ystride;
-        i64 q2 = 0;
-        for (; q2 + MP <= O2; q2 += MP)
+        T* yrow = Y.data() + (q1 - qb) * W2 * ystride;  // pixel q2 at yrow + (q2 - c2b) * ystride
+        i64 q2 = c2b;
+        for (; q2 + MP <= c2e; q2 += MP)
           dw_tile_call<T, VB, MP>(p, slabs.data(), taps.data(), (i64)taps.size(), rowo + q2 * p.ks[2] * SP,
-                             yrow + q2 * ystride, ystride);
+                             yrow + (q2 - c2b) * ystride, ystride);
 #define MEDCONV_DW_REM(R)                                                                                     \
-  if (O2 - q2 >= R) {                                                                                         \
+  if (c2e - q2 >= R) {                                                                                        \
     dw_tile_call<T, VB, R>(p, slabs.data(), taps.data(), (i64)taps.size(), rowo + q2 * p.ks[2] * SP,           \
-                           yrow + q2 * ystride, ystride);                                                     \
+                           yrow + (q2 - c2b) * ystride, ystride);                                                     \
     q2 += R;                                                                                                  \
   }
         if constexpr (MP > 4) {
@@ -690,7 +699,7 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, i64
     T* orow;
     i64 ldo;
     if (direct) {
-      orow = outrow + qb * O2 * p.Cout;
+      orow = outrow + (qb * O2 + c2b) * p.Cout;
       ldo = p.Cout;
     } else {
       if ((i64)Z.size() < npx * p.Np) Z.resize(npx * p.Np);
@@ -700,23 +709,34 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, i64
     if (!p.fold_out) {
       gemm<T, VB, true>(npx, ystride, Y.data(), ystride, 1, p.Gm, p.Np, p.Np, orow, ldo, p.Cout, p.sc, p.sh,
                         p.relu);
-      if (!direct) store_block<T>(p, orow, ldo, npx, n, (o0 * O1 + qb) * O2);
+      if (!direct) store_block<T>(p, orow, ldo, npx, n, (o0 * O1 + qb) * O2 + c2b);
       continue;
     }
     const i64 NpE = p.NpE, Hp = p.Hp, half = p.C / 2;
-    if ((i64)E.size() < 2 * npx * NpE) E.resize(2 * npx * NpE);
+    const i64 ldE = p.Geh ? NpE + 1 : NpE;  // + column C/2
+    if ((i64)E.size() < 2 * npx * ldE) E.resize(2 * npx * ldE);
     T* Eb = E.data();
-    T* Ob = E.data() + npx * NpE;
+    T* Ob = E.data() + npx * ldE;
     for (i64 bo = 0; bo < p.NBo; ++bo) {
       const T* Yb = Y.data() + bo * 2 * Hp;
-      gemm<T, VB, false>(npx, Hp + 1, Yb, ystride, 1, p.Ge, NpE, NpE, Eb, NpE, NpE, nullptr, nullptr, false);
-      gemm<T, VB, false>(npx, Hp - 1, Yb + Hp + 1, ystride, 1, p.Go, NpE, NpE, Ob, NpE, NpE, nullptr, nullptr, false);
+      gemm<T, VB, false>(npx, Hp + 1, Yb, ystride, 1, p.Ge, NpE, NpE, Eb, ldE, NpE, nullptr, nullptr, false);
+      gemm<T, VB, false>(npx, Hp - 1, Yb + Hp + 1, ystride, 1, p.Go, NpE, NpE, Ob, ldE, NpE, nullptr, nullptr, false);
+      if (p.Geh) {
+        for (i64 q = 0; q < npx; ++q) {
+          const T* yq = Yb + q * ystride;
+          T se = T(0), so = T(0);
+          for (i64 j = 0; j <= Hp; ++j) se += yq[j] * p.Geh[j];
+          for (i64 j = 0; j < Hp - 1; ++j) so += yq[Hp + 1 + j] * p.Goh[j];
+          Eb[q * ldE + half] = se;
+          Ob[q * ldE + half] = so;
+        }
+      }
       const i64 r1 = std::min(p.Rout, half + 1), nbo = p.NBo;
       const T* scb = p.sc + bo;
       const T* shb = p.sh + bo;
       for (i64 q = 0; q < npx; ++q) {
-        const T* e = Eb + q * NpE;
-        const T* o = Ob + q * NpE;
+        const T* e = Eb + q * ldE;
+        const T* o = Ob + q * ldE;
         T* y = orow + q * ldo + bo;
         for (i64 r = 0; r < r1; ++r) {
           const T z = (e[r] + o[r]) * scb[r * nbo] + shb[r * nbo];
@@ -728,7 +748,7 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, i64
         }
       }
     }
-    if (!direct) store_block<T>(p, orow, ldo, npx, n, (o0 * O1 + qb) * O2);
+    if (!direct) store_block<T>(p, orow, ldo, npx, n, (o0 * O1 + qb) * O2 + c2b);
   }
 }
 
@@ -1077,15 +1097,26 @@ void set_fold_in(Plan<T>& p, const Spec& sp, i64 Rn, std::vector<T>& Bu, std::ve
 
 // Folded inverse tables, used when more than C/2 + 1 rolls are kept.
 template <typename T>
-void set_fold_out(Plan<T>& p, const Spec& sp, i64 Rout, std::vector<T>& Ge, std::vector<T>& Go) {
-  const i64 Hp = sp.Hp, half = sp.C / 2;
+void set_fold_out(Plan<T>& p, const Spec& sp, i64 Rout, std::vector<T>& Ge, std::vector<T>& Go, std::vector<T>& Geh,
+                  std::vector<T>& Goh) {
+  const i64 Hp = sp.Hp, half = sp.C / 2, NL = isa_vbytes(p.isa) / (i64)sizeof(T);
   p.fold_out = true;
   p.C = sp.C;
   p.Rout = Rout;
-  p.NpE = round_up(half + 1, isa_vbytes(p.isa) / (i64)sizeof(T));
+  const bool split = half >= NL && half % NL == 0;  // e.g. C = 64: 32 GEMM columns + 1, not 48
+  p.NpE = split ? half : round_up(half + 1, NL);
   Ge.assign((size_t)((Hp + 1) * p.NpE), T(0));
   Go.assign((size_t)((Hp - 1) * p.NpE), T(0));
   for (i64 r = 0; r <= half; ++r) {
+    if (split && r == half) {
+      Geh.assign((size_t)(Hp + 1), T(0));
+      Goh.assign((size_t)(Hp - 1), T(0));
+      for (i64 j = 0; j <= Hp; ++j) Geh[j] = (T)idft_entry(sp, j, r);
+      for (i64 j = 0; j < Hp - 1; ++j) Goh[j] = (T)idft_entry(sp, Hp + 1 + j, r);
+      p.Geh = Geh.data();
+      p.Goh = Goh.data();
+      continue;
+    }
     for (i64 j = 0; j <= Hp; ++j) Ge[j * p.NpE + r] = (T)idft_entry(sp, j, r);
     for (i64 j = 0; j < Hp - 1; ++j) Go[j * p.NpE + r] = (T)idft_entry(sp, Hp + 1 + j, r);
   }
@@ -1120,7 +1151,7 @@ template <typename T>
 struct TableSet {
   Spec sp;
   std::vector<double> D;  // (C, 2Hp) forward DFT in double, for the spectral weights
-  std::vector<T> Dm, Gm, Bu, Bv, Ge, Go;
+  std::vector<T> Dm, Gm, Bu, Bv, Ge, Go, Geh, Goh;
   Plan<T> plan;
 };
 
@@ -1153,7 +1184,7 @@ std::shared_ptr<const TableSet<T>> get_tables(i64 C, i64 nb, i64 n_rolls, bool a
   if (fold) {
     set_fold_in<T>(p, sp, adjoint ? n_rolls : C, ts->Bu, ts->Bv);
     const i64 rout = adjoint ? C : n_rolls;
-    if (rout > C / 2 + 1) set_fold_out<T>(p, sp, rout, ts->Ge, ts->Go);
+    if (rout > C / 2 + 1) set_fold_out<T>(p, sp, rout, ts->Ge, ts->Go, ts->Geh, ts->Goh);
   }
   p.Dm = ts->Dm.data();
   p.Gm = ts->Gm.data();
