@@ -170,10 +170,9 @@ struct Plan {
   i64 Rout = 0, NpE = 0;
   const T* Ge = nullptr;  // (Hp + 1, NpE)
   const T* Go = nullptr;  // (Hp - 1, NpE)
-  // When C/2 is a multiple of the vector width, the GEMMs cover columns r < C/2 (NpE = C/2, no
-  // padded vector for the one column r = C/2) and column C/2 is a dot product with Geh / Goh.
-  const T* Geh = nullptr;  // (Hp + 1)
-  const T* Goh = nullptr;  // (Hp - 1)
+  // The AVX-512 copy runs these two GEMMs with 32-byte tiles where that pads the C/2 + 1 columns
+  // less (C = 64: 40 columns instead of 48).
+  bool e_narrow = false;
   i64 SP() const { return NBi * 2 * Hp; }
 };
 
@@ -660,10 +659,10 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, i64
   }
   const i64 ystride = p.NBo * 2 * p.Hp;
   const i64 O1 = p.O[1], O2 = p.O[2];
-  // blocks of <= 128 output pixels (whole rows of dim 2, or 128-pixel pieces of a longer one): the
-  // block's spectra, inverse and output stay in L1/L2 (512-pixel rows ran 1.5x slower per pixel)
+  // blocks of ~128 output pixels (whole rows of dim 2; rows longer than 256 in 256-pixel pieces):
+  // the block's spectra, inverse and output stay in L2 (512-pixel rows ran 1.5x slower per pixel)
   const i64 rows_per_block = std::max<i64>(1, 128 / O2);
-  const i64 CB = O2 <= 128 ? O2 : 128;
+  const i64 CB = O2 <= 256 ? O2 : 256;
   const bool direct = p.out != nullptr;
   T* outrow = direct ? p.out + (n * p.O[0] + o0) * O1 * O2 * p.Cout : nullptr;
   for (i64 qb = q1lo; qb < q1hi; qb += rows_per_block)
@@ -713,23 +712,18 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, i64
       continue;
     }
     const i64 NpE = p.NpE, Hp = p.Hp, half = p.C / 2;
-    const i64 ldE = p.Geh ? NpE + 1 : NpE;  // + column C/2
+    const i64 ldE = NpE;
     if ((i64)E.size() < 2 * npx * ldE) E.resize(2 * npx * ldE);
     T* Eb = E.data();
     T* Ob = E.data() + npx * ldE;
     for (i64 bo = 0; bo < p.NBo; ++bo) {
       const T* Yb = Y.data() + bo * 2 * Hp;
-      gemm<T, VB, false>(npx, Hp + 1, Yb, ystride, 1, p.Ge, NpE, NpE, Eb, ldE, NpE, nullptr, nullptr, false);
-      gemm<T, VB, false>(npx, Hp - 1, Yb + Hp + 1, ystride, 1, p.Go, NpE, NpE, Ob, ldE, NpE, nullptr, nullptr, false);
-      if (p.Geh) {
-        for (i64 q = 0; q < npx; ++q) {
-          const T* yq = Yb + q * ystride;
-          T se = T(0), so = T(0);
-          for (i64 j = 0; j <= Hp; ++j) se += yq[j] * p.Geh[j];
-          for (i64 j = 0; j < Hp - 1; ++j) so += yq[Hp + 1 + j] * p.Goh[j];
-          Eb[q * ldE + half] = se;
-          Ob[q * ldE + half] = so;
-        }
+      if (VB == 64 && p.e_narrow) {
+        gemm<T, 32, false>(npx, Hp + 1, Yb, ystride, 1, p.Ge, NpE, NpE, Eb, ldE, NpE, nullptr, nullptr, false);
+        gemm<T, 32, false>(npx, Hp - 1, Yb + Hp + 1, ystride, 1, p.Go, NpE, NpE, Ob, ldE, NpE, nullptr, nullptr, false);
+      } else {
+        gemm<T, VB, false>(npx, Hp + 1, Yb, ystride, 1, p.Ge, NpE, NpE, Eb, ldE, NpE, nullptr, nullptr, false);
+        gemm<T, VB, false>(npx, Hp - 1, Yb + Hp + 1, ystride, 1, p.Go, NpE, NpE, Ob, ldE, NpE, nullptr, nullptr, false);
       }
       const i64 r1 = std::min(p.Rout, half + 1), nbo = p.NBo;
       const T* scb = p.sc + bo;
@@ -1097,26 +1091,16 @@ void set_fold_in(Plan<T>& p, const Spec& sp, i64 Rn, std::vector<T>& Bu, std::ve
 
 // Folded inverse tables, used when more than C/2 + 1 rolls are kept.
 template <typename T>
-void set_fold_out(Plan<T>& p, const Spec& sp, i64 Rout, std::vector<T>& Ge, std::vector<T>& Go, std::vector<T>& Geh,
-                  std::vector<T>& Goh) {
-  const i64 Hp = sp.Hp, half = sp.C / 2, NL = isa_vbytes(p.isa) / (i64)sizeof(T);
+void set_fold_out(Plan<T>& p, const Spec& sp, i64 Rout, std::vector<T>& Ge, std::vector<T>& Go) {
+  const i64 Hp = sp.Hp, half = sp.C / 2, NL = isa_vbytes(p.isa) / (i64)sizeof(T), NL2 = 32 / (i64)sizeof(T);
   p.fold_out = true;
   p.C = sp.C;
   p.Rout = Rout;
-  const bool split = half >= NL && half % NL == 0;  // e.g. C = 64: 32 GEMM columns + 1, not 48
-  p.NpE = split ? half : round_up(half + 1, NL);
+  p.e_narrow = p.isa == kIsaAvx512 && round_up(half + 1, NL2) < round_up(half + 1, NL);
+  p.NpE = round_up(half + 1, p.e_narrow ? NL2 : NL);
   Ge.assign((size_t)((Hp + 1) * p.NpE), T(0));
   Go.assign((size_t)((Hp - 1) * p.NpE), T(0));
   for (i64 r = 0; r <= half; ++r) {
-    if (split && r == half) {
-      Geh.assign((size_t)(Hp + 1), T(0));
-      Goh.assign((size_t)(Hp - 1), T(0));
-      for (i64 j = 0; j <= Hp; ++j) Geh[j] = (T)idft_entry(sp, j, r);
-      for (i64 j = 0; j < Hp - 1; ++j) Goh[j] = (T)idft_entry(sp, Hp + 1 + j, r);
-      p.Geh = Geh.data();
-      p.Goh = Goh.data();
-      continue;
-    }
     for (i64 j = 0; j <= Hp; ++j) Ge[j * p.NpE + r] = (T)idft_entry(sp, j, r);
     for (i64 j = 0; j < Hp - 1; ++j) Go[j * p.NpE + r] = (T)idft_entry(sp, Hp + 1 + j, r);
   }
@@ -1151,7 +1135,7 @@ template <typename T>
 struct TableSet {
   Spec sp;
   std::vector<double> D;  // (C, 2Hp) forward DFT in double, for the spectral weights
-  std::vector<T> Dm, Gm, Bu, Bv, Ge, Go, Geh, Goh;
+  std::vector<T> Dm, Gm, Bu, Bv, Ge, Go;
   Plan<T> plan;
 };
 
@@ -1184,7 +1168,7 @@ std::shared_ptr<const TableSet<T>> get_tables(i64 C, i64 nb, i64 n_rolls, bool a
   if (fold) {
     set_fold_in<T>(p, sp, adjoint ? n_rolls : C, ts->Bu, ts->Bv);
     const i64 rout = adjoint ? C : n_rolls;
-    if (rout > C / 2 + 1) set_fold_out<T>(p, sp, rout, ts->Ge, ts->Go, ts->Geh, ts->Goh);
+    if (rout > C / 2 + 1) set_fold_out<T>(p, sp, rout, ts->Ge, ts->Go);
   }
   p.Dm = ts->Dm.data();
   p.Gm = ts->Gm.data();
