@@ -1,6 +1,7 @@
 // Fused CPU kernels of the spectral rolling convolution (DESIGN.md §1, docs/rolling_conv_spectral.md):
 // forward, grad_input and grad_weight of the rolling conv and of the transposed rolling conv,
-// 2D and 3D, float32 and float64.
+// 2D and 3D, float32, float64 and bfloat16 (computed in float32), any input strides, the output in
+// the input's memory format; hot loops compiled per ISA (AVX-512, AVX2+FMA, generic; cpu_dispatch.h).
 //
 // A rolling layer is block-circulant over channels: a DFT along the channel axis turns it into one
 // complex depthwise spatial convolution per channel frequency. Per output row (2D) or slice (3D):
@@ -12,7 +13,7 @@
 //      a register tile of 4 output pixels);
 //   3. the inverse DFT restricted to the n_rolls rows that are kept (a GEMM), with the epilogue
 //      (bias, per-channel scale and shift, ReLU) applied to the accumulators, stored directly into
-//      the channels-last output.
+//      a channels-last float output, or through a small block buffer (NC(D)HW, bfloat16).
 // Spectra are stored "packed real": C values per pixel and base. Slot f < H = ceil(C/2) holds
 // [Re X[f]] in the first half and [Im X[f]] in the second half (padded to Hp lanes each); the
 // imaginary slot of f = 0 (always 0 for real input) holds the Nyquist bin Re X[C/2] (C even).
@@ -28,7 +29,7 @@
 // grad_weight: dW_b[f, t] = sum_{n, p} conj(A_b[f](p)) B[f](p*s + t*d - pad) (conv: A = DY, B = X;
 // transposed: the roles swap), summed per block of rows (fixed blocks, independent of the thread
 // count), the blocks added in double in a fixed order, then the inverse DFT to the base.
-// Threads own disjoint output rows (weight gradient: disjoint row blocks); every sum has a fixed
+// Threads own disjoint output rows or row ranges (weight gradient: disjoint row blocks); every sum has a fixed
 // order: results are bit-identical for any thread count (no atomics).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
