@@ -1,70 +1,161 @@
-"""Quick check of the C++ CPU kernel (backend "cpu") against torch's dense conv (MKLDNN) of the
-same shape and the published roll-loop construction, forward and forward+backward.
-The full benchmark of every backend is bench/bench_rolling_conv.py (`make bench`).
+"""The fused spectral CPU kernel (backend "spectral" on CPU tensors) and backend "auto" against
+torch's dense convolution (oneDNN) of the same shape, each in NCHW and channels-last memory, per
+instruction-set copy of the kernel (avx512 / avx2 / generic, the ones this CPU runs), forward and
+forward+backward. Every row names the ISA copy, the dtype and the machine's load average.
 
-    PYTHONPATH=. python bench/bench_rolling_conv_cpu.py [--threads 2]
+    PYTHONPATH=. python bench/bench_rolling_conv_cpu.py --set fused --threads 2
+    PYTHONPATH=. python bench/bench_rolling_conv_cpu.py --set small --isa avx512 --mode fwd
+    PYTHONPATH=. python bench/bench_rolling_conv_cpu.py --set fused --threads 1 --timer cpu   # load-robust
+    /work/shared/tools/quiet-run python bench/bench_rolling_conv_cpu.py ...                 # when shared
+
+Columns: dense_ms (the faster of NCHW / channels-last, layout named), spectral_ms (the fused kernel,
+faster input layout, named) and speedup = dense / spectral with each side in its faster layout;
+auto_nchw / auto_cl = dense time / auto time with both in that layout (above 1: auto is faster),
+ref_nchw / ref_cl the same for backend "reference" (the bank + the same oneDNN conv; the
+alternative auto chooses from), spec_nchw / spec_cl for backend "spectral";
+gflops: the dense conv's nominal FLOPs / time for dense and for spectral (so spectral's figure is
+"dense-equivalent"), and the float32 GEMM rate measured in the same run (peak reference).
+--timer cpu measures process CPU time (with --threads 1: the kernel's own time, robust to other
+jobs on the machine); wall is wall-clock (the targets' measure, needs a quiet machine).
 """
 import argparse
+import csv
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import medconv_ext as mc  # noqa: E402
-from bench.harness import time_ms  # noqa: E402
-from medconv_ext.reference.rolling_conv import expand_rolling_weight  # noqa: E402
+from medconv_ext.ops import rolling_conv_spectral_cpu as fused  # noqa: E402
 
-SHAPES = [  # dims, N, C, spatial, k
-    (2, 4, 64, 32, 3),
-    (2, 1, 256, 32, 3),
-    (3, 1, 32, 16, 5),
-]
+SETS = {  # dims, C, S, k   (N=1, single roll, stride 1, "same" padding)
+    "fused": [(2, 64, 256, 3), (2, 64, 512, 3), (2, 128, 128, 3), (2, 128, 256, 3), (2, 512, 32, 3),
+              (3, 64, 24, 5), (3, 128, 16, 5)],
+    "small": [(2, c, s, 3) for c in (16, 32, 64, 128, 256) for s in (16, 32, 64, 128)]
+    + [(3, c, s, 3) for c in (16, 32, 64) for s in (12, 16)],
+}
+SETS["all"] = SETS["fused"] + SETS["small"]
+CL = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
-def roll_loop_bank(w, n_rolls):
-    banks, cur = [w], w
-    for _ in range(n_rolls - 1):
-        cur = torch.roll(cur, shifts=1, dims=1)
-        banks.append(cur)
-    return torch.cat(banks, dim=0)
+def timer_ms(fn, budget, kind):
+    clock = time.perf_counter if kind == "wall" else time.process_time
+    for _ in range(2):
+        fn()
+    times = []
+    t_all = time.perf_counter()
+    while len(times) < 50 and (len(times) < 5 or time.perf_counter() - t_all < budget):
+        t0 = clock()
+        fn()
+        times.append((clock() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def gemm_gflops(budget, kind):
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return 2 * 2048 ** 3 / timer_ms(lambda: torch.mm(a, b), budget, kind) / 1e6
+
+
+def runner(fn, mode):
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn()
+    else:
+        def run():
+            fn().sum().backward()
+    return run
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--budget", type=float, default=2.0)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    dev = torch.device("cpu")
-    print("threads=%d; ratio = other impl time / cpu-kernel time (> 1: the kernel is faster)" % args.threads)
-    for dims, N, C, S, k in SHAPES:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", default="fused", choices=sorted(SETS))
+    ap.add_argument("--shape", action="append", help="dims,C,S,k[,n_rolls] (repeatable; replaces --set)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--isa", default="auto", help="comma list of auto,avx512,avx2,generic; 'all': auto and "
+                    "every copy this CPU runs (auto: the default selection, the copy it picked is named)")
+    ap.add_argument("--mode", default="fwd,fwdbwd")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--timer", default="wall", choices=["wall", "cpu"])
+    ap.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
+    ap.add_argument("--no-auto", action="store_true")
+    ap.add_argument("--csv", default=None, help="write the rows here (default bench/out/cpu/rolling_conv_fused_isa.csv)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype)
+    isas = ["auto"] + fused.supported_isas() if a.isa == "all" else a.isa.split(",")
+    shapes = [tuple(int(v) for v in s.split(",")) for s in a.shape] if a.shape else SETS[a.set]
+    load0 = os.getloadavg()[0]
+    peak = gemm_gflops(a.budget, a.timer)
+    print("threads=%d timer=%s dtype=%s load=%.2f; float32 GEMM 2048^3: %.0f GFLOP/s; oneDNN dense conv; "
+          "kernel ISA copies %s" % (a.threads, a.timer, a.dtype, load0, peak, ",".join(isas)))
+    hdr = ("shape", "mode", "isa", "dense_ms", "dense_layout", "spectral_ms", "spectral_layout", "speedup",
+           "auto_nchw", "auto_cl", "auto_backend", "ref_nchw", "ref_cl", "spec_nchw", "spec_cl", "dense_gflops",
+           "spectral_gflops", "gemm_gflops", "load")
+    print("%-24s %-6s %-11s %9s %-5s %11s %-5s %7s %9s %7s %-9s %8s %6s %9s %7s %8s %8s" % hdr[:17])
+    rows = []
+    for sh in shapes:
+        dims, C, S, k = sh[:4]
+        nr = sh[4] if len(sh) > 4 else C
         conv = {2: F.conv2d, 3: F.conv3d}[dims]
         rc = {2: mc.rolling_conv2d, 3: mc.rolling_conv3d}[dims]
-        x = torch.randn(N, C, *[S] * dims, requires_grad=True)
-        w = (torch.randn(1, C, *[k] * dims) * 0.05).requires_grad_()
-        W = expand_rolling_weight(w.detach(), C).requires_grad_()
+        x0 = torch.randn(1, C, *[S] * dims).to(dtype)
+        w = (torch.randn(1, C, *[k] * dims) * 0.05).to(dtype)
+        W = torch.randn(nr, C, *[k] * dims).to(dtype) * 0.05
         pad = k // 2
-        impls = {
-            "cpu": lambda: rc(x, w, None, 1, pad, backend="cpu"),
-            "dense": lambda: conv(x, W, None, 1, pad),
-            "roll_loop": lambda: conv(x, roll_loop_bank(w, C), None, 1, pad),
-        }
-        shape = "%dd N=%d C=%d S=%d k=%d" % (dims, N, C, S, k)
-        for mode in ("fwd", "fwd+bwd"):
-            t = {}
-            for name, fn in impls.items():
-                if mode == "fwd":
-                    def run(fn=fn):
-                        with torch.no_grad():
-                            fn()
-                else:
-                    def run(fn=fn):
-                        fn().sum().backward()
-                t[name] = time_ms(run, dev, budget_s=args.budget)
-            print("%-26s %-8s cpu %8.2f ms | dense %8.2f ms (x%.2f) | roll_loop %8.2f ms (x%.2f)"
-                  % (shape, mode, t["cpu"], t["dense"], t["dense"] / t["cpu"], t["roll_loop"], t["roll_loop"] / t["cpu"]))
+        flops = 2.0 * nr * C * k ** dims * S ** dims
+        shape = "%dd C=%d S=%d k=%d" % (dims, C, S, k) + ("" if nr == C else " r=%d" % nr)
+        for mode in a.mode.split(","):
+            grad = mode != "fwd"
+            xs = {"nchw": x0.clone(), "cl": x0.contiguous(memory_format=CL[dims])}
+            for t in xs.values():
+                t.requires_grad_(grad)
+            ws = w.clone().requires_grad_(grad)
+            Ws = {"nchw": W.clone().requires_grad_(grad), "cl": W.contiguous(memory_format=CL[dims]).requires_grad_(grad)}
+            dense = {lay: timer_ms(runner(lambda lay=lay: conv(xs[lay], Ws[lay], None, 1, pad), mode), a.budget,
+                                   a.timer) for lay in ("nchw", "cl")}
+            dl = min(dense, key=dense.get)
+            for isa in isas:
+                with fused.use_isa(isa):
+                    spec = {lay: timer_ms(runner(lambda lay=lay: rc(xs[lay], ws, None, 1, pad, n_rolls=nr, backend="spectral"),
+                                                 mode), a.budget, a.timer) for lay in ("nchw", "cl")}
+                    sl = min(spec, key=spec.get)
+                    auto, be, ref = {}, "-", {}
+                    if not a.no_auto:
+                        for lay in ("nchw", "cl"):
+                            ref[lay] = dense[lay] / timer_ms(runner(
+                                lambda lay=lay: rc(xs[lay], ws, None, 1, pad, n_rolls=nr, backend="reference"), mode), a.budget,
+                                a.timer)
+                        from medconv_ext.ops.rolling_conv import _auto_candidates
+                        with torch.set_grad_enabled(grad):
+                            be = _auto_candidates(xs["nchw"], ws, False, nr)[0]
+                        for lay in ("nchw", "cl"):
+                            auto[lay] = dense[lay] / timer_ms(runner(lambda lay=lay: rc(xs[lay], ws, None, 1, pad, n_rolls=nr),
+                                                                     mode), a.budget, a.timer)
+                    label = isa if isa != "auto" else "auto:" + fused.isa(C, dtype)
+                row = dict(shape=shape, mode=mode, isa=label, dense_ms=dense[dl], dense_layout=dl, spectral_ms=spec[sl],
+                           spectral_layout=sl, speedup=dense[dl] / spec[sl], auto_nchw=auto.get("nchw", float("nan")),
+                           auto_cl=auto.get("cl", float("nan")), auto_backend=be,
+                           ref_nchw=ref.get("nchw", float("nan")), ref_cl=ref.get("cl", float("nan")),
+                           spec_nchw=dense["nchw"] / spec["nchw"], spec_cl=dense["cl"] / spec["cl"],
+                           dense_gflops=flops * (3 if grad else 1) / dense[dl] / 1e6,
+                           spectral_gflops=flops * (3 if grad else 1) / spec[sl] / 1e6, gemm_gflops=peak,
+                           load=os.getloadavg()[0])
+                rows.append(row)
+                print("%-24s %-6s %-11s %9.3f %-5s %11.3f %-5s %7.2f %9.2f %7.2f %-9s %8.2f %6.2f %9.2f %7.2f %8.0f %8.0f"
+                      % tuple(row[h] for h in hdr[:17]), flush=True)
+    path = a.csv or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "cpu", "rolling_conv_fused_isa.csv")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(hdr) + ["threads", "timer", "dtype"])
+        wr.writeheader()
+        for r in rows:
+            wr.writerow(dict(r, threads=a.threads, timer=a.timer, dtype=a.dtype))
+    print("load average %.2f before, %.2f after; rows in %s" % (load0, os.getloadavg()[0], path))
 
 
 if __name__ == "__main__":

@@ -150,10 +150,14 @@ def test_layouts_noncontiguous_channels_last_and_empty_batch():
     y = medconv_ext.rolling_conv2d(xc, w, padding=1, backend="spectral")
     assert y.is_contiguous(memory_format=torch.channels_last)  # as torch's conv does
     assert _rel_err(y, ref.rolling_conv(xc, w, None, [1, 1], [1, 1], [1, 1], 6)) < 1e-12
-    y = medconv_ext.rolling_conv2d(torch.randn(1, 6, 7, 5, dtype=torch.float64), w, backend="spectral")
-    assert y.is_contiguous(memory_format=torch.channels_last)  # its natural layout, see _finish
-    y3 = medconv_ext.rolling_conv3d(torch.randn(2, 6, 4, 5, 3), w.float()[..., None], backend="spectral")
-    assert y3.is_contiguous(memory_format=torch.channels_last_3d)
+    from medconv_ext.ops import rolling_conv_spectral_cpu as fused
+    # the fused CPU kernel returns the input's memory format, the composition channels-last (see _finish)
+    for backend in ("spectral", "spectral_unfused"):
+        keeps = backend == "spectral" and fused.available()
+        y = medconv_ext.rolling_conv2d(torch.randn(1, 6, 7, 5, dtype=torch.float64), w, backend=backend)
+        assert y.is_contiguous() if keeps else y.is_contiguous(memory_format=torch.channels_last)
+        y3 = medconv_ext.rolling_conv3d(torch.randn(2, 6, 4, 5, 3), w.float()[..., None], backend=backend)
+        assert y3.is_contiguous() if keeps else y3.is_contiguous(memory_format=torch.channels_last_3d)
     y = medconv_ext.rolling_conv2d(torch.randn(0, 6, 7, 5, dtype=torch.float64), w, padding=1, backend="spectral")
     assert y.shape == (0, 6, 7, 5)
     y = medconv_ext.rolling_conv_transpose2d(torch.randn(0, 6, 4, 5), w.transpose(0, 1).float(), stride=2,
@@ -221,16 +225,26 @@ def test_cpu_auto_rule():
     x2 = lambda c, dt=torch.float32, **kw: torch.randn(1, c, 4, 4, dtype=dt, **kw)  # noqa: E731
     assert rule(x2(512), w2(512), False) == ["spectral"]
     assert rule(x2(512), w2(512, 1), False) == ["reference"]  # 1x1: no gain
-    if fused.available():  # with the fused CPU kernel (float32/float64, C_in <= 256)
-        assert rule(x2(16), w2(16), False) == ["reference"]  # 2D inference from C_in=32, C_out=64
-        assert rule(x2(64), w2(64), False) == ["spectral"]
-        assert rule(x2(64), w2(64), False, 32) == ["reference"]  # half roll: C_out < 64
-        assert rule(x2(16, requires_grad=True), w2(16), False) == ["spectral"]  # 2D training from C_in=8
-        assert rule(x2(4, requires_grad=True), w2(4), False) == ["reference"]
+    if fused.available():  # with the fused CPU kernel (float32/float64/bfloat16, C_in <= 256)
+        xb = lambda c, dt=torch.float32, **kw: torch.empty(1, c, 64, 64, dtype=dt, **kw)  # noqa: E731
+        assert rule(xb(16), w2(16), False) == ["reference"]  # 2D inference from C_in=32 ...
+        assert rule(x2(16), w2(16), False) == ["spectral"]  # ... or small work: C_in * pixels <= 16 * 32^2
+        assert rule(xb(32), w2(32), False) == ["spectral"]
+        assert rule(xb(64), w2(64), False, 16) == ["spectral"]  # C_out >= C_in / 4
+        assert rule(xb(256), w2(256), False, 32) == ["reference"]  # C_out < C_in / 4
+        assert rule(xb(32, requires_grad=True), w2(32), False) == ["spectral"]
+        assert rule(xb(64, requires_grad=True), w2(64), False, 16) == ["reference"]  # training: C_out >= 32
+        assert rule(xb(16, requires_grad=True), w2(16), False) == ["reference"]
         assert rule(torch.randn(1, 4, 4, 4, 4), torch.randn(1, 4, 3, 3, 3), False) == ["spectral"]  # 3D: any C
         assert rule(torch.randn(1, 16, 4, 4, 4), torch.randn(1, 16, 2, 2, 2), False) == ["reference"]
-    # without it (16-bit inputs, C_in > 256): the composition's rule
-    bf = torch.bfloat16
+        bf = torch.bfloat16  # against oneDNN's bf16 conv: higher thresholds
+        assert rule(xb(32, bf), w2(32, 3, bf), False) == ["reference"]
+        assert rule(xb(64, bf), w2(64, 3, bf), False) == ["spectral"]
+        x3 = torch.empty(1, 16, 8, 8, 8, dtype=bf)
+        assert rule(x3, torch.empty(1, 16, 3, 3, 3, dtype=bf), False) == ["reference"]
+        assert rule(x3, torch.empty(1, 16, 5, 5, 5, dtype=bf), False) == ["spectral"]
+    # without it (float16, C_in > 256): the composition's rule
+    bf = torch.float16
     assert rule(x2(32, bf), w2(32, 3, bf), False) == ["reference"]
     assert rule(x2(64, bf), w2(64, 3, bf), False) == ["reference"]  # 2D inference from C_in=128
     assert rule(x2(256, bf), w2(256, 3, bf), False) == ["spectral"]

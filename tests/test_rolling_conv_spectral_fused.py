@@ -1,6 +1,12 @@
 """The fused CPU kernel of the spectral rolling convolution (torch.ops.medconv.rolling_conv*_spectral*)
-against the float64 reference: forward, transposed, both gradients, the epilogue, layouts, the
-paper's eq. 7/8 summed literally, thread-count independence, opcheck and torch.compile."""
+against the float64 reference: forward, transposed, both gradients, the epilogue, layouts and the
+output's memory format, NaN/Inf, the paper's eq. 7/8 summed literally, thread-count independence,
+opcheck and torch.compile; for every instruction-set copy this CPU runs (avx512 / avx2 / generic)
+and for float64, float32 and bfloat16."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +19,23 @@ pytestmark = pytest.mark.skipif(not fused.available(), reason="compiled extensio
 
 CONV = {2: medconv_ext.rolling_conv2d, 3: medconv_ext.rolling_conv3d}
 CONV_T = {2: medconv_ext.rolling_conv_transpose2d, 3: medconv_ext.rolling_conv_transpose3d}
-TOL = {torch.float64: 1e-11, torch.float32: 3e-5}  # max |err| / max |ref|
+# max |err| / max |ref|; bfloat16 is computed in float32 and rounded once at the store (2^-9 relative)
+TOL = {torch.float64: 1e-11, torch.float32: 3e-5, torch.bfloat16: 8e-3}
+# every copy of the hot loops this CPU executes (widest first)
+ISAS = fused.supported_isas() or ["generic"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with fused.use_isa(request.param):
+        assert fused.isa_setting() == request.param and fused.isa() == request.param
+        assert fused.isa(3) == request.param  # forced: every layer runs that copy
+        yield request.param
+
+
+def _fmt(t):
+    from torch._prims_common import suggest_memory_format
+    return suggest_memory_format(t)
 
 
 def _rel(y, r):
@@ -56,17 +78,20 @@ CASES = [
     (3, 1, 3, 1, 3, (5, 6, 7), 3, 1, 1, 1, 0),   # 3D, odd C
     (3, 2, 8, 2, 5, (6, 5, 7), 3, 2, 1, 1, 1),   # 3D, stride 2, partial roll, 2 bases
     (3, 1, 10, 1, 10, (7, 6, 5), 3, 1, 2, 2, 0),  # 3D dilation
+    (2, 1, 32, 1, 32, (4, 9), 3, 1, 1, 1, 0),    # C/2 a multiple of the vector width: split inverse column
+    (2, 1, 33, 1, 33, (3, 7), 3, 1, 1, 1, 0),    # odd C, the split column read by both halves
+    (2, 1, 4, 1, 4, (3, 267), 3, 1, 1, 1, 0),    # rows longer than a 128-pixel block
 ]
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "convT"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "%dd-C%d-nb%d-r%d-s%d-d%d" % (c[0], c[2], c[3], c[4], c[7], c[9]))
-def test_forward_and_grads_vs_float64(case, transposed):
+def test_forward_and_grads_vs_float64(case, transposed, isa):
     dims, n, c, nb, nr, size, k, s, p, d, op_ = case
     if not transposed:
         op_ = 0
     gen = torch.Generator().manual_seed(hash(case) % 1000)
-    for dtype in (torch.float64, torch.float32):
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
         x, w, b = _inputs(dims, n, c, nb, nr, size, k, transposed, dtype, gen)
         x.requires_grad_(True)
         w.requires_grad_(True)
@@ -75,7 +100,8 @@ def test_forward_and_grads_vs_float64(case, transposed):
         xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, b))
         yr = _ref(xr, wr, br, transposed, s, p, op_, d, nr)
         assert _rel(y, yr) < TOL[dtype], "forward %s" % dtype
-        g = torch.randn(yr.shape, dtype=torch.float64, generator=gen)
+        assert y.dtype == dtype
+        g = torch.randn(yr.shape, dtype=torch.float64, generator=gen).to(dtype).double()
         gx, gw, gb = torch.autograd.grad(y, (x, w, b), g.to(dtype))
         rx, rw, rb = torch.autograd.grad(yr, (xr, wr, br), g)
         assert _rel(gx, rx) < TOL[dtype], "grad_input %s" % dtype
@@ -132,7 +158,7 @@ def test_epilogue_matches_batchnorm_relu_eval(dims):
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_epilogue_gradcheck(transposed):
+def test_epilogue_gradcheck(transposed, isa):
     gen = torch.Generator().manual_seed(5)
     x, w, b = _inputs(2, 1, 3, 1, 2, (4, 5), 3, transposed, torch.float64, gen)
     scale = torch.randn(2, dtype=torch.float64, generator=gen)
@@ -145,13 +171,43 @@ def test_epilogue_gradcheck(transposed):
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6)
 
 
-def test_layouts_and_empty_batch():
+def _layouts(x):
+    """x as NC(D)HW, channels-last, a permuted (non-contiguous) view and a strided slice."""
+    cl = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+    return {"nchw": x.contiguous(), "cl": x.contiguous(memory_format=cl),
+            "permuted": x.transpose(-2, -1).contiguous().transpose(-2, -1),
+            "sliced": wide[..., ::2].copy_(x)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "convT"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_layouts_and_output_memory_format(dims, transposed, dtype, isa):
+    """Any input layout gives the same numbers; the output (and grad_input) comes back in the input's
+    memory format (channels-last in, channels-last out; NC(D)HW otherwise), so .view works."""
+    gen = torch.Generator().manual_seed(11 + dims)
+    size = (5, 6, 7) if dims == 3 else (9, 11)
+    s, p, op_ = (2, 1, 1) if transposed else (1, 1, 0)
+    x, w, b = _inputs(dims, 2, 7, 1, 4, size, 3, transposed, dtype, gen)
+    want = _ref(x, w, b, transposed, s, p, op_, 1, 4)
+    for name, xx in _layouts(x).items():
+        xx = xx.detach().requires_grad_(True)
+        y = _op(xx, w, b, transposed, s, p, op_, 1, 4)
+        assert _rel(y, want) < TOL[dtype], name
+        assert y.dtype == dtype
+        fmt = _fmt(xx)
+        assert y.is_contiguous(memory_format=fmt), (name, fmt, y.stride())
+        if name != "cl":
+            assert y.is_contiguous()
+            y.view(y.shape[0], -1)  # the drop-in use that channels-last output broke
+        gx, = torch.autograd.grad(y, xx, torch.ones_like(y))
+        assert gx.is_contiguous(memory_format=_fmt(y)), (name, gx.stride())
+
+
+def test_empty_batch():
     gen = torch.Generator().manual_seed(11)
     x, w, b = _inputs(3, 2, 7, 1, 4, (5, 6, 7), 3, False, torch.float32, gen)
-    want = _ref(x, w, b, False, 1, 1, 0, 1, 4)
-    for xx in (x, x.contiguous(memory_format=torch.channels_last_3d), x.transpose(3, 4).contiguous().transpose(3, 4),
-               torch.randn(2, 7, 5, 6, 14, generator=gen)[..., ::2].copy_(x)):
-        assert _rel(_op(xx, w, b, False, 1, 1, 0, 1, 4), want) < TOL[torch.float32]
     y = _op(x[:0], w, b, False, 1, 1, 0, 1, 4)
     assert y.shape == (0, 4, 5, 6, 7)
     xe = x[:0].requires_grad_(True)
@@ -161,34 +217,118 @@ def test_layouts_and_empty_batch():
     assert gx.shape == xe.shape and (gw == 0).all()
 
 
-def test_thread_count_independent():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_nan_inf_as_torch(dims, dtype, isa):
+    """A NaN or Inf input makes exactly the outputs non-finite whose receptive field holds it, as the
+    dense conv with the rolled bank does; ReLU keeps NaN (as torch.relu)."""
+    gen = torch.Generator().manual_seed(21)
+    size = (6, 7, 5) if dims == 3 else (9, 10)
+    for transposed in (False, True):
+        x, w, b = _inputs(dims, 1, 6, 1, 6, size, 3, transposed, dtype, gen)
+        x[0, 2][(1,) * dims] = float("nan")
+        x[0, 4][(4,) * dims] = float("inf")
+        y = _op(x, w, b, transposed, 1, 1, 0, 1, 6)
+        ydense = _ref(x, w, b, transposed, 1, 1, 0, 1, 6)
+        bad = ~torch.isfinite(ydense)
+        assert bad.any() and (~bad).any()
+        assert torch.equal(~torch.isfinite(y), bad)
+        assert _rel(y[~bad], ydense[~bad]) < TOL[dtype]
+        # NaN only (an Inf may turn into NaN inside the channel DFT): the ReLU epilogue keeps it
+        x[0, 4][(4,) * dims] = 0.0
+        yr = _op(x, w, b, transposed, 1, 1, 0, 1, 6, relu=True)
+        want = torch.relu(_ref(x, w, b, transposed, 1, 1, 0, 1, 6))
+        nan = torch.isnan(want)
+        assert nan.any() and torch.equal(torch.isnan(yr), nan)
+        assert _rel(yr[~nan], want[~nan]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_thread_count_independent(dtype, isa):
+    """1, 2, 3 threads give bit-identical results; (2, 13, 7) has fewer slices than twice the
+    threads, so its slices are also cut into ranges of rows (2 and 3 parts)."""
     gen = torch.Generator().manual_seed(2)
-    x, w, b = _inputs(2, 2, 16, 1, 16, (13, 11), 3, False, torch.float32, gen)
-    x.requires_grad_(True)
-    w.requires_grad_(True)
-    old = torch.get_num_threads()
-    outs = []
-    try:
-        for nt in (1, 2, 3):
-            torch.set_num_threads(nt)
-            y = _op(x, w, b, False, 1, 1, 0, 1, 16)
-            outs.append((y.detach(),) + torch.autograd.grad(y, (x, w), torch.ones_like(y)))
-    finally:
-        torch.set_num_threads(old)
-    for o in outs[1:]:
-        for a, bb in zip(outs[0], o):
-            assert torch.equal(a, bb)
+    for dims, size in ((2, (13, 11)), (3, (5, 6, 7)), (3, (2, 13, 7))):
+        for layout in ("nchw", "cl"):
+            x, w, b = _inputs(dims, 2, 16, 1, 16, size, 3, False, dtype, gen)
+            x = _layouts(x)[layout].requires_grad_(True)
+            w.requires_grad_(True)
+            old = torch.get_num_threads()
+            outs = []
+            try:
+                for nt in (1, 2, 3):
+                    torch.set_num_threads(nt)
+                    y = _op(x, w, b, False, 1, 1, 0, 1, 16)
+                    outs.append((y.detach(),) + torch.autograd.grad(y, (x, w), torch.ones_like(y)))
+            finally:
+                torch.set_num_threads(old)
+            for o in outs[1:]:
+                for a, bb in zip(outs[0], o):
+                    assert torch.equal(a, bb)
+            assert _rel(outs[-1][0], _ref(x, w, b, False, 1, 1, 0, 1, 16)) < TOL[dtype]
+
+
+def test_isa_copies_agree():
+    """Every copy and the automatic selection agree with the reference on a wide and a narrow layer."""
+    gen = torch.Generator().manual_seed(8)
+    x, w, b = _inputs(2, 1, 40, 1, 40, (9, 37), 3, False, torch.float32, gen)
+    outs = {}
+    for name in ISAS + ["auto"]:
+        with fused.use_isa(name):
+            outs[name] = _op(x, w, b, False, 1, 1, 0, 1, 40)
+    want = _ref(x, w, b, False, 1, 1, 0, 1, 40)
+    for name, y in outs.items():
+        assert _rel(y, want) < TOL[torch.float32], name
+    x, w, b = _inputs(3, 1, 12, 1, 12, (5, 6, 7), 3, False, torch.float32, gen)
+    with fused.use_isa("auto"):
+        assert _rel(_op(x, w, b, False, 1, 1, 0, 1, 12), _ref(x, w, b, False, 1, 1, 0, 1, 12)) < TOL[torch.float32]
+
+
+def test_isa_selection():
+    top = fused.supported_isas()[0]
+    assert fused.isa_setting() == "auto"  # no MEDCONV_CPU_ISA in the test environment
+    assert fused.isa() == top and fused.isa(256) == top
+    if top == "avx512":  # 8 frequency slots would fill half of the 16 lanes: the AVX2 copy runs
+        assert fused.isa(16) == "avx2" and fused.isa(16, torch.float64) == "avx512"
+    with fused.use_isa("generic"):
+        assert fused.isa_setting() == "generic" and fused.isa(16) == "generic"
+        with fused.use_isa("avx512"):  # clipped to what the CPU runs
+            assert fused.isa() == top
+        assert fused.isa() == "generic"
+    assert fused.isa_setting() == "auto"
+    with pytest.raises(ValueError, match="avx2"):
+        fused.set_isa("sse9")
+    with pytest.raises(RuntimeError, match="expected one of"):
+        torch.ops.medconv.set_cpu_isa("sse9")
+
+
+def test_isa_environment_variable():
+    want = "avx2" if "avx2" in fused.supported_isas() else "generic"
+    code = ("import medconv_ext, torch; from medconv_ext.ops import rolling_conv_spectral_cpu as f; "
+            "x = torch.randn(1, 4, 5, 5); medconv_ext.rolling_conv2d(x, torch.randn(1, 4, 3, 3), padding=1, "
+            "backend='spectral'); print(f.isa_setting(), f.isa(16))")
+    env = dict(os.environ, MEDCONV_CPU_ISA=want)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "%s %s" % (want, want)
 
 
 def test_spectral_backend_dispatches_to_fused():
     x = torch.randn(1, 8, 6, 6)
     w = torch.randn(1, 8, 3, 3)
     y = medconv_ext.rolling_conv2d(x, w, padding=1, backend="spectral")
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert y.is_contiguous()  # the input's memory format
     assert fused.supports(x, w, False) is None
+    assert fused.supports(x.bfloat16(), w.bfloat16(), False) is None
     assert fused.supports(x.half(), w.half(), False) is not None  # falls back to the composition
+    want = _ref(x.bfloat16(), w.bfloat16(), None, False, 1, 1, 0, 1, 8)
     y16 = medconv_ext.rolling_conv2d(x.bfloat16(), w.bfloat16(), padding=1, backend="spectral")
-    assert _rel(y16.float(), _ref(x, w, None, False, 1, 1, 0, 1, 8)) < 2e-2
+    assert y16.dtype == torch.bfloat16 and _rel(y16, want) < TOL[torch.bfloat16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya = medconv_ext.rolling_conv2d(x, w, padding=1, backend="spectral")
+    assert ya.dtype == torch.bfloat16 and _rel(ya, want) < TOL[torch.bfloat16]
 
 
 def test_bad_inputs():
@@ -202,6 +342,8 @@ def test_bad_inputs():
         torch.ops.medconv.rolling_conv_spectral(x, w, None, torch.ones(3), None, False, [1], [1], [1], 4)
     with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.medconv.rolling_conv_spectral(x.double(), w, None, None, None, False, [1], [1], [1], 4)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.medconv.rolling_conv_spectral(x.half(), w.half(), None, None, None, False, [1], [1], [1], 4)
     with pytest.raises(RuntimeError, match="larger than the padded input"):
         torch.ops.medconv.rolling_conv_spectral(x[..., :1, :], w, None, None, None, False, [1], [0], [1], 4)
     with pytest.raises(ValueError, match="scale"):
@@ -210,25 +352,31 @@ def test_bad_inputs():
         medconv_ext.rolling_conv2d(x, w, padding=1, relu=1)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_opcheck(layout):
+    """Includes the fake kernels' output strides (the input's memory format) against the real ones."""
     gen = torch.Generator().manual_seed(1)
     x, w, b = _inputs(2, 1, 5, 1, 3, (5, 6), 3, False, torch.float64, gen)
+    x = _layouts(x)[layout]
     sc, sh = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
     torch.library.opcheck(torch.ops.medconv.rolling_conv_spectral,
                           (x.requires_grad_(True), w.requires_grad_(True), b, sc, sh, True, [1, 1], [1, 1], [1, 1], 3))
     xt, wt, bt = _inputs(3, 1, 4, 2, 2, (3, 4, 3), 2, True, torch.float64, gen)
+    xt = _layouts(xt)[layout]
     torch.library.opcheck(torch.ops.medconv.rolling_conv_transpose_spectral,
                           (xt.requires_grad_(True), wt.requires_grad_(True), bt, None, None, False, [2, 2, 2],
                            [0, 0, 0], [1, 1, 1], [1, 1, 1], 2))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_compile_fullgraph(dtype):
     gen = torch.Generator().manual_seed(4)
-    x, w, b = _inputs(2, 1, 6, 1, 6, (6, 6), 3, False, torch.float32, gen)
+    x, w, b = _inputs(2, 1, 6, 1, 6, (6, 6), 3, False, dtype, gen)
     w.requires_grad_(True)
 
     def f(x, w, b):
-        return medconv_ext.rolling_conv2d(x, w, b, padding=1, backend="spectral", relu=True).sum()
+        y = medconv_ext.rolling_conv2d(x, w, b, padding=1, backend="spectral", relu=True)
+        return y.view(y.shape[0], -1).sum()  # NCHW in, NCHW out: view works in the graph too
 
     cf = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch._dynamo.reset()

@@ -51,10 +51,13 @@ struct Geom {
   i64 taps() const { return k[0] * k[1] * k[2]; }
 };
 
-inline void check_float_cpu(const at::Tensor& t, const char* name, const char* op) {
+// allow_bf16: the fused spectral kernel also reads and writes bfloat16 (computing in float32).
+inline void check_float_cpu(const at::Tensor& t, const char* name, const char* op, bool allow_bf16 = false) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64 on the CPU, got ", t.scalar_type());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || (allow_bf16 && st == at::kBFloat16), op, ": ", name,
+              allow_bf16 ? " must be float32, float64 or bfloat16 on the CPU, got " : " must be float32 or float64 on the CPU, got ",
+              st);
 }
 
 // Common checks: rank, weight sizes, n_rolls, stride/padding/dilation.

@@ -1,6 +1,7 @@
 // Fused CPU kernels of the spectral rolling convolution (docs/design.md §1, docs/rolling_conv_spectral.md):
 // forward, grad_input and grad_weight of the rolling conv and of the transposed rolling conv,
-// 2D and 3D, float32 and float64.
+// 2D and 3D, float32, float64 and bfloat16 (computed in float32), any input strides, the output in
+// the input's memory format; hot loops compiled per ISA (AVX-512, AVX2+FMA, generic; cpu_dispatch.h).
 //
 // A rolling layer is block-circulant over channels: a DFT along the channel axis turns it into one
 // complex depthwise spatial convolution per channel frequency. Per output row (2D) or slice (3D):
@@ -12,7 +13,7 @@
 //      a register tile of 4 output pixels);
 //   3. the inverse DFT restricted to the n_rolls rows that are kept (a GEMM), with the epilogue
 //      (bias, per-channel scale and shift, ReLU) applied to the accumulators, stored directly into
-//      the channels-last output.
+//      a channels-last float output, or through a small block buffer (NC(D)HW, bfloat16).
 // Spectra are stored "packed real": C values per pixel and base. Slot f < H = ceil(C/2) holds
 // [Re X[f]] in the first half and [Im X[f]] in the second half (padded to Hp lanes each); the
 // imaginary slot of f = 0 (always 0 for real input) holds the Nyquist bin Re X[C/2] (C even).
@@ -28,7 +29,7 @@
 // grad_weight: dW_b[f, t] = sum_{n, p} conj(A_b[f](p)) B[f](p*s + t*d - pad) (conv: A = DY, B = X;
 // transposed: the roles swap), summed per block of rows (fixed blocks, independent of the thread
 // count), the blocks added in double in a fixed order, then the inverse DFT to the base.
-// Threads own disjoint output rows (weight gradient: disjoint row blocks); every sum has a fixed
+// Threads own disjoint output rows or row ranges (weight gradient: disjoint row blocks); every sum has a fixed
 // order: results are bit-identical for any thread count (no atomics).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -40,8 +41,17 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cpu/cpu_dispatch.h"
 #include "cpu/rolling_conv_geometry.h"
@@ -52,24 +62,43 @@ namespace {
 using i64 = int64_t;
 using cpu_geom::A3;
 
-constexpr int kAlignBytes = 32;  // spectra, DFT and inverse matrices padded to 32 bytes per row
-
 i64 round_up(i64 v, i64 m) { return (v + m - 1) / m * m; }
 i64 ceil_div(i64 a, i64 b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
+
+// Vector bytes of an ISA copy: spectra, DFT and inverse matrices are padded to it per row.
+i64 isa_vbytes(int isa) { return isa == kIsaAvx512 ? 64 : isa == kIsaAvx2 ? 32 : 16; }
+
+// The copy a call runs: the selected one; under auto selection AVX-512 gives way to AVX2 when the
+// H = ceil(C/2) frequency slots padded to 64 bytes exceed their padding to 32 bytes by more than a
+// quarter (C_in <= 16 in float32: half the lanes would be padding; measured 1.2-1.4x faster on AVX2).
+int call_isa(i64 C, i64 elem) {
+  const int isa = cpu_isa();
+  if (isa != kIsaAvx512 || cpu_isa_forced()) return isa;
+  const i64 H = (C + 1) / 2;
+  return round_up(H, 64 / elem) * 4 > round_up(H, 32 / elem) * 5 ? (int)kIsaAvx2 : isa;
+}
 
 // ------------------------------------------------------------------------------------------
 // DFT tables (double precision, cast once)
 // ------------------------------------------------------------------------------------------
 // Packed real spectrum of C values: H = ceil(C/2) slots, Hp = H rounded up to the vector width.
+// cs/sn: cos and sin of 2 pi k / C, k < C (C trigonometric calls per table, not C^2).
 struct Spec {
   i64 C, H, Hp;
+  std::vector<double> cs, sn;
 };
 
-Spec make_spec(i64 C, i64 elem) {
+Spec make_spec(i64 C, i64 elem, i64 vbytes) {
   Spec s;
   s.C = C;
   s.H = (C + 1) / 2;
-  s.Hp = round_up(s.H, kAlignBytes / elem);
+  s.Hp = round_up(s.H, vbytes / elem);
+  s.cs.resize((size_t)C);
+  s.sn.resize((size_t)C);
+  for (i64 k = 0; k < C; ++k) {
+    s.cs[k] = std::cos(2.0 * M_PI * (double)k / (double)C);
+    s.sn[k] = std::sin(2.0 * M_PI * (double)k / (double)C);
+  }
   return s;
 }
 
@@ -78,12 +107,12 @@ double dft_entry(const Spec& s, i64 c, i64 j) {
   const i64 C = s.C;
   if (j < s.Hp) {
     if (j >= s.H) return 0.0;
-    return std::cos(2.0 * M_PI * (double)((c * j) % C) / (double)C);
+    return s.cs[(c * j) % C];
   }
   const i64 f = j - s.Hp;
   if (f >= s.H) return 0.0;
   if (f == 0) return (C % 2 == 0) ? ((c % 2) ? -1.0 : 1.0) : 0.0;
-  return -std::sin(2.0 * M_PI * (double)((c * f) % C) / (double)C);
+  return -s.sn[(c * f) % C];
 }
 
 // G[j][r]: inverse real DFT, y[r] = sum_j spec[j] G[j][r] (includes 1/C and the Hermitian weights).
@@ -93,12 +122,12 @@ double idft_entry(const Spec& s, i64 j, i64 r) {
   if (j < s.Hp) {
     if (j >= s.H) return 0.0;
     if (j == 0) return inv;
-    return 2.0 * inv * std::cos(2.0 * M_PI * (double)((j * r) % C) / (double)C);
+    return 2.0 * inv * s.cs[(j * r) % C];
   }
   const i64 f = j - s.Hp;
   if (f >= s.H) return 0.0;
   if (f == 0) return (C % 2 == 0) ? ((r % 2) ? -inv : inv) : 0.0;
-  return -2.0 * inv * std::sin(2.0 * M_PI * (double)((f * r) % C) / (double)C);
+  return -2.0 * inv * s.sn[(f * r) % C];
 }
 
 // ------------------------------------------------------------------------------------------
@@ -107,7 +136,9 @@ double idft_entry(const Spec& s, i64 j, i64 r) {
 template <typename T>
 struct Plan {
   // source operand of the spectra: element (n, ch, m0, m1, m2) at src[n*sN + ch*sC + sum m_i*sS_i]
+  // (bfloat16 input: src16 holds the bits, converted to T = float one row at a time)
   const T* src = nullptr;
+  const uint16_t* src16 = nullptr;
   i64 sN = 0, sC = 0;
   A3 sS{0, 0, 0}, S{1, 1, 1};
   i64 Csrc = 0, N = 0;
@@ -124,7 +155,14 @@ struct Plan {
   const T* sc = nullptr;  // (Np,)
   const T* sh = nullptr;
   bool relu = false;
-  T* out = nullptr;  // (N, O0, O1, O2, Cout)
+  // output (N, Cout, *O): channels-last of type T is written in place (out); any other layout or
+  // type (NC(D)HW, bfloat16) goes through a per-thread block buffer and store_block (out_any).
+  T* out = nullptr;
+  void* out_any = nullptr;
+  bool out_cl = true, out_bf16 = false;
+  int isa = kIsaGeneric;
+  // work items: `parts` ranges of dim 1 (3D: rows of a slice) per output row, item = part*rows + row
+  i64 parts = 1;
   // Folded channel DFT (x[c] +- x[C-c] first: half the multiply-adds): per base, Rn input channels
   // (channel of roll r of base b: r*NBi + b), C the transform length.
   bool fold_in = false;
@@ -137,6 +175,9 @@ struct Plan {
   i64 Rout = 0, NpE = 0;
   const T* Ge = nullptr;  // (Hp + 1, NpE)
   const T* Go = nullptr;  // (Hp - 1, NpE)
+  // The AVX-512 copy runs these two GEMMs with 32-byte tiles where that pads the C/2 + 1 columns
+  // less (C = 64: 40 columns instead of 48).
+  bool e_narrow = false;
   i64 SP() const { return NBi * 2 * Hp; }
 };
 
@@ -204,14 +245,22 @@ __attribute__((noinline)) void gemm_tile16(MEDCONV_GEMM_ARGS) {
 }
 #ifdef MEDCONV_X86_DISPATCH
 template <typename T, int MR, int NV, bool EPI>
-__attribute__((noinline, target("avx2,fma"))) void gemm_tile32(MEDCONV_GEMM_ARGS) {
+__attribute__((noinline)) MEDCONV_TARGET_AVX2 void gemm_tile32(MEDCONV_GEMM_ARGS) {
   gemm_tile<T, 32, MR, NV, EPI>(MEDCONV_GEMM_PASS);
+}
+template <typename T, int MR, int NV, bool EPI>
+__attribute__((noinline)) MEDCONV_TARGET_AVX512 void gemm_tile64(MEDCONV_GEMM_ARGS) {
+  gemm_tile<T, 64, MR, NV, EPI>(MEDCONV_GEMM_PASS);
 }
 #endif
 
 template <typename T, int VB, int MR, int NV, bool EPI>
 MEDCONV_INLINE void gemm_tile_call(MEDCONV_GEMM_ARGS) {
 #ifdef MEDCONV_X86_DISPATCH
+  if constexpr (VB == 64) {
+    gemm_tile64<T, MR, NV, EPI>(MEDCONV_GEMM_PASS);
+    return;
+  }
   if constexpr (VB == 32) {
     gemm_tile32<T, MR, NV, EPI>(MEDCONV_GEMM_PASS);
     return;
@@ -231,22 +280,27 @@ MEDCONV_INLINE void gemm_rows(i64 K, const T* A, i64 ams, i64 aks, const T* B, i
 template <typename T, int VB, bool EPI>
 MEDCONV_INLINE void gemm(i64 M, i64 K, const T* A, i64 ams, i64 aks, const T* B, i64 ldb, i64 Np, T* C, i64 ldc,
                          i64 nvalid, const T* sc, const T* sh, bool relu) {
-  constexpr int NL = VB / sizeof(T), MR = 6, NV = 2;
+  // 6 x 2 vectors with 16 vector registers (AVX2), 12 x 2 with 32 (AVX-512): the accumulators
+  // fill about three quarters of the register file. Every element's sum runs over k in order, so
+  // the tile shape does not change the result.
+  constexpr int NL = VB / sizeof(T), MR = VB == 64 ? 12 : 6, NV = 2;
   for (i64 n0 = 0; n0 < Np; n0 += NV * NL) {
     const int nv = (int)std::min<i64>(NV, (Np - n0) / NL);
     i64 m0 = 0;
     for (; m0 + MR <= M; m0 += MR)
       gemm_rows<T, VB, MR, EPI>(K, A + m0 * ams, ams, aks, B, ldb, C + m0 * ldc, ldc, n0, nv, nvalid, sc, sh, relu);
-    const T* Am = A + m0 * ams;
-    T* Cm = C + m0 * ldc;
-    switch (M - m0) {
-      case 5: gemm_rows<T, VB, 5, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
-      case 4: gemm_rows<T, VB, 4, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
-      case 3: gemm_rows<T, VB, 3, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
-      case 2: gemm_rows<T, VB, 2, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
-      case 1: gemm_rows<T, VB, 1, EPI>(K, Am, ams, aks, B, ldb, Cm, ldc, n0, nv, nvalid, sc, sh, relu); break;
-      default: break;
+#define MEDCONV_GEMM_REM(R)                                                                                    \
+  if (M - m0 >= R) {                                                                                         \
+    gemm_rows<T, VB, R, EPI>(K, A + m0 * ams, ams, aks, B, ldb, C + m0 * ldc, ldc, n0, nv, nvalid, sc, sh, relu); \
+    m0 += R;                                                                                                 \
+  }
+    if constexpr (MR > 8) {
+      MEDCONV_GEMM_REM(8)
     }
+    MEDCONV_GEMM_REM(4)
+    MEDCONV_GEMM_REM(2)
+    MEDCONV_GEMM_REM(1)
+#undef MEDCONV_GEMM_REM
   }
 }
 
@@ -259,8 +313,24 @@ struct Ring {
   std::vector<T> data;
   std::vector<i64> tag;  // (n * L0 + j0) held by each slot, -1 if none
   std::vector<T> fold;   // folded input of one row of pixels (fold_in)
-  std::vector<T> xt;     // one row of a channel-major input, transposed to pixel-major
+  std::vector<T> xs;     // one row of a bfloat16 input, converted to float
 };
+
+MEDCONV_INLINE float bf16_to_float(uint16_t h) {
+  const uint32_t u = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Round to nearest even; NaN stays NaN (quiet), as c10::BFloat16.
+MEDCONV_INLINE uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (uint16_t)(nan ? ((u >> 16) | 0x40u) : r);
+}
 
 // source index of buffer coordinate j, or -1
 MEDCONV_INLINE i64 src_index(i64 j, i64 off, i64 su, i64 size) {
@@ -324,8 +394,62 @@ MEDCONV_INLINE void fold_pixels(const Plan<T>& p, const T* a, i64 ps, i64 cs, i6
   }
 }
 
+// Folded input of M pixels from a channel-major row (channel ch's pixels contiguous at a + ch*cs:
+// NC(D)HW input read in place, no transposition pass): per base b the K = Ku + Kv folded rows of M
+// pixels, F[(b*K + k)*M + m] (the GEMM then reads A with pixel stride 1 and k stride M).
+template <typename T>
+MEDCONV_INLINE void fold_channels(const Plan<T>& p, const T* a, i64 cs, i64 M, T* F) {
+  const i64 C = p.C, Rn = p.Rn, h = p.h, nb = p.NBi, Ku = p.Ku, K = p.Ku + p.Kv;
+  const bool even = C % 2 == 0;
+  for (i64 b = 0; b < nb; ++b) {
+    T* Fb = F + b * K * M;
+    auto row = [&](i64 c) -> const T* { return c < Rn ? a + (c * nb + b) * cs : nullptr; };
+    T* nyq = Fb + (Ku + h) * M;
+    const T* x0 = row(0);
+    for (i64 m = 0; m < M; ++m) Fb[m] = x0[m];
+    for (i64 m = 0; m < M; ++m) nyq[m] = even ? x0[m] : T(0);
+    for (i64 c = 1; c <= h; ++c) {
+      const T* lo = row(c);
+      const T* hi = row(C - c);
+      T* u = Fb + c * M;
+      T* v = Fb + (Ku + c - 1) * M;
+      if (lo && hi) {
+        for (i64 m = 0; m < M; ++m) {
+          u[m] = lo[m] + hi[m];
+          v[m] = lo[m] - hi[m];
+        }
+      } else if (lo) {
+        for (i64 m = 0; m < M; ++m) u[m] = v[m] = lo[m];
+      } else if (hi) {
+        for (i64 m = 0; m < M; ++m) {
+          u[m] = hi[m];
+          v[m] = -hi[m];
+        }
+      } else {
+        for (i64 m = 0; m < M; ++m) u[m] = v[m] = T(0);
+      }
+      if (even) {
+        if (c % 2)
+          for (i64 m = 0; m < M; ++m) nyq[m] -= u[m];
+        else
+          for (i64 m = 0; m < M; ++m) nyq[m] += u[m];
+      }
+    }
+    if (even) {
+      const T* xm = row(C / 2);
+      T* f = Fb + (h + 1) * M;
+      for (i64 m = 0; m < M; ++m) f[m] = xm ? xm[m] : T(0);
+      if ((C / 2) % 2)
+        for (i64 m = 0; m < M; ++m) nyq[m] -= f[m];
+      else
+        for (i64 m = 0; m < M; ++m) nyq[m] += f[m];
+    }
+  }
+}
+
+// Only the buffer rows j1 in [j1lo, j1hi) of dim 1 are filled (the others are not read by the caller).
 template <typename T, int VB>
-MEDCONV_INLINE void fill_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 m0, T* slab) {
+MEDCONV_INLINE void fill_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 m0, T* slab, i64 j1lo, i64 j1hi) {
   const i64 SP = p.SP();
   const i64 m2lo = std::max<i64>(0, ceil_div(p.off[2], p.su[2]));
   const i64 m2hi = std::min<i64>(p.S[2], ceil_div(p.L[2] + p.off[2], p.su[2]));
@@ -334,44 +458,62 @@ MEDCONV_INLINE void fill_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 m0, T*
   const i64 M = m2hi - m2lo, K = p.Ku + p.Kv;
   for (i64 m1 = 0; m1 < p.S[1]; ++m1) {
     const i64 j1 = m1 * p.su[1] - p.off[1];
-    if (j1 < 0 || j1 >= p.L[1]) continue;
-    const T* a = p.src + n * p.sN + m0 * p.sS[0] + m1 * p.sS[1] + m2lo * p.sS[2];
+    if (j1 < std::max<i64>(0, j1lo) || j1 >= std::min(p.L[1], j1hi)) continue;
     T* dst = slab + (j1 * p.L[2] + j2lo) * SP;
+    // the row as a (M pixels) x (Csrc channels) operand: element (m, ch) at a[m*ps + ch*cs]
+    const T* a;
+    i64 ps = p.sS[2], cs = p.sC;
+    const i64 base = n * p.sN + m0 * p.sS[0] + m1 * p.sS[1] + m2lo * p.sS[2];
+    if (p.src16) {  // bfloat16: converted to float once, in the orientation of the source
+      if ((i64)ring.xs.size() < M * p.Csrc) ring.xs.resize(M * p.Csrc);
+      T* xs = ring.xs.data();
+      const uint16_t* s16 = p.src16 + base;
+      if (p.sC != 1 && p.sS[2] == 1) {
+        for (i64 ch = 0; ch < p.Csrc; ++ch)
+          for (i64 m = 0; m < M; ++m) xs[ch * M + m] = bf16_to_float(s16[ch * p.sC + m]);
+        ps = 1;
+        cs = M;
+      } else {
+        for (i64 m = 0; m < M; ++m)
+          for (i64 ch = 0; ch < p.Csrc; ++ch) xs[m * p.Csrc + ch] = bf16_to_float(s16[m * p.sS[2] + ch * p.sC]);
+        ps = p.Csrc;
+        cs = 1;
+      }
+      a = xs;
+    } else {
+      a = p.src + base;
+    }
     if (!p.fold_in) {
-      gemm<T, VB, false>(M, p.Csrc, a, p.sS[2], p.sC, p.Dm, SP, SP, dst, p.su[2] * SP, SP, nullptr, nullptr, false);
+      gemm<T, VB, false>(M, p.Csrc, a, ps, cs, p.Dm, SP, SP, dst, p.su[2] * SP, SP, nullptr, nullptr, false);
       continue;
     }
     if ((i64)ring.fold.size() < M * p.NBi * K) ring.fold.resize(M * p.NBi * K);
-    if (p.sC != 1 && p.sS[2] == 1) {
-      // channel-major input (NC(D)HW): transpose the row to pixel-major first, reading every
-      // channel's pixels contiguously (gathering C strided channels per pixel was the bottleneck)
-      if ((i64)ring.xt.size() < M * p.Csrc) ring.xt.resize(M * p.Csrc);
-      T* xt = ring.xt.data();
-      for (i64 ch = 0; ch < p.Csrc; ++ch) {
-        const T* src = a + ch * p.sC;
-        for (i64 m = 0; m < M; ++m) xt[m * p.Csrc + ch] = src[m];
-      }
-      fold_pixels<T>(p, xt, p.Csrc, 1, M, ring.fold.data());
-    } else {
-      fold_pixels<T>(p, a, p.sS[2], p.sC, M, ring.fold.data());
-    }
+    // channel-major rows (NC(D)HW) fold along the pixels, pixel-major ones along the channels
+    const bool chmajor = cs != 1 && ps == 1;
+    if (chmajor)
+      fold_channels<T>(p, a, cs, M, ring.fold.data());
+    else
+      fold_pixels<T>(p, a, ps, cs, M, ring.fold.data());
     for (i64 b = 0; b < p.NBi; ++b) {
-      const T* F = ring.fold.data() + b * K;
-      gemm<T, VB, false>(M, p.Ku, F, p.NBi * K, 1, p.Bu, p.Hp, p.Hp, dst + b * 2 * p.Hp, p.su[2] * SP, p.Hp, nullptr,
+      const T* F = ring.fold.data() + (chmajor ? b * K * M : b * K);
+      const i64 fm = chmajor ? 1 : p.NBi * K, fk = chmajor ? M : 1;
+      gemm<T, VB, false>(M, p.Ku, F, fm, fk, p.Bu, p.Hp, p.Hp, dst + b * 2 * p.Hp, p.su[2] * SP, p.Hp, nullptr,
                          nullptr, false);
-      gemm<T, VB, false>(M, p.Kv, F + p.Ku, p.NBi * K, 1, p.Bv, p.Hp, p.Hp, dst + b * 2 * p.Hp + p.Hp, p.su[2] * SP,
+      gemm<T, VB, false>(M, p.Kv, F + p.Ku * fk, fm, fk, p.Bv, p.Hp, p.Hp, dst + b * 2 * p.Hp + p.Hp, p.su[2] * SP,
                          p.Hp, nullptr, nullptr, false);
     }
   }
 }
 
 // Slab of buffer row j0 (source row m0) of batch n, transformed on first use.
+// part: the dim-1 range [j1lo, j1hi) it covers (part 0 of 1: everything).
 template <typename T, int VB>
-MEDCONV_INLINE const T* get_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 j0, i64 m0) {
-  const i64 slot = j0 % ring.span, key = n * p.L[0] + j0;
+MEDCONV_INLINE const T* get_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 j0, i64 m0, i64 part = 0, i64 j1lo = 0,
+                                 i64 j1hi = INT64_MAX) {
+  const i64 slot = j0 % ring.span, key = (part * p.N + n) * p.L[0] + j0;
   T* s = ring.data.data() + slot * ring.slab;
   if (ring.tag[slot] != key) {
-    fill_slab<T, VB>(p, ring, n, m0, s);
+    fill_slab<T, VB>(p, ring, n, m0, s, j1lo, j1hi);
     ring.tag[slot] = key;
   }
   return s;
@@ -441,14 +583,22 @@ __attribute__((noinline)) void dw_tile16(MEDCONV_DW_ARGS) {
 }
 #ifdef MEDCONV_X86_DISPATCH
 template <typename T, int MP>
-__attribute__((noinline, target("avx2,fma"))) void dw_tile32(MEDCONV_DW_ARGS) {
+__attribute__((noinline)) MEDCONV_TARGET_AVX2 void dw_tile32(MEDCONV_DW_ARGS) {
   dw_tile<T, 32, MP>(MEDCONV_DW_PASS);
+}
+template <typename T, int MP>
+__attribute__((noinline)) MEDCONV_TARGET_AVX512 void dw_tile64(MEDCONV_DW_ARGS) {
+  dw_tile<T, 64, MP>(MEDCONV_DW_PASS);
 }
 #endif
 
 template <typename T, int VB, int MP>
 MEDCONV_INLINE void dw_tile_call(MEDCONV_DW_ARGS) {
 #ifdef MEDCONV_X86_DISPATCH
+  if constexpr (VB == 64) {
+    dw_tile64<T, MP>(MEDCONV_DW_PASS);
+    return;
+  }
   if constexpr (VB == 32) {
     dw_tile32<T, MP>(MEDCONV_DW_PASS);
     return;
@@ -457,11 +607,48 @@ MEDCONV_INLINE void dw_tile_call(MEDCONV_DW_ARGS) {
   dw_tile16<T, MP>(MEDCONV_DW_PASS);
 }
 
+// Stores a block of npx consecutive output pixels (first pixel pix0 of sample n), held channels-last
+// in Z (row stride ldz), into the output: NC(D)HW and/or bfloat16 (rounded to nearest even).
+template <typename T, typename To>
+MEDCONV_INLINE To cvt_out(T v) {
+  if constexpr (std::is_same<To, uint16_t>::value) return float_to_bf16((float)v);
+  else return (To)v;
+}
+
+template <typename T, typename To>
+MEDCONV_INLINE void store_block_t(const Plan<T>& p, const T* Z, i64 ldz, i64 npx, i64 n, i64 pix0) {
+  const i64 P = p.O[0] * p.O[1] * p.O[2], Co = p.Cout;
+  To* o = (To*)p.out_any;
+  if (p.out_cl) {
+    To* dst = o + (n * P + pix0) * Co;
+    for (i64 q = 0; q < npx; ++q)
+      for (i64 c = 0; c < Co; ++c) dst[q * Co + c] = cvt_out<T, To>(Z[q * ldz + c]);
+    return;
+  }
+  To* dst = o + n * Co * P + pix0;
+  constexpr i64 QB = 16;  // 16 rows of Z stay in L1 while every channel's 16 pixels are written
+  for (i64 q0 = 0; q0 < npx; q0 += QB) {
+    const i64 q1 = std::min(npx, q0 + QB);
+    for (i64 c = 0; c < Co; ++c) {
+      To* d = dst + c * P;
+      for (i64 q = q0; q < q1; ++q) d[q] = cvt_out<T, To>(Z[q * ldz + c]);
+    }
+  }
+}
+
+template <typename T>
+MEDCONV_INLINE void store_block(const Plan<T>& p, const T* Z, i64 ldz, i64 npx, i64 n, i64 pix0) {
+  if (p.out_bf16) store_block_t<T, uint16_t>(p, Z, ldz, npx, n, pix0);
+  else store_block_t<T, T>(p, Z, ldz, npx, n, pix0);
+}
+
 // One output row (n, o0): depthwise over the slabs, inverse GEMM with epilogue into the output.
+// Output rows [q1lo, q1hi) of dim 1 (part `part` of the row).
 template <typename T, int VB>
-MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, std::vector<TapRef>& taps,
-                             std::vector<T>& Y, std::vector<T>& E) {
-  constexpr int MP = 4;
+MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, i64 q1lo, i64 q1hi, i64 part,
+                             std::vector<TapRef>& taps, std::vector<T>& Y, std::vector<T>& E, std::vector<T>& Z) {
+  // 4 pixels x (re, im) accumulators with 16 vector registers, 8 pixels with 32
+  constexpr int MP = VB == 64 ? 8 : 4;
   const i64 SP = p.SP(), L2 = p.L[2];
   std::vector<const T*> slabs(ring.span, nullptr);
   taps.clear();
@@ -470,60 +657,86 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, std
     const i64 m0 = src_index(j0, p.off[0], p.su[0], p.S[0]);
     if (m0 < 0) continue;  // a zero row (padding or zero insertion): no contribution
     const i64 slot = j0 % ring.span;
-    slabs[slot] = get_slab<T, VB>(p, ring, n, j0, m0);
+    slabs[slot] = get_slab<T, VB>(p, ring, n, j0, m0, part, q1lo * p.ks[1], (q1hi - 1) * p.ks[1] + (p.k[1] - 1) * p.d[1] + 1);
     for (i64 t1 = 0; t1 < p.k[1]; ++t1)
       for (i64 t2 = 0; t2 < p.k[2]; ++t2)
         taps.push_back(TapRef{(t1 * p.d[1] * L2 + t2 * p.d[2]) * SP, slot, (t0 * p.k[1] + t1) * p.k[2] + t2});
   }
   const i64 ystride = p.NBo * 2 * p.Hp;
   const i64 O1 = p.O[1], O2 = p.O[2];
+  // blocks of ~128 output pixels (whole rows of dim 2; rows longer than 256 in 256-pixel pieces):
+  // the block's spectra, inverse and output buffers stay in L2 whatever the image width
   const i64 rows_per_block = std::max<i64>(1, 128 / O2);
-  T* outrow = p.out + (n * p.O[0] + o0) * O1 * O2 * p.Cout;
-  for (i64 qb = 0; qb < O1; qb += rows_per_block) {
-    const i64 qe = std::min(O1, qb + rows_per_block);
-    const i64 npx = (qe - qb) * O2;
+  const i64 CB = O2 <= 256 ? O2 : 256;
+  const bool direct = p.out != nullptr;
+  T* outrow = direct ? p.out + (n * p.O[0] + o0) * O1 * O2 * p.Cout : nullptr;
+  for (i64 qb = q1lo; qb < q1hi; qb += rows_per_block)
+  for (i64 c2b = 0; c2b < O2; c2b += CB) {
+    const i64 qe = std::min(q1hi, qb + rows_per_block);
+    const i64 c2e = std::min(O2, c2b + CB), W2 = c2e - c2b;
+    const i64 npx = (qe - qb) * W2;
     if ((i64)Y.size() < npx * ystride) Y.resize(npx * ystride);
     if (taps.empty()) {
       std::fill(Y.begin(), Y.begin() + npx * ystride, T(0));
     } else {
       for (i64 q1 = qb; q1 < qe; ++q1) {
         const i64 rowo = q1 * p.ks[1] * L2 * SP;
-        T* yrow = Y.data() + (q1 - qb) * O2 * ystride;
-        i64 q2 = 0;
-        for (; q2 + MP <= O2; q2 += MP)
+        T* yrow = Y.data() + (q1 - qb) * W2 * ystride;  // pixel q2 at yrow + (q2 - c2b) * ystride
+        i64 q2 = c2b;
+        for (; q2 + MP <= c2e; q2 += MP)
           dw_tile_call<T, VB, MP>(p, slabs.data(), taps.data(), (i64)taps.size(), rowo + q2 * p.ks[2] * SP,
-                             yrow + q2 * ystride, ystride);
-        const i64 pxo = rowo + q2 * p.ks[2] * SP;
-        T* yq = yrow + q2 * ystride;
-        switch (O2 - q2) {
-          case 3: dw_tile_call<T, VB, 3>(p, slabs.data(), taps.data(), (i64)taps.size(), pxo, yq, ystride); break;
-          case 2: dw_tile_call<T, VB, 2>(p, slabs.data(), taps.data(), (i64)taps.size(), pxo, yq, ystride); break;
-          case 1: dw_tile_call<T, VB, 1>(p, slabs.data(), taps.data(), (i64)taps.size(), pxo, yq, ystride); break;
-          default: break;
+                             yrow + (q2 - c2b) * ystride, ystride);
+#define MEDCONV_DW_REM(R)                                                                                     \
+  if (c2e - q2 >= R) {                                                                                        \
+    dw_tile_call<T, VB, R>(p, slabs.data(), taps.data(), (i64)taps.size(), rowo + q2 * p.ks[2] * SP,           \
+                           yrow + (q2 - c2b) * ystride, ystride);                                                     \
+    q2 += R;                                                                                                  \
+  }
+        if constexpr (MP > 4) {
+          MEDCONV_DW_REM(4)
         }
+        MEDCONV_DW_REM(2)
+        MEDCONV_DW_REM(1)
+#undef MEDCONV_DW_REM
       }
     }
-    T* orow = outrow + qb * O2 * p.Cout;
+    T* orow;
+    i64 ldo;
+    if (direct) {
+      orow = outrow + (qb * O2 + c2b) * p.Cout;
+      ldo = p.Cout;
+    } else {
+      if ((i64)Z.size() < npx * p.Np) Z.resize(npx * p.Np);
+      orow = Z.data();
+      ldo = p.Np;
+    }
     if (!p.fold_out) {
-      gemm<T, VB, true>(npx, ystride, Y.data(), ystride, 1, p.Gm, p.Np, p.Np, orow, p.Cout, p.Cout, p.sc, p.sh,
+      gemm<T, VB, true>(npx, ystride, Y.data(), ystride, 1, p.Gm, p.Np, p.Np, orow, ldo, p.Cout, p.sc, p.sh,
                         p.relu);
+      if (!direct) store_block<T>(p, orow, ldo, npx, n, (o0 * O1 + qb) * O2 + c2b);
       continue;
     }
     const i64 NpE = p.NpE, Hp = p.Hp, half = p.C / 2;
-    if ((i64)E.size() < 2 * npx * NpE) E.resize(2 * npx * NpE);
+    const i64 ldE = NpE;
+    if ((i64)E.size() < 2 * npx * ldE) E.resize(2 * npx * ldE);
     T* Eb = E.data();
-    T* Ob = E.data() + npx * NpE;
+    T* Ob = E.data() + npx * ldE;
     for (i64 bo = 0; bo < p.NBo; ++bo) {
       const T* Yb = Y.data() + bo * 2 * Hp;
-      gemm<T, VB, false>(npx, Hp + 1, Yb, ystride, 1, p.Ge, NpE, NpE, Eb, NpE, NpE, nullptr, nullptr, false);
-      gemm<T, VB, false>(npx, Hp - 1, Yb + Hp + 1, ystride, 1, p.Go, NpE, NpE, Ob, NpE, NpE, nullptr, nullptr, false);
+      if (VB == 64 && p.e_narrow) {
+        gemm<T, 32, false>(npx, Hp + 1, Yb, ystride, 1, p.Ge, NpE, NpE, Eb, ldE, NpE, nullptr, nullptr, false);
+        gemm<T, 32, false>(npx, Hp - 1, Yb + Hp + 1, ystride, 1, p.Go, NpE, NpE, Ob, ldE, NpE, nullptr, nullptr, false);
+      } else {
+        gemm<T, VB, false>(npx, Hp + 1, Yb, ystride, 1, p.Ge, NpE, NpE, Eb, ldE, NpE, nullptr, nullptr, false);
+        gemm<T, VB, false>(npx, Hp - 1, Yb + Hp + 1, ystride, 1, p.Go, NpE, NpE, Ob, ldE, NpE, nullptr, nullptr, false);
+      }
       const i64 r1 = std::min(p.Rout, half + 1), nbo = p.NBo;
       const T* scb = p.sc + bo;
       const T* shb = p.sh + bo;
       for (i64 q = 0; q < npx; ++q) {
-        const T* e = Eb + q * NpE;
-        const T* o = Ob + q * NpE;
-        T* y = orow + q * p.Cout + bo;
+        const T* e = Eb + q * ldE;
+        const T* o = Ob + q * ldE;
+        T* y = orow + q * ldo + bo;
         for (i64 r = 0; r < r1; ++r) {
           const T z = (e[r] + o[r]) * scb[r * nbo] + shb[r * nbo];
           y[r * nbo] = p.relu && z < T(0) ? T(0) : z;  // NaN stays NaN
@@ -534,6 +747,7 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, std
         }
       }
     }
+    if (!direct) store_block<T>(p, orow, ldo, npx, n, (o0 * O1 + qb) * O2 + c2b);
   }
 }
 
@@ -545,8 +759,13 @@ MEDCONV_INLINE void conv_rows(const Plan<T>& p, i64 begin, i64 end) {
   ring.data.assign(ring.span * ring.slab, T(0));
   ring.tag.assign(ring.span, -1);
   std::vector<TapRef> taps;
-  std::vector<T> Y, E;
-  for (i64 row = begin; row < end; ++row) conv_row<T, VB>(p, ring, row / p.O[0], row % p.O[0], taps, Y, E);
+  std::vector<T> Y, E, Z;
+  const i64 rows = p.N * p.O[0];
+  for (i64 it = begin; it < end; ++it) {
+    const i64 part = it / rows, row = it % rows;
+    const i64 q1lo = part * p.O[1] / p.parts, q1hi = (part + 1) * p.O[1] / p.parts;
+    if (q1lo < q1hi) conv_row<T, VB>(p, ring, row / p.O[0], row % p.O[0], q1lo, q1hi, part, taps, Y, E, Z);
+  }
 }
 
 template <typename T>
@@ -556,19 +775,37 @@ void conv_rows_default(const Plan<T>& p, i64 begin, i64 end) {
 
 #ifdef MEDCONV_X86_DISPATCH
 template <typename T>
-__attribute__((target("avx2,fma"))) void conv_rows_avx2(const Plan<T>& p, i64 begin, i64 end) {
+MEDCONV_TARGET_AVX2 void conv_rows_avx2(const Plan<T>& p, i64 begin, i64 end) {
   conv_rows<T, 32>(p, begin, end);
+}
+template <typename T>
+MEDCONV_TARGET_AVX512 void conv_rows_avx512(const Plan<T>& p, i64 begin, i64 end) {
+  conv_rows<T, 64>(p, begin, end);
 }
 #endif
 
+// Threads: work items are output rows (2D: rows, 3D: depth slices, over the batch), one contiguous
+// chunk per thread, so every transformed input row is reused by the k0 output rows that read it and
+// a thread transforms only (k0 - 1) * d0 rows more than its share. With fewer than 2 items per thread
+// (3D with many cores: 16-24 slices for 16-64 threads) every slice is also cut into `parts` ranges of
+// its rows (dim 1, at least 4 output rows each), ordered part-major so that a thread's chunk still
+// runs consecutive slices of one range; a range transforms its (k1 - 1) * d1 halo rows again. Each
+// output element is computed by the same sums whatever the partition: bit-identical results.
 template <typename T>
-void run_conv(const Plan<T>& p) {
-  const i64 rows = p.N * p.O[0];
+void run_conv(const Plan<T>& pin) {
+  const i64 rows = pin.N * pin.O[0];
   if (rows == 0) return;
-  // one contiguous chunk of rows per thread: each input row is transformed about once per thread
-  at::parallel_for(0, rows, 1, [&](i64 begin, i64 end) {
+  Plan<T> p = pin;
+  const i64 nt = at::get_num_threads();
+  p.parts = 1;
+  if (rows < 2 * nt) p.parts = std::max<i64>(1, std::min(ceil_div(2 * nt, rows), p.O[1] / 4));
+  at::parallel_for(0, rows * p.parts, 1, [&](i64 begin, i64 end) {
 #ifdef MEDCONV_X86_DISPATCH
-    if (cpu_has_avx2()) {
+    if (p.isa == kIsaAvx512) {
+      conv_rows_avx512<T>(p, begin, end);
+      return;
+    }
+    if (p.isa == kIsaAvx2) {
       conv_rows_avx2<T>(p, begin, end);
       return;
     }
@@ -688,8 +925,12 @@ void gw_block_default(const GwPlan<T>& g, i64 rb, i64 re, double* accd) {
 
 #ifdef MEDCONV_X86_DISPATCH
 template <typename T>
-__attribute__((target("avx2,fma"))) void gw_block_avx2(const GwPlan<T>& g, i64 rb, i64 re, double* accd) {
+MEDCONV_TARGET_AVX2 void gw_block_avx2(const GwPlan<T>& g, i64 rb, i64 re, double* accd) {
   gw_block<T, 32>(g, rb, re, accd);
+}
+template <typename T>
+MEDCONV_TARGET_AVX512 void gw_block_avx512(const GwPlan<T>& g, i64 rb, i64 re, double* accd) {
+  gw_block<T, 64>(g, rb, re, accd);
 }
 #endif
 
@@ -720,8 +961,8 @@ std::vector<i64> full_sizes(i64 N, i64 C, const A3& S, int dims) {
 }
 
 void check_pair(const at::Tensor& a, const char* na, const at::Tensor& b, const char* nb_, const char* op) {
-  check_float_cpu(a, na, op);
-  check_float_cpu(b, nb_, op);
+  check_float_cpu(a, na, op, /*allow_bf16=*/true);
+  check_float_cpu(b, nb_, op, /*allow_bf16=*/true);
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", na, " has dtype ", a.scalar_type(), " but ", nb_,
               " has dtype ", b.scalar_type());
 }
@@ -734,7 +975,7 @@ Geom make_geom(const char* op, int rank, at::IntArrayRef wsz, bool transposed, i
 
 void check_vec(const std::optional<at::Tensor>& v, const at::Tensor& x, i64 Cq, const char* name, const char* op) {
   if (!v.has_value()) return;
-  check_float_cpu(*v, name, op);
+  check_float_cpu(*v, name, op, /*allow_bf16=*/true);
   TORCH_CHECK(v->scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", v->scalar_type(), " but x has ",
               x.scalar_type());
   TORCH_CHECK(v->dim() == 1 && v->size(0) == Cq, op, ": ", name, " must have shape [n_rolls * n_base] = [", Cq,
@@ -763,11 +1004,8 @@ struct BaseW {
 
 // Packed spectral weights (nb, taps, 4, Hp): forward mode uses conj(W), adjoint mode W.
 template <typename T>
-std::vector<T> make_wpk(const BaseW<T>& bw, const Spec& sp, bool adjoint, bool flip) {
+std::vector<T> make_wpk(const BaseW<T>& bw, const Spec& sp, const std::vector<double>& D, bool adjoint, bool flip) {
   const i64 C = sp.C, Hp = sp.Hp, nt = bw.taps;
-  std::vector<double> D((size_t)(C * 2 * Hp));
-  for (i64 c = 0; c < C; ++c)
-    for (i64 j = 0; j < 2 * Hp; ++j) D[c * 2 * Hp + j] = dft_entry(sp, c, j);
   std::vector<T> out((size_t)(bw.nb * nt * 4 * Hp), T(0));
   std::vector<double> spec((size_t)(2 * Hp));
   for (i64 b = 0; b < bw.nb; ++b)
@@ -859,11 +1097,12 @@ void set_fold_in(Plan<T>& p, const Spec& sp, i64 Rn, std::vector<T>& Bu, std::ve
 // Folded inverse tables, used when more than C/2 + 1 rolls are kept.
 template <typename T>
 void set_fold_out(Plan<T>& p, const Spec& sp, i64 Rout, std::vector<T>& Ge, std::vector<T>& Go) {
-  const i64 Hp = sp.Hp, half = sp.C / 2;
+  const i64 Hp = sp.Hp, half = sp.C / 2, NL = isa_vbytes(p.isa) / (i64)sizeof(T), NL2 = 32 / (i64)sizeof(T);
   p.fold_out = true;
   p.C = sp.C;
   p.Rout = Rout;
-  p.NpE = round_up(half + 1, kAlignBytes / (i64)sizeof(T));
+  p.e_narrow = p.isa == kIsaAvx512 && round_up(half + 1, NL2) < round_up(half + 1, NL);
+  p.NpE = round_up(half + 1, p.e_narrow ? NL2 : NL);
   Ge.assign((size_t)((Hp + 1) * p.NpE), T(0));
   Go.assign((size_t)((Hp - 1) * p.NpE), T(0));
   for (i64 r = 0; r <= half; ++r) {
@@ -877,7 +1116,10 @@ void set_fold_out(Plan<T>& p, const Spec& sp, i64 Rout, std::vector<T>& Ge, std:
 // Source operand, with any strides (no copy), as 3 internal dims.
 template <typename T>
 void set_source(Plan<T>& p, const at::Tensor& src, int dims) {
-  p.src = src.data_ptr<T>();
+  if (src.scalar_type() == at::kBFloat16)
+    p.src16 = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
+  else
+    p.src = src.data_ptr<T>();
   p.N = src.size(0);
   p.Csrc = src.size(1);
   p.sN = src.stride(0);
@@ -890,20 +1132,113 @@ void set_source(Plan<T>& p, const at::Tensor& src, int dims) {
   }
 }
 
+// The weight-independent tables of a driver call (DFT matrices, folded tables, inverse), built once
+// per (dtype, C_in, n_base, n_rolls, adjoint, ISA, fold) and kept: building them costs ~C^2 table
+// entries, a fixed per-call cost that small layers felt. plan holds the table fields of a Plan
+// (pointers into this object, which is never moved).
+template <typename T>
+struct TableSet {
+  Spec sp;
+  std::vector<double> D;  // (C, 2Hp) forward DFT in double, for the spectral weights
+  std::vector<T> Dm, Gm, Bu, Bv, Ge, Go;
+  Plan<T> plan;
+};
+
+template <typename T>
+std::shared_ptr<const TableSet<T>> get_tables(i64 C, i64 nb, i64 n_rolls, bool adjoint, int isa) {
+  using Key = std::tuple<i64, i64, i64, bool, int, bool>;
+  static std::mutex mu;
+  static std::map<Key, std::shared_ptr<const TableSet<T>>> cache;
+  const bool fold = fold_enabled();
+  const Key key{C, nb, n_rolls, adjoint, isa, fold};
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  auto ts = std::make_shared<TableSet<T>>();
+  ts->sp = make_spec(C, sizeof(T), isa_vbytes(isa));
+  const Spec& sp = ts->sp;
+  const i64 Hp2 = 2 * sp.Hp;
+  ts->D.resize((size_t)(C * Hp2));
+  for (i64 c = 0; c < C; ++c)
+    for (i64 j = 0; j < Hp2; ++j) ts->D[c * Hp2 + j] = dft_entry(sp, c, j);
+  Plan<T>& p = ts->plan;
+  p.isa = isa;
+  p.Hp = sp.Hp;
+  p.Cout = adjoint ? C : n_rolls * nb;
+  p.Np = round_up(p.Cout, isa_vbytes(isa) / (i64)sizeof(T));
+  ts->Dm = make_dm<T>(sp, adjoint, nb, n_rolls);
+  ts->Gm = make_gm<T>(sp, adjoint, nb, n_rolls, p.Np);
+  if (fold) {
+    set_fold_in<T>(p, sp, adjoint ? n_rolls : C, ts->Bu, ts->Bv);
+    const i64 rout = adjoint ? C : n_rolls;
+    if (rout > C / 2 + 1) set_fold_out<T>(p, sp, rout, ts->Ge, ts->Go);
+  }
+  p.Dm = ts->Dm.data();
+  p.Gm = ts->Gm.data();
+  std::lock_guard<std::mutex> lock(mu);
+  if (cache.size() >= 64) cache.clear();  // bounded: layers of a model share a few entries
+  cache.emplace(key, ts);
+  return ts;
+}
+
+// Large outputs are fresh memory on every call (glibc maps blocks above 32 MB anew): their first
+// touch costs a page fault per 4 KB page, ~27 ms for a 67 MB output (2D C=64 at 512^2), about a
+// third of the whole call. Asking for transparent huge pages on the 2 MB-aligned interior (a hint:
+// honoured where THP is enabled, "madvise" or "always") cut that to ~8 ms.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t n = t.numel() * t.element_size();
+  if (n < 8 * kHuge) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1), e = (p + n) & ~(kHuge - 1);
+  if (e > a) (void)madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+// Memory format of an op's output: the source's (channels-last in, channels-last out; anything else
+// gives NC(D)HW), as torch's convolutions do (suggest_memory_format).
+at::MemoryFormat out_format(const at::Tensor& src, int dims) {
+  const auto f = src.suggest_memory_format();
+  return (f == at::MemoryFormat::ChannelsLast || f == at::MemoryFormat::ChannelsLast3d) ? cl_format(dims)
+                                                                                          : at::MemoryFormat::Contiguous;
+}
+
+// The computing type of a tensor's dtype: bfloat16 is read and written as such, computed in float.
+#define MEDCONV_DISPATCH_SPECTRAL(st, name, ...)                                  \
+  [&] {                                                                          \
+    if ((st) == at::kDouble) {                                                   \
+      using T = double;                                                          \
+      __VA_ARGS__();                                                             \
+    } else {                                                                     \
+      using T = float;                                                           \
+      __VA_ARGS__();                                                             \
+    }                                                                            \
+  }()
+
 // The driver. transposed_spatial: zero insertion by s, flipped taps; adjoint: channel adjoint.
-// src: (N, Csrc, *S); returns (N, Cout, *O) in channels-last memory.
+// src: (N, Csrc, *S); returns (N, Cout, *O) in src's memory format (out_format) and dtype.
 at::Tensor spectral_driver(const at::Tensor& src, const at::Tensor& weight, const Geom& g, bool weight_transposed,
                            bool transposed_spatial, bool adjoint, const A3& O,
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                            const std::optional<at::Tensor>& shift, bool relu) {
   const i64 N = src.size(0);
   const i64 Cout = adjoint ? g.C : g.n_rolls * g.nb;
-  at::Tensor out = at::empty(full_sizes(N, Cout, O, g.dims), src.options().memory_format(cl_format(g.dims)));
+  const at::MemoryFormat fmt = out_format(src, g.dims);
+  at::Tensor out = at::empty(full_sizes(N, Cout, O, g.dims), src.options().memory_format(fmt));
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "rolling_conv_spectral_cpu", [&] {
-    using T = scalar_t;
-    const Spec sp = make_spec(g.C, sizeof(T));
-    Plan<T> p;
+  advise_huge_pages(out);
+  const bool bf16 = src.scalar_type() == at::kBFloat16;
+  const int isa = call_isa(g.C, src.scalar_type() == at::kDouble ? 8 : 4);
+  MEDCONV_DISPATCH_SPECTRAL(src.scalar_type(), "rolling_conv_spectral_cpu", [&] {
+    const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
+    const auto tables = get_tables<T>(g.C, g.nb, g.n_rolls, adjoint, isa);
+    const Spec& sp = tables->sp;
+    Plan<T> p = tables->plan;
     set_source<T>(p, src, g.dims);
     for (int i = 0; i < 3; ++i) {
       if (!transposed_spatial) {
@@ -921,30 +1256,20 @@ at::Tensor spectral_driver(const at::Tensor& src, const at::Tensor& weight, cons
     p.k = g.k;
     p.d = g.d;
     p.O = O;
-    p.Hp = sp.Hp;
     p.adjoint = adjoint;
     p.NBi = adjoint ? g.nb : 1;
     p.NBo = adjoint ? 1 : g.nb;
     p.nbw = g.nb;
     p.taps = g.taps();
-    auto wc = weight.contiguous();
+    auto wc = weight.to(ct).contiguous();
     BaseW<T> bw{wc.data_ptr<T>(), g.C, g.nb, g.taps(), weight_transposed};
-    std::vector<T> Wpk = make_wpk<T>(bw, sp, adjoint, transposed_spatial);
-    std::vector<T> Dm = make_dm<T>(sp, adjoint, g.nb, g.n_rolls);
-    p.Cout = Cout;
-    p.Np = round_up(Cout, kAlignBytes / (i64)sizeof(T));
-    std::vector<T> Gm = make_gm<T>(sp, adjoint, g.nb, g.n_rolls, p.Np);
-    std::vector<T> Bu, Bv, Ge, Go;
-    if (fold_enabled()) {
-      set_fold_in<T>(p, sp, adjoint ? g.n_rolls : g.C, Bu, Bv);
-      const i64 rout = adjoint ? g.C : g.n_rolls;
-      if (rout > g.C / 2 + 1) set_fold_out<T>(p, sp, rout, Ge, Go);
-    }
+    std::vector<T> Wpk = make_wpk<T>(bw, sp, tables->D, adjoint, transposed_spatial);
+    TORCH_INTERNAL_ASSERT(p.Cout == Cout);
     std::vector<T> sc((size_t)p.Np, T(1)), sh((size_t)p.Np, T(0));
     at::Tensor bc, scc, shc;
-    if (bias.has_value()) bc = bias->contiguous();
-    if (scale.has_value()) scc = scale->contiguous();
-    if (shift.has_value()) shc = shift->contiguous();
+    if (bias.has_value()) bc = bias->to(ct).contiguous();
+    if (scale.has_value()) scc = scale->to(ct).contiguous();
+    if (shift.has_value()) shc = shift->to(ct).contiguous();
     for (i64 o = 0; o < Cout; ++o) {
       const T s = scale.has_value() ? scc.data_ptr<T>()[o] : T(1);
       const T b = bias.has_value() ? bc.data_ptr<T>()[o] : T(0);
@@ -953,12 +1278,13 @@ at::Tensor spectral_driver(const at::Tensor& src, const at::Tensor& weight, cons
       sh[o] = scale.has_value() ? b * s + h : b + h;
     }
     p.Wpk = Wpk.data();
-    p.Dm = Dm.data();
-    p.Gm = Gm.data();
     p.sc = sc.data();
     p.sh = sh.data();
     p.relu = relu;
-    p.out = out.data_ptr<T>();
+    p.out_cl = fmt != at::MemoryFormat::Contiguous;
+    p.out_bf16 = bf16;
+    p.out_any = out.data_ptr();
+    p.out = (!bf16 && p.out_cl) ? static_cast<T*>(p.out_any) : nullptr;
     run_conv<T>(p);
   });
   return out;
@@ -1058,11 +1384,16 @@ at::Tensor spectral_gw(const at::Tensor& small, const at::Tensor& big, const Geo
   at::Tensor out = at::zeros(wshape, small.options());
   const i64 N = small.size(0);
   if (N == 0 || small.numel() == 0) return out;
+  // bfloat16: the operands in float (one conversion each; the sums run in float and double anyway)
+  if (small.scalar_type() == at::kBFloat16)
+    return spectral_gw(small.to(at::kFloat), big.to(at::kFloat), g, conv).to(at::kBFloat16);
+  const int isa = call_isa(g.C, small.element_size());
   AT_DISPATCH_FLOATING_TYPES(small.scalar_type(), "rolling_conv_spectral_grad_weight_cpu", [&] {
     using T = scalar_t;
-    const Spec sp = make_spec(g.C, sizeof(T));
+    const Spec sp = make_spec(g.C, sizeof(T), isa_vbytes(isa));
     GwPlan<T> q;
     Plan<T>& p = q.big;
+    p.isa = isa;
     set_source<T>(p, big, g.dims);
     const A3 P = [&] {
       A3 r{1, 1, 1};
@@ -1107,7 +1438,11 @@ at::Tensor spectral_gw(const at::Tensor& small, const at::Tensor& big, const Geo
         const i64 rb = blk * brows, re = std::min(rows, rb + brows);
         double* a = acc.data() + blk * per;
 #ifdef MEDCONV_X86_DISPATCH
-        if (cpu_has_avx2()) {
+        if (p.isa == kIsaAvx512) {
+          gw_block_avx512<T>(q, rb, re, a);
+          continue;
+        }
+        if (p.isa == kIsaAvx2) {
           gw_block_avx2<T>(q, rb, re, a);
           continue;
         }
@@ -1180,6 +1515,35 @@ at::Tensor rolling_conv_transpose_spectral_grad_weight_cpu(const at::Tensor& gra
 
 }  // namespace
 }  // namespace medconv
+
+namespace medconv {
+namespace {
+std::string cpu_isa_op() { return cpu_isa_forced() ? cpu_isa_name(cpu_isa()) : "auto"; }
+std::string cpu_isa_max_op() { return cpu_isa_name(cpu_isa_max()); }
+std::string cpu_isa_for_op(int64_t c_in, int64_t elem_bytes) {
+  TORCH_CHECK(c_in >= 1 && (elem_bytes == 2 || elem_bytes == 4 || elem_bytes == 8),
+              "medconv::cpu_isa_for: expected c_in >= 1 and elem_bytes 2, 4 or 8, got ", c_in, ", ", elem_bytes);
+  return cpu_isa_name(call_isa(c_in, elem_bytes == 8 ? 8 : 4));
+}
+std::string set_cpu_isa_op(const std::string& name) {
+  const int v = cpu_isa_parse(name.c_str());
+  TORCH_CHECK(v >= 0, "medconv::set_cpu_isa: expected one of 'auto', 'avx512', 'avx2', 'generic' ('scalar'), got '",
+              name, "'");
+  cpu_isa_set(v);
+  return cpu_isa_op();
+}
+}  // namespace
+}  // namespace medconv
+
+// The ISA copy of the CPU kernels' hot loops (cpu/cpu_dispatch.h): the selection ("auto" or the
+// forced copy), the widest this CPU runs, and a setter (a forced copy is clipped to the widest;
+// returns the selection now in effect).
+TORCH_LIBRARY_FRAGMENT(medconv, m) {
+  m.def("cpu_isa() -> str", &medconv::cpu_isa_op);
+  m.def("cpu_isa_max() -> str", &medconv::cpu_isa_max_op);
+  m.def("cpu_isa_for(int c_in, int elem_bytes) -> str", &medconv::cpu_isa_for_op);
+  m.def("set_cpu_isa(str isa) -> str", &medconv::set_cpu_isa_op);
+}
 
 TORCH_LIBRARY_IMPL(medconv, CPU, m) {
   m.impl("rolling_conv_spectral", &medconv::rolling_conv_spectral_cpu);

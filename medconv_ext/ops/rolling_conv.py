@@ -139,58 +139,40 @@ def _auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool, n_
     return _cpu_auto_candidates(x, weight, transposed, n_rolls)
 
 
-# CPU rule, from bench/bench_rolling_conv.py shapes (N=1, single roll, stride 1, "same" padding),
-# float32, measured as thread CPU time with 1 thread (`--threads 1 --timer thread`: robust to other
-# processes on the machine, unlike wall-clock medians), 2-vCPU Intel Xeon (x86-64; bench/results/
-# cpu-1threads-threadtime/). spectral / reference time:
-#   2D 3x3    C=32 128^2   fwd 1.81  fwd+bwd 1.06      3D 5^3  C=16 32^3   fwd 0.62  fwd+bwd 2.08
-#             C=64 96^2        0.76          0.99              C=32 24^3       0.31          1.02
-#             C=128 64^2       0.71          0.58              C=64 16^3       0.23          0.46
-#             C=256 48^2       0.51          0.56              C=128 16^3      0.10          0.27
-#             C=512 32^2       0.21          0.23              C=256 8^3       0.06
-# (spectral / dense conv: 2D C=512 0.30 fwd; 3D C=128 0.11 fwd.) The spectral cost per pixel grows
-# like C_in * taps, the bank's like C_in^2 * taps, so spectral wins from some C_in on; its backward
-# (depthwise weight gradient) is relatively dearer, hence higher thresholds when gradients are needed.
-# The compiled "cpu" kernel (direct, index-shifted weights) measured 2.6-6.5x slower than "reference"
-# (bank + oneDNN conv) on 2D C=32/128 and 3D C=16/64, forward and forward+backward, so it is not an
-# automatic choice on the CPU; backend="cpu" still selects it. Kernels with few taps (1x1, the 2x2
-# up-sampling of the published nets) keep the reference: the spectral transforms cost as much as the
-# conv itself there. Transposed layers use the same thresholds (not measured separately).
-# Re-measured on a quiet machine (2 threads, wall clock, one 2D 3x3 layer, N=1, inference):
-# spectral / reference ms at C=64 512^2 328/303, C=64 256^2 with n_base=2 231/175, C=128 256^2
-# 220/244, C=256 128^2 153/251, C=512 64^2 99/241, C=1024 32^2 80/236: 2D inference from C_in=128.
+# CPU rule. The measurements behind every threshold are in docs/rolling_conv_spectral.md ("When
+# backend="auto" picks it on the CPU"); bench/bench_rolling_conv_cpu.py repeats them (columns ref_*,
+# spec_*, auto_*).
+# Without the fused kernel (float16, C_in > 256, no compiled extension): the composition.
 _CPU_SPECTRAL_MIN_C = {(2, False): 128, (2, True): 128, (3, False): 16, (3, True): 64}
 _CPU_SPECTRAL_MIN_TAPS = {2: 9, 3: 27}
-# The spectral cost grows with C_in only; the bank's with C_in * C_out. For half rolls (and double
-# rolls of small C_in) at large images, measured (quiet machine, 2 threads, reference/spectral ms):
-# C_in=128 -> 64 at 512^2 663/1006, 256 -> 128 at 256^2 573/817, 64 -> 128 (n_base 2) at 256^2
-# 176/307, 128 -> 128 at 256^2 329/311 (a tie), 512 -> 256 at 128^2 492/395, 1024 -> 512 at 64^2 426/190.
-# So 2D inference also needs C_out >= 256 for spectral.
-_CPU_SPECTRAL_MIN_C_OUT_2D = 256
+_CPU_SPECTRAL_MIN_C_OUT_2D = 256  # composition, 2D inference: partial rolls shrink the bank, not the FFTs
+# With the fused kernel (float32/float64/bfloat16, C_in <= 256):
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_FUSED_MIN_C_2D = 32  # 2D, >= 9 taps: spectral from C_in >= 32 ...
+_FUSED_SMALL_WORK_2D = 16 * 32 * 32  # ... and for C_in >= 8 when C_in * pixels is at most this: there the
+# per-call cost of building the bank (reference) exceeds the fused kernel's whole run
+_FUSED_MIN_C_OUT_TRAIN_2D = 32  # 2D training also needs C_out >= 32 (the weight gradient is dearer)
+_FUSED_MIN_C_OUT_FRACTION = 4  # C_out >= C_in / 4: the transforms cost ~C_in^2, the bank C_in * C_out
+_FUSED_BF16_MIN_C_2D = 64  # bfloat16: oneDNN's bf16 conv (AVX512-BF16) runs ~2x its float32 rate
+_FUSED_BF16_MIN_C_3D_27 = 32  # bfloat16 3D with 27 taps (3x3x3); 5x5x5 and up: any C_in
 
 
-# With the fused spectral CPU kernel (float32/float64, C_in <= 256; rolling_conv_spectral_cpu.py),
-# measured as thread CPU time, 1 thread, machine lightly loaded (load average ~4 on 2 cores),
-# reference / spectral time (above 1: spectral faster), "same" padding, N=1:
-#   2D 3x3 C=4 256^2   fwd 0.36  fwd+bwd 0.93     3D 3^3 C=4 32^3   fwd 3.5   fwd+bwd 5.6
-#          C=8 256^2       0.61          1.14            C=8 32^3       10.3          13.2
-#          C=16 256^2      0.90          1.53     3D 5^3 C=64 24^3 (vs dense)  8.7 fwd
-#          C=64->32 256^2  0.79          1.12            C=128 16^3 (vs dense) 11.9 fwd
-#   2D 3x3 C=64 256^2 (vs dense) 2.5 fwd;  C=128 128^2 (vs dense) 2.8 fwd
-#   2D 1x1 C=64 128^2  0.63  0.64;  2D 2x2 C=16 128^2  0.45  0.60   (few taps: reference)
-# and 2 threads, wall clock (same load): fwd+bwd vs dense 2D C=64 256^2 2.2x, C=128 128^2 3.3x,
-# 3D 5^3 C=64 24^3 9.8x, C=128 16^3 12.6x; 2D half roll C=128->64 at 256^2 fwd 2.0x vs reference.
-_FUSED_DTYPES = (torch.float32, torch.float64)
-
-
-def _cpu_auto_candidates_fused(dims: int, c_in: int, c_out: int, taps: int, training: bool) -> List[str]:
-    if taps < _CPU_SPECTRAL_MIN_TAPS[dims]:
+def _cpu_auto_candidates_fused(dims: int, c_in: int, c_out: int, taps: int, training: bool, pixels: int = 1 << 30,
+                               bf16: bool = False) -> List[str]:
+    if taps < _CPU_SPECTRAL_MIN_TAPS[dims] or c_out * _FUSED_MIN_C_OUT_FRACTION < c_in:
         return ["reference"]
     if dims == 3:
+        if bf16 and taps < 125 and c_in < _FUSED_BF16_MIN_C_3D_27:
+            return ["reference"]
         return ["spectral"]
+    if bf16:
+        return ["spectral"] if c_in >= _FUSED_BF16_MIN_C_2D and c_out >= _FUSED_BF16_MIN_C_2D else ["reference"]
+    small = c_in >= 8 and c_in * pixels <= _FUSED_SMALL_WORK_2D
     if training:
-        return ["spectral"] if c_in >= 8 else ["reference"]
-    return ["spectral"] if c_in >= 32 and c_out >= 64 else ["reference"]
+        big = c_in >= _FUSED_MIN_C_2D and c_out >= _FUSED_MIN_C_OUT_TRAIN_2D
+    else:
+        big = c_in >= _FUSED_MIN_C_2D
+    return ["spectral"] if big or small else ["reference"]
 
 
 def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool, n_rolls=None) -> List[str]:
@@ -200,14 +182,15 @@ def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool
     for k in weight.shape[2:]:
         taps *= int(k)
     training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if x.dtype in _FUSED_DTYPES and _fused_spectral_cpu_runs(x, weight, transposed):
-        n_base = weight.shape[1] if transposed else weight.shape[0]
-        c_out = (c_in if n_rolls is None else n_rolls) * n_base
-        return _cpu_auto_candidates_fused(dims, c_in, c_out, taps, training)
-    # without the fused kernel (16-bit dtypes, C_in > 256, no compiled extension): the composition
-    min_c = _CPU_SPECTRAL_MIN_C.get((dims, training))
     n_base = weight.shape[1] if transposed else weight.shape[0]
     c_out = (c_in if n_rolls is None else n_rolls) * n_base
+    if x.dtype in _FUSED_DTYPES and _fused_spectral_cpu_runs(x, weight, transposed):
+        pixels = 1
+        for s in x.shape[2:]:
+            pixels *= int(s)
+        return _cpu_auto_candidates_fused(dims, c_in, c_out, taps, training, pixels, x.dtype == torch.bfloat16)
+    # without the fused kernel (float16, C_in > 256, no compiled extension): the composition
+    min_c = _CPU_SPECTRAL_MIN_C.get((dims, training))
     if dims == 2 and not training and c_out < _CPU_SPECTRAL_MIN_C_OUT_2D:
         return ["reference"]  # partial rolls: the bank shrinks with C_out, the spectral cost does not
     if min_c is not None and c_in >= min_c and taps >= _CPU_SPECTRAL_MIN_TAPS[dims]:

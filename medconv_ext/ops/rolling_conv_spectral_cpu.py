@@ -4,12 +4,16 @@ fake kernels, autograd, and their registration as the fused "spectral" backend f
 torch.ops.medconv.rolling_conv_spectral / rolling_conv_transpose_spectral compute
     y = relu?((rolling_conv(x, weight) + bias) * scale + shift)        (per output channel)
 in one pass over the activations (channel DFT, per-frequency complex depthwise conv, inverse DFT
-of the kept rolls, epilogue) and return y in channels-last memory, like the torch-op composition
-in rolling_conv_spectral.py, which stays the reference of the algorithm. Their gradients are the
+of the kept rolls, epilogue) and return y in the input's memory format (channels-last in,
+channels-last out; otherwise NC(D)HW) and dtype (float32, float64, bfloat16: bfloat16 is computed in
+float32 and rounded once at the store). The torch-op composition in rolling_conv_spectral.py stays
+the reference of the algorithm. Their gradients are the
 fused *_grad_input (the adjoint problem: same kernel, conjugate-free weights, transposed spatial
 geometry) and *_grad_weight (per-frequency correlation of the transformed input and output
 gradient, then the inverse transform to the base) ops.
 """
+import os
+import warnings
 from typing import List, Optional
 
 import torch
@@ -18,7 +22,9 @@ from .. import _ext
 from ._common import apply_epilogue, conv_out_size, conv_transpose_out_size
 from .rolling_conv_spectral import register_fused_spectral, rolling_conv_spectral, rolling_conv_transpose_spectral
 
-DTYPES = (torch.float32, torch.float64)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+ISAS = ("avx512", "avx2", "generic")  # widest first; see csrc/cpu/cpu_dispatch.h
+_ISA_NAMES = ("auto",) + ISAS + ("scalar",)
 # The channel transforms are GEMMs (C^2/2 multiply-adds per pixel each way after folding); the
 # composition's rFFT costs C log C. Measured forward, 2 threads (lightly loaded machine): fused vs
 # composition 2D 3x3 C=256 at 48^2 29.9 vs 80.6 ms, 3D 5^3 C=256 at 8^3 28.0 vs 19.5 ms, 2D 3x3
@@ -36,7 +42,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> Optiona
     if x.device.type != "cpu":
         return "not a CPU tensor"
     if x.dtype not in DTYPES:
-        return "dtype %s (the fused CPU kernel has float32 and float64)" % x.dtype
+        return "dtype %s (the fused CPU kernel has float32, float64 and bfloat16)" % x.dtype
     if x.dim() not in (4, 5):
         return "only 2D and 3D"
     if x.shape[1] > FUSED_MAX_C:
@@ -48,23 +54,85 @@ def _bshape(t: torch.Tensor, dim: int):
     return (1, -1) + (1,) * (dim - 2)
 
 
+def isa(c_in: Optional[int] = None, dtype: torch.dtype = torch.float32) -> str:
+    """The instruction-set copy of the fused kernel's hot loops: "avx512", "avx2" or "generic".
+    With c_in: the copy a layer with c_in input channels runs (under the default auto selection,
+    AVX-512 gives way to AVX2 where its 16 float lanes would mostly pad the spectrum, e.g. c_in <= 16);
+    without: the widest copy allowed (the CPU's widest, or the one MEDCONV_CPU_ISA / set_isa forced)."""
+    if not available():
+        return "none"
+    if c_in is None:
+        return torch.ops.medconv.cpu_isa_max() if isa_setting() == "auto" else isa_setting()
+    return torch.ops.medconv.cpu_isa_for(int(c_in), torch.empty(0, dtype=dtype).element_size())
+
+
+def isa_setting() -> str:
+    """"auto" (the default) or the copy forced by MEDCONV_CPU_ISA / set_isa."""
+    return torch.ops.medconv.cpu_isa()
+
+
+def supported_isas() -> List[str]:
+    """The copies this CPU can execute, widest first."""
+    if not available():
+        return []
+    top = torch.ops.medconv.cpu_isa_max()
+    return list(ISAS[ISAS.index(top):])
+
+
+def set_isa(name: str) -> str:
+    """Forces the copy of the hot loops for the whole process (clipped to what the CPU runs), or
+    "auto" for the default selection; returns the setting now in effect. Same names as the
+    environment variable MEDCONV_CPU_ISA."""
+    if name not in _ISA_NAMES:
+        raise ValueError("set_isa: expected one of %s, got %r" % (", ".join(_ISA_NAMES), name))
+    return torch.ops.medconv.set_cpu_isa(name)
+
+
+class use_isa:
+    """Context manager: run the CPU kernels with ISA setting `name`, then restore the previous one."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.prev = isa_setting()
+        return set_isa(self.name)
+
+    def __exit__(self, *exc):
+        set_isa(self.prev)
+        return False
+
+
+def _check_isa_env():
+    v = os.environ.get("MEDCONV_CPU_ISA")
+    if v and v not in _ISA_NAMES:
+        warnings.warn("MEDCONV_CPU_ISA=%r is not one of %s; using the automatic selection"
+                      % (v, ", ".join(_ISA_NAMES)))
+
+
+def out_memory_format(x: torch.Tensor):
+    """The fused ops' output memory format for input x: channels-last when torch would call x
+    channels-last (torch.suggest_memory_format, as its convolutions do), else contiguous."""
+    from torch._prims_common import suggest_memory_format
+    return suggest_memory_format(x)
+
+
 if available():
     @torch.library.register_fake("medconv::rolling_conv_spectral")
     def _(x, weight, bias, scale, shift, relu, stride, padding, dilation, n_rolls):
         out = [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        return x.new_empty((x.shape[0], n_rolls * weight.shape[0], *out)).contiguous(memory_format=fmt)
+        return x.new_empty((x.shape[0], n_rolls * weight.shape[0], *out)).contiguous(
+            memory_format=out_memory_format(x))
 
     @torch.library.register_fake("medconv::rolling_conv_transpose_spectral")
     def _(x, weight, bias, scale, shift, relu, stride, padding, output_padding, dilation, n_rolls):
         out = [conv_transpose_out_size(n, k, s, p, o, d) for n, k, s, p, o, d in
                zip(x.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation)]
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        return x.new_empty((x.shape[0], n_rolls * weight.shape[1], *out)).contiguous(memory_format=fmt)
+        return x.new_empty((x.shape[0], n_rolls * weight.shape[1], *out)).contiguous(
+            memory_format=out_memory_format(x))
 
     def _fake_grad_input(grad_out, weight, input_size, stride, padding, dilation, n_rolls):
-        fmt = torch.channels_last if grad_out.dim() == 4 else torch.channels_last_3d
-        return grad_out.new_empty(input_size).contiguous(memory_format=fmt)
+        return grad_out.new_empty(input_size).contiguous(memory_format=out_memory_format(grad_out))
 
     def _fake_grad_weight(grad_out, x, weight_size, stride, padding, dilation, n_rolls):
         return grad_out.new_empty(weight_size)
@@ -185,4 +253,5 @@ rolling_conv_spectral_cpu.supports_epilogue = True
 rolling_conv_transpose_spectral_cpu.supports_epilogue = True
 
 if available():
+    _check_isa_env()
     register_fused_spectral("cpu", rolling_conv_spectral_cpu, rolling_conv_transpose_spectral_cpu, supports)
