@@ -74,7 +74,9 @@ def _make_inferer_class():
         tile: window size (int or one per spatial axis), halo included; the network never sees a
             larger window.
         halo: receptive radius to carry around every tile (int or per axis); None computes
-            receptive_radius(network, dims, align=align) once per network (cached).
+            receptive_radius(network, dims, align=align) once per network (cached), probing on windows
+            no larger than the tile. A given halo is trusted (not checked against the network, since
+            that check would run it on larger windows): too small a halo gives a wrong result.
         align: the network's total down-sampling factor (16 for BasicUNet, 2**len(strides) for
             UNet, 2**(len(blocks_down) - 1) for SegResNet); tile origins follow it. Inputs whose size
             is not a multiple of `align` are zero-padded at the high end and the result is cropped
@@ -162,8 +164,11 @@ def _make_inferer_class():
                 if tile[ax] >= padded[ax]:
                     tile[ax], halo[ax] = padded[ax], 0
             net = _WithArgs(network, args, kwargs) if (args or kwargs) else network
+            # The halo is the one radius() probed within the tile (or the caller's): predict_tiled's own
+            # check would probe the network on windows larger than the tile, which this inferer never does.
             y = predict_tiled(net, x, tuple(tile), halo=tuple(halo), align=tuple(align), batch_size=self.batch_size,
-                              device=self.device, exact=self.exact, progress=self.progress)
+                              device=self.device, exact=self.exact, progress=self.progress,
+                              check_receptive_field=False)
             if padded != sizes:
                 y = y[(slice(None), slice(None)) + tuple(slice(0, s) for s in sizes)]
             return y
