@@ -382,12 +382,11 @@ def main(argv=None) -> int:
     for name, (ok, why) in medconv_ext.available_backends().items():
         print("  backend %-9s %s  %s" % (name, "yes" if ok else "no ", why))
     if device.type == "cuda":
-        from medconv_ext.ops import rolling_conv_spectral as spectral_mod
         print("  float32 rows: TF32 OFF in cuDNN and cuBLAS (dense, reference, roll_loop: exact float32); "
               "float32-tf32 rows: PyTorch's defaults (cuDNN TF32 on, cuBLAS TF32 off); the fused spectral kernel "
               "uses tf32x3 dots in both (float32-level error)")
         print("  backend spectral on CUDA: %s; spectral_unfused: the torch-op composition (cuFFT + cuDNN)"
-              % ("the fused Triton kernel where it supports the input" if "cuda" in spectral_mod._FUSED
+              % ("the fused Triton kernel where it supports the input" if "cuda" in backends.capabilities(OP)["spectral"]["fused"]
                  else "no fused kernel registered, the torch-op composition"))
     res = harness.Results("rolling_conv", device, extra_columns=["vs_roll_loop", "vs_dense", "max_rel_err", "gbytes",
                                                                  "gflop", "bw_frac", "flop_frac"])

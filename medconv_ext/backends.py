@@ -3,8 +3,9 @@
 Every operator has implementations registered per backend name:
   "reference"  pure PyTorch, written for clarity (materializes what the math defines); any device
   "spectral"   rolling conv only: the exact channel-FFT algorithm (docs/design.md §1); any device. A fused
-               kernel runs where one is registered for the input's device (see
-               ops/rolling_conv_spectral.py), the composition of torch ops elsewhere
+               kernel runs where one is registered for the input's device type and supports the input
+               (register_fused: ops/rolling_conv_spectral_cpu.py on CPU tensors, the Triton kernel of
+               ops/rolling_conv_spectral_triton.py on CUDA tensors), the composition of torch ops elsewhere
   "spectral_unfused"  rolling conv only: always the composition of torch ops (rfft, depthwise conv,
                irfft): the readable form of the algorithm, and a check of the fused kernels
   "cpu"        the compiled C++ kernels (torch.ops.medconv.*) on CPU tensors
@@ -17,11 +18,19 @@ and supports the input. The environment variable MEDCONV_BACKEND overrides the a
 choice wherever that backend supports the input (elsewhere auto proceeds as usual).
 An explicitly requested backend that cannot run the input raises an error saying why.
 `forced_backend(name)` (a context manager) overrides every choice, explicit ones included, within a block.
+
+One registry holds the whole dispatch: per operator and backend an `Impl` (its function, what inputs it
+supports, whether that function applies the epilogue y = relu?((conv + bias) * scale + shift) itself), and
+per device type the backend's fused kernels (`Fused`: function, supports(x, weight), epilogue flag).
+`resolve` picks the backend; calling the `Impl` it returns picks the function (`Impl.kernel`: the fused
+kernel for the input's device type where it supports the input, else the backend's own function) and runs
+the epilogue in that function where its flag says so, else with torch ops after it.
+`capabilities(op)` lists what is registered.
 """
 import contextlib
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -82,10 +91,49 @@ def _probe_backends() -> Dict[str, Tuple[bool, str]]:
 
 
 @dataclass
+class Fused:
+    """A fused kernel of one backend for one device type (same arguments as the backend's own function)."""
+    fn: Callable
+    # supports(x, weight) -> None when the fused kernel runs this input, else the reason (the backend's own
+    # function runs it then)
+    supports: Callable[..., Optional[str]]
+    # True: fn(*args, scale=, shift=, relu=) applies the epilogue itself (in-kernel)
+    epilogue: bool = False
+
+
+@dataclass
 class Impl:
+    """One backend of one operator. Calling it runs the input: Impl.kernel picks the function, and the
+    epilogue runs in it (its epilogue flag) or as torch ops after it."""
     fn: Callable
     # supports(device, dtype, **ctx) -> None when the input is supported, else the reason
     supports: Callable[..., Optional[str]]
+    # True: fn(*args, scale=, shift=, relu=) applies the epilogue itself
+    epilogue: bool = False
+    # device type -> the fused kernel that runs there where it supports the input (register_fused)
+    fused: Dict[str, Fused] = field(default_factory=dict)
+
+    def fused_for(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[Fused]:
+        """The fused kernel registered for x's device type, where it supports (x, weight); else None."""
+        f = self.fused.get(x.device.type)
+        if f is None or f.supports(x, weight) is not None:
+            return None
+        return f
+
+    def kernel(self, x: torch.Tensor, weight: torch.Tensor) -> Tuple[Callable, bool]:
+        """(function, epilogue flag) that runs this input: the fused kernel where one runs it, else fn."""
+        f = self.fused_for(x, weight)
+        return (f.fn, f.epilogue) if f is not None else (self.fn, self.epilogue)
+
+    def __call__(self, *args, scale=None, shift=None, relu: bool = False):
+        """Run the op on args (x, weight, ... in the op's order) with the optional epilogue."""
+        fn, epilogue = self.kernel(args[0], args[1])
+        if scale is None and shift is None and not relu:
+            return fn(*args)
+        if epilogue:
+            return fn(*args, scale=scale, shift=shift, relu=relu)
+        from .ops._common import apply_epilogue  # imported late: ops imports this module
+        return apply_epilogue(fn(*args), scale, shift, relu)
 
 
 _IMPLS: Dict[str, Dict[str, Impl]] = {}
@@ -107,10 +155,34 @@ def supports_device_dtypes(device_type: str, dtypes):
     return supports
 
 
-def register_impl(op: str, backend: str, fn: Callable, supports: Callable[..., Optional[str]]) -> None:
+def register_impl(op: str, backend: str, fn: Callable, supports: Callable[..., Optional[str]], *,
+                  epilogue: bool = False) -> None:
+    """Register `fn` as `op`'s implementation on `backend`. epilogue=True: fn takes the keyword-only
+    scale=, shift=, relu= and applies the epilogue itself (the others get it as torch ops after them)."""
     if backend not in BACKENDS:
         raise ValueError("unknown backend %r (known: %s)" % (backend, ", ".join(BACKENDS)))
-    _IMPLS.setdefault(op, {})[backend] = Impl(fn, supports)
+    _IMPLS.setdefault(op, {})[backend] = Impl(fn, supports, bool(epilogue))
+
+
+def register_fused(op: str, backend: str, device_type: str, fn: Callable, supports: Callable[..., Optional[str]],
+                   *, epilogue: bool = False) -> None:
+    """Register `fn` as the fused kernel of `op` on `backend` for tensors of `device_type`: it runs every input
+    of that device type for which supports(x, weight) returns None, the backend's own function the others.
+    epilogue as in register_impl. The backend must be registered first (register_impl)."""
+    impl = _IMPLS.get(op, {}).get(backend)
+    if impl is None:
+        raise ValueError("register_fused: %s has no %r implementation to add a fused kernel to" % (op, backend))
+    impl.fused[device_type] = Fused(fn, supports, bool(epilogue))
+
+
+def capabilities(op: str) -> Dict[str, Dict[str, object]]:
+    """What is registered for `op`: {backend: {"epilogue": bool, "fused": {device_type: {"epilogue": bool}}}}.
+    "epilogue": the backend's own function applies the epilogue in-kernel; "fused": the device types with a
+    fused kernel (which runs the inputs its supports accepts) and whether that kernel applies the epilogue.
+    Registered is not available: available_backends() says which backends run on this machine."""
+    return {name: {"epilogue": impl.epilogue,
+                   "fused": {dev: {"epilogue": f.epilogue} for dev, f in sorted(impl.fused.items())}}
+            for name, impl in sorted(_IMPLS.get(op, {}).items())}
 
 
 def _why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, ctx) -> Optional[str]:
@@ -143,31 +215,32 @@ def forced_backend(name: str):
 
 
 def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype,
-            auto_candidates: Sequence[str], ctx=None) -> Tuple[str, Callable]:
-    """The backend name and implementation that runs `op` on this input."""
+            auto_candidates: Sequence[str], ctx=None) -> Tuple[str, Impl]:
+    """The backend name and implementation that runs `op` on this input. The implementation is called with
+    the op's arguments (and the keyword-only epilogue): see Impl.__call__."""
     ctx = ctx or {}
     if not isinstance(backend, str):
         raise TypeError("backend must be a string, got %r" % (backend,))
     forced = getattr(_FORCED, "name", None)
     if forced is not None and _why_not(op, forced, device, dtype, ctx) is None:
-        return forced, _IMPLS[op][forced].fn
+        return forced, _IMPLS[op][forced]
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError("%s: unknown backend %r; choose one of %s or 'auto'" % (op, backend, ", ".join(BACKENDS)))
         why = _why_not(op, backend, device, dtype, ctx)
         if why is not None:
             raise RuntimeError("%s: backend %r cannot run this input: %s" % (op, backend, why))
-        return backend, _IMPLS[op][backend].fn
+        return backend, _IMPLS[op][backend]
     env = os.environ.get("MEDCONV_BACKEND", "").strip()
     if env and env != "auto":
         if env not in BACKENDS:
             raise ValueError("MEDCONV_BACKEND=%r is not a backend; choose one of %s" % (env, ", ".join(BACKENDS)))
         if _why_not(op, env, device, dtype, ctx) is None:
-            return env, _IMPLS[op][env].fn
+            return env, _IMPLS[op][env]
     reasons = []
     for name in list(auto_candidates) + ["reference"]:
         why = _why_not(op, name, device, dtype, ctx)
         if why is None:
-            return name, _IMPLS[op][name].fn
+            return name, _IMPLS[op][name]
         reasons.append("%s: %s" % (name, why))
     raise RuntimeError("%s: no backend can run this input (%s)" % (op, "; ".join(reasons)))

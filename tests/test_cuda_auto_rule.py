@@ -12,9 +12,9 @@ import types
 import pytest
 import torch
 
+from medconv_ext import backends
 from medconv_ext.ops import _cuda_auto as CA
 from medconv_ext.ops import rolling_conv as RC
-from medconv_ext.ops import rolling_conv_spectral as RS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU = "nvidia-h100-80gb-hbm3"
@@ -52,7 +52,13 @@ def gpu_name(monkeypatch):
 @pytest.fixture
 def fused_runs(monkeypatch):
     """The fused spectral kernel "runs" every CUDA input (as on a GPU with triton)."""
-    monkeypatch.setitem(RS._FUSED, "cuda", (print, print, lambda x, w, t: None))
+    _set_fused_cuda(monkeypatch, lambda x, w: None)
+
+
+def _set_fused_cuda(monkeypatch, supports):
+    """Register a stand-in fused "spectral" kernel for CUDA tensors (both ops) whose support is `supports`."""
+    for op in (RC.OP, RC.OP_T):
+        monkeypatch.setitem(backends._IMPLS[op]["spectral"].fused, "cuda", backends.Fused(print, supports, True))
 
 
 def _layer(c, k, dims, dtype, n_base=1, transposed=False, grad=False):
@@ -140,7 +146,7 @@ def test_gpu_not_in_table_gets_reference(monkeypatch, tmp_path, fused_runs):
 def test_spectral_entry_needs_the_fused_kernel(monkeypatch, tmp_path, gpu_name):
     """"spectral" was measured as the fused Triton kernel: where it cannot run the input, reference."""
     monkeypatch.setenv(CA.TABLE_ENV, _write(tmp_path, {GPU: [ENTRY]}))
-    monkeypatch.setitem(RS._FUSED, "cuda", (None, None, lambda x, w, t: "not here"))
+    _set_fused_cuda(monkeypatch, lambda x, w: "not here")
     with torch.no_grad():
         assert RC._auto_candidates(*_layer(256, 3, 2, torch.bfloat16), False, 256) == ["reference"]
 

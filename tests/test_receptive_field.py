@@ -9,7 +9,6 @@ from torch import nn
 
 from medconv_ext import backends, models
 from medconv_ext.models import set_backend
-from medconv_ext.ops import rolling_conv_spectral as RS
 from medconv_ext.tiling import predict_tiled, receptive_margin, receptive_radius
 from medconv_ext.tiling import receptive as REC
 
@@ -88,17 +87,17 @@ def test_probe_same_on_every_backend():
 
 def _nan_killing_fused(monkeypatch):
     """The fused spectral kernel as it was: its ReLU epilogue mapped NaN to 0."""
-    entry = RS._FUSED.get("cpu")
-
     def bad(fn):
         def run(*args, **kw):
             return torch.nan_to_num(fn(*args, **kw), nan=0.0)
-        run.supports_epilogue = True
         return run
 
-    if entry is None:  # no compiled fused kernel: wrap the composition instead
-        entry = (RS.rolling_conv_spectral, RS.rolling_conv_transpose_spectral, lambda x, w, t: None)
-    monkeypatch.setitem(RS._FUSED, "cpu", (bad(entry[0]), bad(entry[1]), entry[2]))
+    for op in ("rolling_conv", "rolling_conv_transpose"):
+        impl = backends._IMPLS[op]["spectral"]
+        entry = impl.fused.get("cpu")
+        if entry is None:  # no compiled fused kernel: wrap the composition instead
+            entry = backends.Fused(impl.fn, lambda x, w: None, False)
+        monkeypatch.setitem(impl.fused, "cpu", backends.Fused(bad(entry.fn), entry.supports, entry.epilogue))
 
 
 def test_probe_ignores_a_backend_that_loses_nan(monkeypatch):

@@ -270,8 +270,12 @@ def test_transform_matrices_match_torch_fft():
 # registration; the operation-count model (documentation, not the `auto` rule)
 # --------------------------------------------------------------------------------------
 def test_registered_as_fused_spectral_on_cuda():
-    conv, conv_t, supports = RS._FUSED["cuda"]
-    assert conv is ST.conv and conv_t is ST.conv_transpose and supports is ST.supports
+    f, f_t = (backends._IMPLS[op]["spectral"].fused["cuda"] for op in (RC.OP, RC.OP_T))
+    assert f.fn is ST.conv and f_t.fn is ST.conv_transpose and f.epilogue and f_t.epilogue
+    assert f.supports.func is ST.supports and f_t.supports.func is ST.supports
+    assert f.supports.keywords == {"transposed": False} and f_t.supports.keywords == {"transposed": True}
+    caps = backends.capabilities(RC.OP)
+    assert caps["spectral"]["fused"]["cuda"] == {"epilogue": True} and caps["spectral_unfused"]["fused"] == {}
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
     w = torch.randn(1, 4, 3, 3, dtype=torch.float64)
     why = ST.supports(x, w, False)

@@ -99,7 +99,7 @@ def check_epilogue(op: str, x: torch.Tensor, c_out: int, scale, shift, relu) -> 
 def apply_epilogue(y: torch.Tensor, scale, shift, relu: bool) -> torch.Tensor:
     """y * scale + shift (per channel, dim 1), then ReLU: the epilogue of the backends that do not
     fuse it. It defines the epilogue's semantics, non-finite values included, which the fused kernels
-    reproduce in-kernel: torch.relu keeps NaN (`v < 0 ? 0 : v`, never `max(v, 0)`), Inf * 0 is NaN,
+    reproduce in-kernel (backends.Impl.__call__ chooses between them): torch.relu keeps NaN (`v < 0 ? 0 : v`, never `max(v, 0)`), Inf * 0 is NaN,
     and the bias is added before the scale ((conv + bias) * scale + shift; tests/test_nonfinite.py)."""
     shape = (1, -1) + (1,) * (y.dim() - 2)
     if scale is not None:  # in y's dtype: a float32 BatchNorm fold must not promote a bf16 output
@@ -109,16 +109,6 @@ def apply_epilogue(y: torch.Tensor, scale, shift, relu: bool) -> torch.Tensor:
     if relu:
         y = torch.relu(y)
     return y
-
-
-def run_with_epilogue(fn, args, scale, shift, relu: bool) -> torch.Tensor:
-    """fn(*args) followed by the epilogue: in the kernel where fn takes it (fn.supports_epilogue),
-    else by apply_epilogue after it."""
-    if scale is None and shift is None and not relu:
-        return fn(*args)
-    if getattr(fn, "supports_epilogue", False):
-        return fn(*args, scale=scale, shift=shift, relu=relu)
-    return apply_epilogue(fn(*args), scale, shift, relu)
 
 
 # --------------------------------------------------------------------------------------

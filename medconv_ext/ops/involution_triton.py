@@ -17,6 +17,7 @@ from typing import List, Optional
 import torch
 
 from ..backends import register_impl
+from ._common import conv_out_size
 
 OP = "involution"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -50,8 +51,7 @@ def involution_triton_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, kerne
 
 # ---- fake kernels: shapes only (torch.compile, opcheck) ----
 def _out_spatial(sizes, kernel_size, stride, padding, dilation):
-    return [(n + 2 * p - d * (k - 1) - 1) // s + 1
-            for n, k, s, p, d in zip(sizes, kernel_size, stride, padding, dilation)]
+    return [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(sizes, kernel_size, stride, padding, dilation)]
 
 
 @involution_triton.register_fake

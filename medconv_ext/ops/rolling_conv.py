@@ -27,7 +27,6 @@ from ._common import (
     make_rolling_setup,
     ntuple,
     rolling_out_shape,
-    run_with_epilogue,
 )
 
 OP = "rolling_conv"
@@ -77,13 +76,16 @@ def _check_common(name, x, weight, bias, dims, stride, padding, dilation, n_roll
 
 
 def _choose(op, x, weight, backend, transposed, n_rolls):
-    name, fn = resolve(op, backend, x.device, x.dtype, _auto_candidates(x, weight, transposed, n_rolls),
+    """(backend name, backends.Impl) for this input. Calling the Impl runs it: the backend's fused kernel for the
+    input's device type where one is registered and supports the input, else the backend's own function; the
+    epilogue in-kernel where that function's registration says so (epilogue=True), else as torch ops."""
+    name, impl = resolve(op, backend, x.device, x.dtype, _auto_candidates(x, weight, transposed, n_rolls),
                        ctx={"transposed": transposed, "x_shape": tuple(x.shape), "w_shape": tuple(weight.shape)})
     if (name.startswith("spectral") and _bank_for_export()) or (name != "reference" and plain_onnx_export()):
         # exporters do not translate the channel FFT, and plain torch.onnx.export has no translation of the
         # package's operators: the same function as the bank + conv (medconv_ext.export)
         return resolve(op, "reference", x.device, x.dtype, [])
-    return name, fn
+    return name, impl
 
 
 _EXPORT_DEPTH = [0]  # > 0 inside medconv_ext.export.exporting()
@@ -214,8 +216,8 @@ def _rolling_conv_nd(dims, x, weight, bias, stride, padding, dilation, n_rolls, 
         name, x, weight, bias, dims, stride, padding, dilation, n_rolls, transposed=False)
     check_kernel_fits(x.shape[2:], weight.shape[2:], padding, dilation, name)
     check_epilogue(name, x, c_out, scale, shift, relu)
-    _, fn = _choose(OP, x, weight, backend, transposed=False, n_rolls=n_rolls)
-    return run_with_epilogue(fn, (x, weight, bias, stride, padding, dilation, n_rolls), scale, shift, relu)
+    _, impl = _choose(OP, x, weight, backend, transposed=False, n_rolls=n_rolls)
+    return impl(x, weight, bias, stride, padding, dilation, n_rolls, scale=scale, shift=shift, relu=relu)
 
 
 def _rolling_conv_transpose_nd(dims, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend,
@@ -235,9 +237,9 @@ def _rolling_conv_transpose_nd(dims, x, weight, bias, stride, padding, output_pa
            for n, k, s, p, o, d in zip(x.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation)]
     if any(o < 1 for o in out):
         raise ValueError("%s: the output would be empty (computed spatial size %s); reduce padding" % (name, out))
-    _, fn = _choose(OP_T, x, weight, backend, transposed=True, n_rolls=n_rolls)
-    return run_with_epilogue(fn, (x, weight, bias, stride, padding, output_padding, dilation, n_rolls),
-                             scale, shift, relu)
+    _, impl = _choose(OP_T, x, weight, backend, transposed=True, n_rolls=n_rolls)
+    return impl(x, weight, bias, stride, padding, output_padding, dilation, n_rolls, scale=scale, shift=shift,
+                relu=relu)
 
 
 def rolling_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, n_rolls=None, backend="auto", *,

@@ -33,9 +33,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..backends import register_impl
+from ..backends import _IMPLS, register_impl
 from ..reference import rolling_conv as _ref
-from ._common import run_with_epilogue
 
 OP = "rolling_conv"
 OP_T = "rolling_conv_transpose"
@@ -312,48 +311,20 @@ def _supports(device, dtype, **ctx) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------
-# fused kernels of the same algorithm, per device type
+# registration
 # --------------------------------------------------------------------------------------
-# The "spectral" backend runs a fused kernel (one pass over the activations each way) where one
-# is registered for the input's device type and supports the input, and the composition above
-# everywhere else. "spectral_unfused" always runs the composition.
-# A fused entry is (conv_fn, conv_transpose_fn, supports): conv_fn and conv_transpose_fn take the
-# same arguments as rolling_conv_spectral / rolling_conv_transpose_spectral; supports(x, weight,
-# transposed) returns None when the fused kernel runs this input, else the reason.
-_FUSED: Dict[str, Tuple[Callable, Callable, Callable]] = {}
-
-
-def register_fused_spectral(device_type: str, conv_fn: Callable, conv_transpose_fn: Callable,
-                            supports: Callable[[torch.Tensor, torch.Tensor, bool], Optional[str]]) -> None:
-    _FUSED[device_type] = (conv_fn, conv_transpose_fn, supports)
-
-
-def _fused_for(x: torch.Tensor, weight: torch.Tensor, transposed: bool):
-    entry = _FUSED.get(x.device.type)
-    if entry is None or entry[2](x, weight, transposed) is not None:
-        return None
-    return entry[1] if transposed else entry[0]
-
-
-def rolling_conv_spectral_auto(x, weight, bias, stride, padding, dilation, n_rolls, scale=None, shift=None,
-                               relu=False):
-    """Backend "spectral": the fused kernel for this device where it runs the input, else the composition."""
-    fn = _fused_for(x, weight, transposed=False) or rolling_conv_spectral
-    return run_with_epilogue(fn, (x, weight, bias, stride, padding, dilation, n_rolls), scale, shift, relu)
-
-
-def rolling_conv_transpose_spectral_auto(x, weight, bias, stride, padding, output_padding, dilation, n_rolls,
-                                         scale=None, shift=None, relu=False):
-    fn = _fused_for(x, weight, transposed=True) or rolling_conv_transpose_spectral
-    return run_with_epilogue(fn, (x, weight, bias, stride, padding, output_padding, dilation, n_rolls),
-                              scale, shift, relu)
-
-
-rolling_conv_spectral_auto.supports_epilogue = True
-rolling_conv_transpose_spectral_auto.supports_epilogue = True
-
-
-register_impl(OP, "spectral", rolling_conv_spectral_auto, _supports)
-register_impl(OP_T, "spectral", rolling_conv_transpose_spectral_auto, _supports)
+# "spectral" runs a fused kernel (one pass over the activations each way) where one is registered for the
+# input's device type and supports the input, and the composition above everywhere else; "spectral_unfused"
+# always runs the composition. The fused kernels register themselves on the "spectral" entry of the one
+# backend registry (backends.register_fused): ops/rolling_conv_spectral_cpu.py for CPU tensors,
+# ops/rolling_conv_spectral_triton.py for CUDA tensors; the choice is backends.Impl.kernel.
+register_impl(OP, "spectral", rolling_conv_spectral, _supports)
+register_impl(OP_T, "spectral", rolling_conv_transpose_spectral, _supports)
 register_impl(OP, "spectral_unfused", rolling_conv_spectral, _supports)
 register_impl(OP_T, "spectral_unfused", rolling_conv_transpose_spectral, _supports)
+
+
+def _fused_for(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> Optional[Callable]:
+    """The fused kernel the "spectral" backend runs for this input, or None where it runs the composition."""
+    f = _IMPLS[OP_T if transposed else OP]["spectral"].fused_for(x, weight)
+    return None if f is None else f.fn

@@ -12,6 +12,7 @@ fused *_grad_input (the adjoint problem: same kernel, conjugate-free weights, tr
 geometry) and *_grad_weight (per-frequency correlation of the transformed input and output
 gradient, then the inverse transform to the base) ops.
 """
+import functools
 import os
 import warnings
 from typing import List, Optional
@@ -20,7 +21,8 @@ import torch
 
 from .. import _ext
 from ._common import apply_epilogue, conv_out_size, conv_transpose_out_size
-from .rolling_conv_spectral import register_fused_spectral, rolling_conv_spectral, rolling_conv_transpose_spectral
+from ..backends import register_fused
+from .rolling_conv_spectral import OP, OP_T, rolling_conv_spectral, rolling_conv_transpose_spectral
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 ISAS = ("avx512", "avx2", "generic")  # widest first; see csrc/cpu/cpu_dispatch.h
@@ -249,9 +251,10 @@ def rolling_conv_transpose_spectral_cpu(x, weight, bias, stride, padding, output
                                                              n_rolls)
 
 
-rolling_conv_spectral_cpu.supports_epilogue = True
-rolling_conv_transpose_spectral_cpu.supports_epilogue = True
-
 if available():
     _check_isa_env()
-    register_fused_spectral("cpu", rolling_conv_spectral_cpu, rolling_conv_transpose_spectral_cpu, supports)
+    # the fused kernel of backend "spectral" on CPU tensors, epilogue in-kernel
+    register_fused(OP, "spectral", "cpu", rolling_conv_spectral_cpu, functools.partial(supports, transposed=False),
+                   epilogue=True)
+    register_fused(OP_T, "spectral", "cpu", rolling_conv_transpose_spectral_cpu,
+                   functools.partial(supports, transposed=True), epilogue=True)

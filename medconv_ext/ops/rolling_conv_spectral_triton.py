@@ -1,7 +1,7 @@
 """The fused spectral rolling convolution on CUDA: the Triton kernels of
 medconv_ext.triton_kernels.rolling_conv_spectral wrapped as torch.library custom ops (fake kernels and
 autograd registered, so they trace under torch.compile), and registered as the fused kernel of the
-"spectral" backend for CUDA tensors (register_fused_spectral in rolling_conv_spectral.py).
+"spectral" backend for CUDA tensors (backends.register_fused, at the end of this module).
 
 Custom ops:
     medconv::rolling_conv_spectral_triton(x, weight, bias, scale, shift, relu, stride, padding, dilation, n_rolls)
@@ -20,6 +20,7 @@ the wrapper runs the kernel without it and applies it with torch ops.
 Runs on CUDA tensors (float32, float16, bfloat16; float32 accumulation), and on CPU tensors only under
 TRITON_INTERPRET=1 (slow: tests only). Importing this module never imports triton.
 """
+import functools
 import math
 import os
 from typing import Dict, List, Optional, Tuple
@@ -29,7 +30,8 @@ from torch import Tensor
 
 from ._common import (apply_epilogue, conv_out_size, conv_transpose_out_size, make_rolling_backward,
                       make_rolling_setup, rolling_out_shape)
-from .rolling_conv_spectral import register_fused_spectral
+from ..backends import register_fused
+from .rolling_conv_spectral import OP, OP_T
 from .rolling_conv_triton import device_guard
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -331,10 +333,6 @@ def conv_transpose(x, weight, bias, stride, padding, output_padding, dilation, n
     return rolling_conv_transpose_spectral_triton(x, weight, bias, scale, shift, bool(relu), *args)
 
 
-conv.supports_epilogue = True
-conv_transpose.supports_epilogue = True
-
-
 def supports(x: Tensor, weight: Tensor, transposed: bool) -> Optional[str]:
     """None when the fused kernel runs this input, else the reason (the composition runs it then)."""
     from ..backends import available_backends
@@ -383,4 +381,6 @@ def predicted_speedup(c_in: int, n_base: int, n_rolls: int, taps: int, dtype: to
     return dense / spec
 
 
-register_fused_spectral("cuda", conv, conv_transpose, supports)
+# the fused kernel of backend "spectral" on CUDA tensors, epilogue in-kernel
+register_fused(OP, "spectral", "cuda", conv, functools.partial(supports, transposed=False), epilogue=True)
+register_fused(OP_T, "spectral", "cuda", conv_transpose, functools.partial(supports, transposed=True), epilogue=True)
