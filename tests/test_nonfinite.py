@@ -419,10 +419,21 @@ def test_border_nonfinite_weight_forward(backend):
     assert_same_nonfinite(_run(case, backend, x, w, b), _expected(case, x, w, b), torch.float32, backend)
 
 
-@pytest.mark.parametrize("backend", _xfail("spectral", "spectral_unfused", "triton"))
-def test_border_nonfinite_grad_weight(backend):
+BORDER_GW_CASES = [("conv2d-pad", False, 2, 1, 4, 1, 4, 3, (5, 6), [1, 1], [1, 1], [0, 0], [1, 1]),
+                   ("conv2d-pad-partial", False, 2, 1, 5, 1, 2, 3, (5, 6), [1, 1], [1, 1], [0, 0], [1, 1]),
+                   ("convT2d-pad-partial", True, 2, 1, 5, 1, 2, 3, (5, 6), [1, 1], [1, 1], [0, 0], [1, 1]),
+                   ("convT2d-s2-pad", True, 2, 1, 4, 1, 3, 3, (3, 4), [2, 2], [1, 1], [1, 0], [1, 1])]
+
+
+@pytest.mark.parametrize("backend", ROLLING_BACKENDS)
+@pytest.mark.parametrize("case", BORDER_GW_CASES, ids=[c[0] for c in BORDER_GW_CASES])
+def test_border_nonfinite_grad_weight(backend, case, request):
+    """A NaN incoming gradient at a corner output: torch's weight gradient multiplies it by the zero padding
+    of the taps that read padding (conv), or by every input voxel whose taps land on it (transposed: also
+    the positions cropped by `padding`); and NaN nowhere else (a partial roll keeps the other channels)."""
     _backend_ok(backend)
-    case = ("conv2d-pad", False, 2, 1, 4, 1, 4, 3, (5, 6), [1, 1], [1, 1], [0, 0], [1, 1])
+    if backend in SPECTRAL and not case[1]:  # the transposed layer's weight gradient pads explicitly
+        request.applymarker(pytest.mark.xfail(strict=True, reason=_BORDER))
     x, w, b = _case(case, torch.float32, "nan")
     x = torch.nan_to_num(x)
     res = []
@@ -465,24 +476,20 @@ def test_nonfinite_weight_of_one_base_stays_in_its_outputs(backend, transposed):
                 assert_same_nonfinite(got, exp, dtype, "%s weight %r" % (backend, v))
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=pytest.mark.xfail(strict=True, reason=_BORDER)),
-                                     "triton"])
+@pytest.mark.parametrize("backend", INV_BACKENDS)
 @pytest.mark.parametrize("what", ["weight", "grad"])
 def test_involution_border(backend, what):
+    """A non-finite kernel weight at a tap that reads the zero padding (forward), a NaN incoming gradient at a
+    border output (weight gradient of the taps that read padding): NaN as in torch's unfold."""
     case = INV_CASES[0]
     _inv_check(backend, case, "border-weight" if what == "weight" else "x", "border" if what == "grad" else "inside")
 
 
 @pytest.mark.parametrize("backend", ROLLING_BACKENDS)
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=[CASE_IDS[0], CASE_IDS[1], CASE_IDS[3]])
-def test_border_nan_input(backend, case, request):
+def test_border_nan_input(backend, case):
     """NaN input voxels on the image border (corners and edges): forward and gradients as torch's."""
     _backend_ok(backend)
-    known = {("cpu", "conv2d"): "the compiled CPU weight gradient multiplies input columns past the last output "
-                                "position by zero gradients (NaN * 0) when n_rolls < C_in",
-             ("triton", "convT2d-s2"): _BORDER + ": the transposed weight gradient skips the cropped outputs"}
-    if (backend, case[0]) in known:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=known[(backend, case[0])]))
     x, w, b = _case(case, torch.float32, "nan")
     x = torch.nan_to_num(x)
     dims = case[2]

@@ -116,6 +116,17 @@ inline void valid_range(int64_t off, int64_t s, int64_t n, int64_t n_out, int64_
   if (lo > hi) lo = hi;
 }
 
+// o[wo] += v[wo] * 0 for the output positions outside [lo, hi), whose tap reads the zero
+// padding: torch's unfold multiplies the padding, so a NaN or Inf v gives NaN there (a finite v
+// adds 0). Border positions only: no cost inside the image.
+template <typename scalar_t>
+inline void add_times_padding(scalar_t* __restrict__ o, const scalar_t* __restrict__ v, int64_t lo, int64_t hi,
+                              int64_t n_out) {
+  if (lo >= hi) lo = hi = n_out;
+  for (int64_t wo = 0; wo < lo; ++wo) o[wo] += v[wo] * scalar_t(0);
+  for (int64_t wo = hi; wo < n_out; ++wo) o[wo] += v[wo] * scalar_t(0);
+}
+
 // Grain: aim for tasks of at least ~32k multiply-adds so scheduling overhead stays small.
 int64_t grain_for(int64_t per_task) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_task)); }
 
@@ -141,20 +152,21 @@ void forward_kernel(const InvGeom& g, const scalar_t* __restrict__ x, const scal
       }
       for (int64_t kd = 0; kd < g.KD; ++kd) {
         const int64_t id = od * g.sd + kd * g.dd - g.pd;
-        if (id < 0 || id >= g.D) continue;
+        const bool d_ok = id >= 0 && id < g.D;
         for (int64_t kh = 0; kh < g.KH; ++kh) {
           const int64_t ih = oh * g.sh + kh * g.dh - g.ph;
-          if (ih < 0 || ih >= g.H) continue;
+          const bool ok = d_ok && ih >= 0 && ih < g.H;
           for (int64_t kw = 0; kw < g.KW; ++kw) {
             const int64_t off = kw * g.dw - g.pw;
-            int64_t lo, hi;
-            valid_range(off, g.sw, g.W, g.Wo, lo, hi);
-            if (lo >= hi) continue;
+            int64_t lo = 0, hi = 0;
+            if (ok) valid_range(off, g.sw, g.W, g.Wo, lo, hi);
             const int64_t t = (kd * g.KH + kh) * g.KW + kw;
             const scalar_t* __restrict__ wr = w + (ng * taps + t) * out_plane + row_off;
             for (int64_t c = 0; c < g.cpg; ++c) {
-              const scalar_t* __restrict__ xr = x + (c0 + c) * in_plane + (id * g.H + ih) * g.W + off;
               scalar_t* __restrict__ o = out + (c0 + c) * out_plane + row_off;
+              add_times_padding(o, wr, lo, hi, g.Wo);
+              if (lo >= hi) continue;
+              const scalar_t* __restrict__ xr = x + (c0 + c) * in_plane + (id * g.H + ih) * g.W + off;
               if (g.sw == 1) {
                 for (int64_t wo = lo; wo < hi; ++wo) o[wo] += wr[wo] * xr[wo];
               } else {
@@ -254,14 +266,14 @@ void grad_weight_kernel(const InvGeom& g, const scalar_t* __restrict__ gy, const
           for (int64_t kw = 0; kw < g.KW; ++kw) {
             const int64_t t = (kd * g.KH + kh) * g.KW + kw;
             scalar_t* __restrict__ o = gw + (ng * taps + t) * out_plane + row_off;
-            std::fill(o, o + g.Wo, scalar_t(0));  // taps that fall into the padding get 0
-            if (!ok) continue;
+            std::fill(o, o + g.Wo, scalar_t(0));
             const int64_t off = kw * g.dw - g.pw;
-            int64_t lo, hi;
-            valid_range(off, g.sw, g.W, g.Wo, lo, hi);
-            if (lo >= hi) continue;
+            int64_t lo = 0, hi = 0;
+            if (ok) valid_range(off, g.sw, g.W, g.Wo, lo, hi);
             for (int64_t c = 0; c < g.cpg; ++c) {
               const scalar_t* __restrict__ gr = gy + (c0 + c) * out_plane + row_off;
+              add_times_padding(o, gr, lo, hi, g.Wo);  // taps that read the padding: gy * 0
+              if (lo >= hi) continue;
               const scalar_t* __restrict__ xr = x + (c0 + c) * in_plane + (id * g.H + ih) * g.W + off;
               if (g.sw == 1) {
                 for (int64_t wo = lo; wo < hi; ++wo) o[wo] += gr[wo] * xr[wo];

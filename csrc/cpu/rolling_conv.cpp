@@ -576,6 +576,20 @@ at::Tensor rolling_conv_grad_input_cpu(const at::Tensor& grad_out, const at::Ten
   return corr_op(grad_out, weight, std::nullopt, g, false, false, false, g.C, S);
 }
 
+// Whether the first and last `e` values of every row (length L2) of buf are finite.
+template <typename T>
+bool edge_columns_finite(const T* buf, i64 rows, i64 L2, i64 e) {
+  if (e <= 0) return true;
+  e = std::min(e, L2);
+  for (i64 row = 0; row < rows; ++row) {
+    const T* r = buf + row * L2;
+    T acc = T(0);  // x * 0 is NaN exactly for NaN and +-Inf
+    for (i64 j = 0; j < e; ++j) acc += r[j] * T(0) + r[L2 - 1 - j] * T(0);
+    if (acc != acc) return false;
+  }
+  return true;
+}
+
 // shared by both grad_weight ops: A (small spatial, indexed by p), Bsrc (indexed by p*s + t*d - pad)
 at::Tensor gw_op(const at::Tensor& A, const at::Tensor& Bsrc, const Geom& g, bool transposed) {
   auto A5 = as5(A), B5 = as5(Bsrc);
@@ -585,7 +599,7 @@ at::Tensor gw_op(const at::Tensor& A, const at::Tensor& Bsrc, const Geom& g, boo
     L[i] = (P[i] - 1) * g.s[i] + g.d[i] * (g.k[i] - 1) + 1;
     off[i] = -g.p[i];
   }
-  const bool flat = g.s[1] == 1 && g.s[2] == 1 && P[1] > 1;
+  bool flat = g.s[1] == 1 && g.s[2] == 1 && P[1] > 1;
   const i64 T_ = g.taps();
   at::Tensor out = at::empty({g.nb, g.C, T_}, A5.options());
   AT_DISPATCH_FLOATING_TYPES(A5.scalar_type(), "rolling_conv_grad_weight_cpu", [&] {
@@ -595,6 +609,13 @@ at::Tensor gw_op(const at::Tensor& A, const at::Tensor& Bsrc, const Geom& g, boo
     }
     // flat runs read up to (k2 - 1) * d2 past the last row of B
     at::Tensor buf = make_buffer<scalar_t>(B5, L, off, su, slack_for(g.s) + (g.k[2] - 1) * g.d[2]);
+    // The flat runs multiply the zero columns of A by the B columns that no tap reads in torch's
+    // gradient (the first and last (k2 - 1) * d2 columns of each B row): a NaN or Inf there would
+    // give NaN * 0 = NaN in entries that torch keeps finite. Such a B runs row by row instead
+    // (a scan of 2 (k2 - 1) d2 values per row, negligible beside the gradient itself).
+    if (flat && !edge_columns_finite<scalar_t>(buf.data_ptr<scalar_t>(), B5.size(0) * B5.size(1) * L[0] * L[1], L[2],
+                                               (g.k[2] - 1) * g.d[2]))
+      flat = false;
     at::Tensor abuf = A5;
     A3 PA = P;
     if (flat) {  // A with rows of length L2, zero beyond P2 (see GwArgs::flat)
