@@ -534,6 +534,36 @@ at::Tensor corr_op(const at::Tensor& src, const at::Tensor& weight, const std::o
   return out5.view(out_sizes(N, Cq, O, g.dims));
 }
 
+// ------------------------------------------------------------------------------------------
+// a non-finite base in the transposed correlation
+// ------------------------------------------------------------------------------------------
+// The transposed correlation (the transposed conv's forward, the conv's grad_input) gathers over a
+// zero-padded (and, for stride > 1, zero-inserted) buffer: every output meets zeros with the taps
+// that reach it from no input voxel, so a NaN or Inf weight (x * 0 = NaN) would make outputs of its
+// base non-finite that torch's transposed conv, which multiplies only the voxels a tap reaches,
+// keeps finite (near the border; with stride > 1 everywhere). Such a base (a check over the small
+// base only) runs torch's transposed conv of the expanded bank instead.
+bool transposed_corr_nonfinite(const at::Tensor& weight) { return !at::isfinite(weight).all().item<bool>(); }
+
+std::vector<i64> last_dims(const A3& v, int dims) { return std::vector<i64>(v.begin() + (3 - dims), v.end()); }
+
+// The dense bank of the base: conv (n_rolls * nb, C, *k) from (nb, C, *k), transposed (C, n_rolls * nb, *k)
+// from (C, nb, *k); channel o = r * nb + b reads base channel (c - r) mod C.
+at::Tensor expanded_bank(const at::Tensor& weight, const Geom& g, bool transposed) {
+  std::vector<at::Tensor> parts;
+  for (i64 r = 0; r < g.n_rolls; ++r) parts.push_back(at::roll(weight, {r}, {transposed ? 0 : 1}));
+  return at::cat(parts, transposed ? 1 : 0);
+}
+
+at::Tensor dense_transposed(const at::Tensor& src, const at::Tensor& bank, const std::optional<at::Tensor>& bias,
+                            const Geom& g, const A3& O) {
+  const A3 S = spatial3(src.sizes(), g.dims);
+  A3 opad;
+  for (int i = 0; i < 3; ++i) opad[i] = O[i] - ((S[i] - 1) * g.s[i] - 2 * g.p[i] + g.d[i] * (g.k[i] - 1) + 1);
+  return at::convolution(src, bank, bias, last_dims(g.s, g.dims), last_dims(g.p, g.dims), last_dims(g.d, g.dims),
+                         true, last_dims(opad, g.dims), 1).contiguous();
+}
+
 void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, i64 Cq, const char* op) {
   if (!bias.has_value()) return;
   check_float_cpu(*bias, "bias", op);
@@ -573,6 +603,7 @@ at::Tensor rolling_conv_grad_input_cpu(const at::Tensor& grad_out, const at::Ten
   A3 S = spatial3(input_size, g.dims);
   A3 O = conv_out(g, S, op);
   check_grad_shape(grad_out, input_size[0], g.n_rolls * g.nb, O, g.dims, op);
+  if (transposed_corr_nonfinite(weight)) return dense_transposed(grad_out, expanded_bank(weight, g, false), std::nullopt, g, S);
   return corr_op(grad_out, weight, std::nullopt, g, false, false, false, g.C, S);
 }
 
@@ -679,6 +710,7 @@ at::Tensor rolling_conv_transpose_cpu(const at::Tensor& x, const at::Tensor& wei
     O[i] += opad[i];
     TORCH_CHECK(O[i] >= 1, op, ": the output would be empty (spatial size ", O[i], "); reduce padding");
   }
+  if (transposed_corr_nonfinite(weight)) return dense_transposed(x, expanded_bank(weight, g, true), bias, g, O);
   return corr_op(x, weight, bias, g, true, false, true, Cq, O);
 }
 

@@ -96,6 +96,33 @@ def _conv_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, w: torch.Tensor
                                                [0] * dims, inp.shape[1], [False, True, False])[1]
 
 
+def _border_finite(g: torch.Tensor, in_size, ks, stride, padding, dilation) -> bool:
+    """Whether the output gradient g of conv(u, w, stride, padding, dilation) is finite at the outputs whose
+    window reads the zero padding (the border bands only: a small fraction of g). Under torch.compile: True
+    (no data-dependent branch in the graph; the compiled backward keeps the finite border sum)."""
+    if torch.compiler.is_compiling():
+        return True
+    for i, (n_out, n_in, k, s, p, d) in enumerate(zip(g.shape[2:], in_size, ks, stride, padding, dilation)):
+        lo = min(n_out, -(-p // s))  # q * s - p < 0
+        hi = max(0, n_out - max(0, -(-(n_in + p - (k - 1) * d) // s)))  # q * s + (k - 1) * d - p >= n_in
+        for start, count in ((0, lo), (n_out - hi, hi)):
+            if count and not bool(torch.isfinite(g.narrow(2 + i, start, count)).all()):
+                return False
+    return True
+
+
+def _conv_weight_grad_padded(grad_out, inp, w, stride, padding, dilation):
+    """The weight gradient with torch's semantics at the border: oneDNN's depthwise weight gradient skips the
+    zero padding, where torch's dense conv multiplies it (NaN * 0 = NaN for a NaN or Inf incoming gradient at
+    an output whose tap reads padding). Explicit zeros are multiplied; only used when such a gradient is there."""
+    if not any(padding) or _border_finite(grad_out, inp.shape[2:], w.shape[2:], stride, padding, dilation):
+        return _conv_weight_grad(grad_out, inp, w, stride, padding, dilation)
+    pads = []
+    for p in reversed(padding):
+        pads.extend([p, p])
+    return _conv_weight_grad(grad_out, F.pad(inp, pads), w, stride, [0] * len(padding), dilation)
+
+
 class _DepthwiseConvCPU(torch.autograd.Function):
     """y = depthwise conv (transposed=False) or its adjoint, the transposed conv (transposed=True),
     forward and backward both by forward depthwise convs (see above)."""
@@ -138,7 +165,7 @@ class _DepthwiseConvCPU(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 gu = _conv_adjoint(g, w, list(u.shape[2:]), stride, padding, dilation)
             if ctx.needs_input_grad[1]:
-                gw = _conv_weight_grad(g, u, w, stride, padding, dilation)
+                gw = _conv_weight_grad_padded(g, u, w, stride, padding, dilation)
         gu = gu.to(u_in.dtype) if gu is not None else None
         gw = gw.to(w_in.dtype) if gw is not None else None
         return gu, gw, None, None, None, None, None
@@ -271,12 +298,32 @@ def _outside_autocast(fn):
     return wrapper
 
 
+def _nonfinite_weight(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A NaN or Inf in the base, on a CPU tensor (outside torch.compile): such a layer runs torch's dense conv
+    of the bank instead. The depthwise convolutions skip their zero padding (and the transposed conv of a
+    stride > 1 multiplies the zero-interleaved gaps), so a non-finite weight would give finite border
+    outputs where torch's conv gives NaN (Inf * 0), and NaN at the outputs a transposed tap never reaches.
+    The check reads only the small base; on CUDA it would cost a host synchronization per call, so there
+    the composition runs as is (docs/rolling_conv_spectral.md, "Non-finite values")."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not bool(torch.isfinite(weight).all()))
+
+
+def _dense(fn, x, weight, bias, *args):
+    """torch's conv of the bank (the reference backend) in the compute dtype, cast back like _finish."""
+    cdt = _compute_dtype(x.dtype)
+    b = bias.to(cdt) if bias is not None else None
+    return fn(x.to(cdt), weight.to(cdt), b, *args).to(x.dtype)
+
+
 @_outside_autocast
 def rolling_conv_spectral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           stride: List[int], padding: List[int], dilation: List[int], n_rolls: int) -> torch.Tensor:
     """Rolling convolution by the channel FFT. weight = base (n_base, C_in, *k)."""
     if x.numel() == 0:  # oneDNN/MKL FFT refuse empty transforms; nothing to compute anyway
         return _ref.rolling_conv(x, weight, bias, stride, padding, dilation, n_rolls)
+    if _nonfinite_weight(x, weight):
+        return _dense(_ref.rolling_conv, x, weight, bias, stride, padding, dilation, n_rolls)
     cdt = _compute_dtype(x.dtype)
     n_base, c_in = weight.shape[0], weight.shape[1]
     u = _spectrum_channels_last(x.to(cdt), n_base)
@@ -294,6 +341,9 @@ def rolling_conv_transpose_spectral(x: torch.Tensor, weight: torch.Tensor, bias:
     so each frequency is a depthwise transposed conv with conj(rfft(w[:, b])[f])."""
     if x.numel() == 0:
         return _ref.rolling_conv_transpose(x, weight, bias, stride, padding, output_padding, dilation, n_rolls)
+    if _nonfinite_weight(x, weight):
+        return _dense(_ref.rolling_conv_transpose, x, weight, bias, stride, padding, output_padding, dilation,
+                      n_rolls)
     cdt = _compute_dtype(x.dtype)
     c_in, n_base = weight.shape[0], weight.shape[1]
     u = _spectrum_channels_last(x.to(cdt), n_base)
