@@ -16,7 +16,7 @@ import torch
 
 from .. import _ext
 from ._common import apply_epilogue, conv_out_size, conv_transpose_out_size
-from .rolling_conv_spectral import (_border_finite, register_fused_spectral, rolling_conv_spectral,
+from .rolling_conv_spectral import (_grad_finite, register_fused_spectral, rolling_conv_spectral,
                                     rolling_conv_transpose_spectral)
 
 DTYPES = (torch.float32, torch.float64)
@@ -126,8 +126,7 @@ if available():
         pre = "rolling_conv_transpose_spectral" if transposed else "rolling_conv_spectral"
         if nig[0]:
             gx = getattr(torch.ops.medconv, pre + "_grad_input")(g, weight, list(x.shape), stride, padding, dilation, n_rolls)
-        if nig[1] and not transposed and any(padding) and not _border_finite(g, x.shape[2:], weight.shape[2:], stride,
-                                                                             padding, dilation):
+        if nig[1] and not transposed and any(padding) and not _grad_finite(g):
             # a NaN/Inf gradient at an output whose tap reads padding: the kernel skips the padding, torch multiplies
             # it (NaN * 0); the composition's weight gradient does too (rare: only such a gradient runs it)
             with torch.enable_grad():
