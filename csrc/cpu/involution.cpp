@@ -127,6 +127,16 @@ inline void add_times_padding(scalar_t* __restrict__ o, const scalar_t* __restri
   for (int64_t wo = hi; wo < n_out; ++wo) o[wo] += v[wo] * scalar_t(0);
 }
 
+// Whether v[wo] * 0 is NaN (v non-finite) for some wo outside [lo, hi): then the padding terms are added.
+template <typename scalar_t>
+inline bool padding_nonfinite(const scalar_t* __restrict__ v, int64_t lo, int64_t hi, int64_t n_out) {
+  if (lo >= hi) lo = hi = n_out;
+  scalar_t acc = scalar_t(0);
+  for (int64_t wo = 0; wo < lo; ++wo) acc += v[wo] * scalar_t(0);
+  for (int64_t wo = hi; wo < n_out; ++wo) acc += v[wo] * scalar_t(0);
+  return acc != acc;
+}
+
 // Grain: aim for tasks of at least ~32k multiply-adds so scheduling overhead stays small.
 int64_t grain_for(int64_t per_task) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_task)); }
 
@@ -162,9 +172,12 @@ void forward_kernel(const InvGeom& g, const scalar_t* __restrict__ x, const scal
             if (ok) valid_range(off, g.sw, g.W, g.Wo, lo, hi);
             const int64_t t = (kd * g.KH + kh) * g.KW + kw;
             const scalar_t* __restrict__ wr = w + (ng * taps + t) * out_plane + row_off;
+            // the padding terms w * 0 are the same for every channel of the group: added only when nonzero
+            const bool pad_nf = padding_nonfinite(wr, lo, hi, g.Wo);
+            if (lo >= hi && !pad_nf) continue;
             for (int64_t c = 0; c < g.cpg; ++c) {
               scalar_t* __restrict__ o = out + (c0 + c) * out_plane + row_off;
-              add_times_padding(o, wr, lo, hi, g.Wo);
+              if (pad_nf) add_times_padding(o, wr, lo, hi, g.Wo);
               if (lo >= hi) continue;
               const scalar_t* __restrict__ xr = x + (c0 + c) * in_plane + (id * g.H + ih) * g.W + off;
               if (g.sw == 1) {
@@ -257,6 +270,33 @@ void grad_weight_kernel(const InvGeom& g, const scalar_t* __restrict__ gy, const
       const int64_t n = ng / g.G, grp = ng % g.G;
       const int64_t row_off = (od * g.Ho + oh) * g.Wo;
       const int64_t c0 = n * g.C + grp * g.cpg;
+      // Is grad_out non-finite at a position of this row where some tap reads the padding? (Only then
+      // are the padding terms gy * 0 added.) Inside the image only the border columns are checked; a
+      // row with a tap row in the padding (a border row) is checked whole.
+      bool row_oob = false;
+      for (int64_t kd = 0; kd < g.KD; ++kd) {
+        const int64_t id = od * g.sd + kd * g.dd - g.pd;
+        for (int64_t kh = 0; kh < g.KH; ++kh) {
+          const int64_t ih = oh * g.sh + kh * g.dh - g.ph;
+          row_oob = row_oob || id < 0 || id >= g.D || ih < 0 || ih >= g.H;
+        }
+      }
+      int64_t lo_max = 0, hi_min = g.Wo;
+      if (row_oob) {
+        hi_min = 0;
+      } else {
+        for (int64_t kw = 0; kw < g.KW; ++kw) {
+          int64_t lo, hi;
+          valid_range(kw * g.dw - g.pw, g.sw, g.W, g.Wo, lo, hi);
+          if (lo >= hi) lo = hi = g.Wo;
+          lo_max = std::max(lo_max, lo);
+          hi_min = std::min(hi_min, hi);
+        }
+        if (lo_max > hi_min) hi_min = lo_max;
+      }
+      bool gy_pad_nf = false;
+      for (int64_t c = 0; c < g.cpg && !gy_pad_nf; ++c)
+        gy_pad_nf = padding_nonfinite(gy + (c0 + c) * out_plane + row_off, lo_max, hi_min, g.Wo);
       for (int64_t kd = 0; kd < g.KD; ++kd) {
         const int64_t id = od * g.sd + kd * g.dd - g.pd;
         const bool d_ok = id >= 0 && id < g.D;
@@ -270,9 +310,10 @@ void grad_weight_kernel(const InvGeom& g, const scalar_t* __restrict__ gy, const
             const int64_t off = kw * g.dw - g.pw;
             int64_t lo = 0, hi = 0;
             if (ok) valid_range(off, g.sw, g.W, g.Wo, lo, hi);
+            if (lo >= hi && !gy_pad_nf) continue;
             for (int64_t c = 0; c < g.cpg; ++c) {
               const scalar_t* __restrict__ gr = gy + (c0 + c) * out_plane + row_off;
-              add_times_padding(o, gr, lo, hi, g.Wo);  // taps that read the padding: gy * 0
+              if (gy_pad_nf) add_times_padding(o, gr, lo, hi, g.Wo);  // taps that read the padding: gy * 0
               if (lo >= hi) continue;
               const scalar_t* __restrict__ xr = x + (c0 + c) * in_plane + (id * g.H + ih) * g.W + off;
               if (g.sw == 1) {
