@@ -479,11 +479,11 @@ def test_nonfinite_weight_of_one_base(backend, case, request):
 
 
 @pytest.mark.parametrize("backend", INV_BACKENDS)
+@pytest.mark.parametrize("case", INV_CASES, ids=[c[0] for c in INV_CASES])
 @pytest.mark.parametrize("what", ["weight", "grad"])
-def test_involution_border(backend, what):
+def test_involution_border(backend, case, what):
     """A non-finite kernel weight at a tap that reads the zero padding (forward), a NaN incoming gradient at a
     border output (weight gradient of the taps that read padding): NaN as in torch's unfold."""
-    case = INV_CASES[0]
     _inv_check(backend, case, "border-weight" if what == "weight" else "x", "border" if what == "grad" else "inside")
 
 

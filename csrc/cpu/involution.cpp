@@ -120,7 +120,7 @@ inline void valid_range(int64_t off, int64_t s, int64_t n, int64_t n_out, int64_
 // padding: torch's unfold multiplies the padding, so a NaN or Inf v gives NaN there (a finite v
 // adds 0). Border positions only: no cost inside the image.
 template <typename scalar_t>
-inline void add_times_padding(scalar_t* __restrict__ o, const scalar_t* __restrict__ v, int64_t lo, int64_t hi,
+__attribute__((noinline, cold)) void add_times_padding(scalar_t* __restrict__ o, const scalar_t* __restrict__ v, int64_t lo, int64_t hi,
                               int64_t n_out) {
   if (lo >= hi) lo = hi = n_out;
   for (int64_t wo = 0; wo < lo; ++wo) o[wo] += v[wo] * scalar_t(0);
@@ -173,13 +173,12 @@ void forward_kernel(const InvGeom& g, const scalar_t* __restrict__ x, const scal
             const int64_t t = (kd * g.KH + kh) * g.KW + kw;
             const scalar_t* __restrict__ wr = w + (ng * taps + t) * out_plane + row_off;
             // the padding terms w * 0 are the same for every channel of the group: added only when nonzero
-            const bool pad_nf = padding_nonfinite(wr, lo, hi, g.Wo);
-            if (lo >= hi && !pad_nf) continue;
+            if (padding_nonfinite(wr, lo, hi, g.Wo))
+              for (int64_t c = 0; c < g.cpg; ++c) add_times_padding(out + (c0 + c) * out_plane + row_off, wr, lo, hi, g.Wo);
+            if (lo >= hi) continue;
             for (int64_t c = 0; c < g.cpg; ++c) {
-              scalar_t* __restrict__ o = out + (c0 + c) * out_plane + row_off;
-              if (pad_nf) add_times_padding(o, wr, lo, hi, g.Wo);
-              if (lo >= hi) continue;
               const scalar_t* __restrict__ xr = x + (c0 + c) * in_plane + (id * g.H + ih) * g.W + off;
+              scalar_t* __restrict__ o = out + (c0 + c) * out_plane + row_off;
               if (g.sw == 1) {
                 for (int64_t wo = lo; wo < hi; ++wo) o[wo] += wr[wo] * xr[wo];
               } else {
@@ -310,11 +309,11 @@ void grad_weight_kernel(const InvGeom& g, const scalar_t* __restrict__ gy, const
             const int64_t off = kw * g.dw - g.pw;
             int64_t lo = 0, hi = 0;
             if (ok) valid_range(off, g.sw, g.W, g.Wo, lo, hi);
-            if (lo >= hi && !gy_pad_nf) continue;
+            if (gy_pad_nf)  // taps that read the padding: gy * 0
+              for (int64_t c = 0; c < g.cpg; ++c) add_times_padding(o, gy + (c0 + c) * out_plane + row_off, lo, hi, g.Wo);
+            if (lo >= hi) continue;
             for (int64_t c = 0; c < g.cpg; ++c) {
               const scalar_t* __restrict__ gr = gy + (c0 + c) * out_plane + row_off;
-              if (gy_pad_nf) add_times_padding(o, gr, lo, hi, g.Wo);  // taps that read the padding: gy * 0
-              if (lo >= hi) continue;
               const scalar_t* __restrict__ xr = x + (c0 + c) * in_plane + (id * g.H + ih) * g.W + off;
               if (g.sw == 1) {
                 for (int64_t wo = lo; wo < hi; ++wo) o[wo] += gr[wo] * xr[wo];
