@@ -261,6 +261,16 @@ void grad_weight_kernel(const InvGeom& g, const scalar_t* __restrict__ gy, const
   const int64_t out_plane = g.Do * g.Ho * g.Wo;
   const int64_t in_plane = g.D * g.H * g.W;
   const int64_t rows = g.N * g.G * g.Do * g.Ho;
+  // the output columns where some tap reads the padding: [0, lo_max) and [hi_min, Wo)
+  int64_t lo_max = 0, hi_min = g.Wo;
+  for (int64_t kw = 0; kw < g.KW; ++kw) {
+    int64_t lo, hi;
+    valid_range(kw * g.dw - g.pw, g.sw, g.W, g.Wo, lo, hi);
+    if (lo >= hi) lo = hi = g.Wo;
+    lo_max = std::max(lo_max, lo);
+    hi_min = std::min(hi_min, hi);
+  }
+  if (lo_max > hi_min) hi_min = lo_max;
   at::parallel_for(0, rows, grain_for(g.cpg * taps * g.Wo), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t oh = r % g.Ho;
@@ -272,30 +282,12 @@ void grad_weight_kernel(const InvGeom& g, const scalar_t* __restrict__ gy, const
       // Is grad_out non-finite at a position of this row where some tap reads the padding? (Only then
       // are the padding terms gy * 0 added.) Inside the image only the border columns are checked; a
       // row with a tap row in the padding (a border row) is checked whole.
-      bool row_oob = false;
-      for (int64_t kd = 0; kd < g.KD; ++kd) {
-        const int64_t id = od * g.sd + kd * g.dd - g.pd;
-        for (int64_t kh = 0; kh < g.KH; ++kh) {
-          const int64_t ih = oh * g.sh + kh * g.dh - g.ph;
-          row_oob = row_oob || id < 0 || id >= g.D || ih < 0 || ih >= g.H;
-        }
-      }
-      int64_t lo_max = 0, hi_min = g.Wo;
-      if (row_oob) {
-        hi_min = 0;
-      } else {
-        for (int64_t kw = 0; kw < g.KW; ++kw) {
-          int64_t lo, hi;
-          valid_range(kw * g.dw - g.pw, g.sw, g.W, g.Wo, lo, hi);
-          if (lo >= hi) lo = hi = g.Wo;
-          lo_max = std::max(lo_max, lo);
-          hi_min = std::min(hi_min, hi);
-        }
-        if (lo_max > hi_min) hi_min = lo_max;
-      }
+      const bool row_oob = od * g.sd - g.pd < 0 || od * g.sd + (g.KD - 1) * g.dd - g.pd >= g.D ||
+                           oh * g.sh - g.ph < 0 || oh * g.sh + (g.KH - 1) * g.dh - g.ph >= g.H;
       bool gy_pad_nf = false;
       for (int64_t c = 0; c < g.cpg && !gy_pad_nf; ++c)
-        gy_pad_nf = padding_nonfinite(gy + (c0 + c) * out_plane + row_off, lo_max, hi_min, g.Wo);
+        gy_pad_nf = padding_nonfinite(gy + (c0 + c) * out_plane + row_off, row_oob ? 0 : lo_max, row_oob ? 0 : hi_min,
+                                      g.Wo);
       for (int64_t kd = 0; kd < g.KD; ++kd) {
         const int64_t id = od * g.sd + kd * g.dd - g.pd;
         const bool d_ok = id >= 0 && id < g.D;
