@@ -392,24 +392,19 @@ def test_involution_forward_backward(backend, case, where):
     _inv_check(backend, case, where, "inside")
 
 
-# ------------------------------------------------------------------ the image border (known differences)
+# ------------------------------------------------------------------ the image border
 # torch's dense convolution (and the unfold reference of involution) multiplies its implicit zero padding:
 # a non-finite weight makes every output whose window reads padding NaN (Inf * 0, NaN * 0), and a
 # non-finite incoming gradient at such an output makes the weight gradient of the tap that reads
-# padding NaN. The compiled CPU rolling-conv kernel and the Triton kernels do the same (a zero-padded
-# copy, masked loads of zeros); the spectral algorithm (its depthwise convolutions, torch's oneDNN ones
-# included), the Triton weight gradient and the compiled CPU involution kernel skip the padding, so
-# there the border keeps the finite sum (docs/rolling_conv_spectral.md, "Non-finite values"). These
-# tests pin the difference (strict xfail: they pass, and so fail, once a kernel multiplies its padding).
-_BORDER = "the kernel skips the implicit zero padding that torch's conv multiplies (NaN * 0)"
+# padding NaN. Every kernel does the same (a zero-padded copy, masked loads of zeros, border terms
+# w * 0), except the spectral composition's weight gradient of a (non-transposed) conv: its depthwise
+# weight gradient skips the padding, so there the tap keeps the finite sum (strict xfail below; docs/
+# rolling_conv_spectral.md, "Non-finite values"). A non-finite *weight* runs torch's dense conv in the
+# spectral backends on CPU tensors.
+_BORDER = "the spectral depthwise weight gradient skips the implicit zero padding that torch's conv multiplies (NaN * 0)"
 
 
-def _xfail(*backends_, reason=_BORDER):
-    return [pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=reason)) if b in backends_ else b
-            for b in ROLLING_BACKENDS]
-
-
-@pytest.mark.parametrize("backend", _xfail("spectral", "spectral_unfused"))
+@pytest.mark.parametrize("backend", ROLLING_BACKENDS)
 def test_border_nonfinite_weight_forward(backend):
     _backend_ok(backend)
     case = ("conv2d-pad", False, 2, 1, 4, 1, 4, 3, (5, 6), [1, 1], [1, 1], [0, 0], [1, 1])
@@ -419,10 +414,19 @@ def test_border_nonfinite_weight_forward(backend):
     assert_same_nonfinite(_run(case, backend, x, w, b), _expected(case, x, w, b), torch.float32, backend)
 
 
-@pytest.mark.parametrize("backend", _xfail("spectral", "spectral_unfused", "triton"))
-def test_border_nonfinite_grad_weight(backend):
+BORDER_GW_CASES = [("conv2d-pad", False, 2, 1, 4, 1, 4, 3, (5, 6), [1, 1], [1, 1], [0, 0], [1, 1]),
+                   ("conv2d-pad-partial", False, 2, 1, 5, 1, 2, 3, (5, 6), [1, 1], [1, 1], [0, 0], [1, 1]),
+                   ("convT2d-pad-partial", True, 2, 1, 5, 1, 2, 3, (5, 6), [1, 1], [1, 1], [0, 0], [1, 1]),
+                   ("convT2d-s2-pad", True, 2, 1, 4, 1, 3, 3, (3, 4), [2, 2], [1, 1], [1, 0], [1, 1])]
+
+
+@pytest.mark.parametrize("backend", ROLLING_BACKENDS)
+@pytest.mark.parametrize("case", BORDER_GW_CASES, ids=[c[0] for c in BORDER_GW_CASES])
+def test_border_nonfinite_grad_weight(backend, case):
+    """A NaN incoming gradient at a corner output: torch's weight gradient multiplies it by the zero padding
+    of the taps that read padding (conv), or by every input voxel whose taps land on it (transposed: also
+    the positions cropped by `padding`); and NaN nowhere else (a partial roll keeps the other channels)."""
     _backend_ok(backend)
-    case = ("conv2d-pad", False, 2, 1, 4, 1, 4, 3, (5, 6), [1, 1], [1, 1], [0, 0], [1, 1])
     x, w, b = _case(case, torch.float32, "nan")
     x = torch.nan_to_num(x)
     res = []
@@ -436,53 +440,58 @@ def test_border_nonfinite_grad_weight(backend):
     assert_same_nonfinite(res[0], res[1], torch.float32, backend)
 
 
-_GAPS = ("the transposed kernel gathers over the zero-interleaved input of a stride > 1, so a non-finite weight "
-         "meets the gaps' zeros (Inf * 0) where torch's transposed conv multiplies only the voxels a tap reaches")
+_GAPS = ("the Triton kernel of the transposed correlation (transposed conv forward, conv input gradient) gathers over "
+         "the zero-padded, zero-interleaved grid with a weight tile shared by all positions, so a non-finite weight "
+         "meets zeros (Inf * 0) at the outputs no input voxel reaches with that tap, which torch keeps finite")
+ONE_BASE_CASES = [("conv2d-valid", False, 2, 1, 5, 2, 3, 3, (6, 7), [1, 1], [0, 0], [0, 0], [1, 1]),
+                  ("conv2d-s2-pad", False, 2, 1, 5, 2, 3, 3, (7, 8), [2, 2], [1, 1], [0, 0], [1, 1]),
+                  ("convT2d-s2", True, 2, 1, 5, 2, 3, 3, (4, 5), [2, 2], [0, 0], [0, 0], [1, 1]),
+                  ("convT2d-s2-pad", True, 2, 1, 5, 2, 3, 3, (4, 5), [2, 2], [1, 1], [1, 1], [1, 1])]
 
 
 @pytest.mark.parametrize("backend", ROLLING_BACKENDS)
-@pytest.mark.parametrize("transposed", [False, pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=_GAPS))])
-def test_nonfinite_weight_of_one_base_stays_in_its_outputs(backend, transposed):
-    """A NaN or Inf in the base weight: every output of that base (all its rolls) is non-finite at every pixel
-    whose window uses the tap, the other bases' outputs stay finite, as in torch's dense conv (valid padding).
-    (The fused spectral CPU kernel's inverse transform, one GEMM over all bases, would carry it into every
-    base: such a weight runs the per-base composition.)"""
+@pytest.mark.parametrize("case", ONE_BASE_CASES, ids=[c[0] for c in ONE_BASE_CASES])
+def test_nonfinite_weight_of_one_base(backend, case, request):
+    """A NaN or Inf in the base weight: forward and input gradient as torch's dense conv of the bank: the
+    outputs of that base (all its rolls) are non-finite where the tap is used (at every pixel, padding
+    included: Inf * 0), the other bases' outputs stay finite, and with a stride > 1 the input gradient is NaN
+    only at the voxels the tap reaches. (The fused spectral CPU kernel's inverse transform, one GEMM over all
+    bases, would carry it into every base, and the spectral composition's depthwise convs skip the padding:
+    on CPU tensors such a weight runs torch's dense conv of the bank.)"""
     _backend_ok(backend)
-    case = ("conv2d-valid", False, 2, 1, 5, 2, 3, 3, (6, 7), [1, 1], [0, 0], [0, 0], [1, 1])
-    if transposed:
-        case = ("convT2d", True, 2, 1, 5, 2, 3, 3, (4, 5), [2, 2], [0, 0], [0, 0], [1, 1])
+    if backend == "triton":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=_GAPS))
+    transposed = case[1]
     for dtype in _dtypes(backend):
         x, w, b = _case(case, dtype, "nan")
         x = torch.nan_to_num(x)
         for v in (NAN, INF):
             w2 = w.clone()
-            w2[(2, 1) if transposed else (1, 2)] [0, 1] = v
-            got = _run(case, backend, x, w2, b, relu=True)
-            exp = _expected(case, x, w2, b, relu=True)
-            if backend in SPECTRAL and v == INF:
-                assert_spectral_inf_semantics(got, exp, _dense_nonfinite(case, x, w2), dtype, backend)
-            else:
-                assert_same_nonfinite(got, exp, dtype, "%s weight %r" % (backend, v))
+            w2[(2, 1) if transposed else (1, 2)][0, 1] = v
+            res = []
+            for bk, xx, ww, bb in ((backend, x, w2, b), ("reference", x.double(), w2.double(), b.double())):
+                xx = xx.clone().requires_grad_(True)
+                y = _run(case, bk, xx, ww, bb, relu=True)
+                y.backward(torch.ones_like(y))
+                res.append((y, xx.grad))
+            assert_same_nonfinite(res[0][0], res[1][0], dtype, "%s %s weight %r: y" % (backend, case[0], v))
+            assert_same_nonfinite(res[0][1], res[1][1], dtype, "%s %s weight %r: grad x" % (backend, case[0], v))
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=pytest.mark.xfail(strict=True, reason=_BORDER)),
-                                     "triton"])
+@pytest.mark.parametrize("backend", INV_BACKENDS)
+@pytest.mark.parametrize("case", INV_CASES, ids=[c[0] for c in INV_CASES])
 @pytest.mark.parametrize("what", ["weight", "grad"])
-def test_involution_border(backend, what):
-    case = INV_CASES[0]
+def test_involution_border(backend, case, what):
+    """A non-finite kernel weight at a tap that reads the zero padding (forward), a NaN incoming gradient at a
+    border output (weight gradient of the taps that read padding): NaN as in torch's unfold."""
     _inv_check(backend, case, "border-weight" if what == "weight" else "x", "border" if what == "grad" else "inside")
 
 
 @pytest.mark.parametrize("backend", ROLLING_BACKENDS)
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=[CASE_IDS[0], CASE_IDS[1], CASE_IDS[3]])
-def test_border_nan_input(backend, case, request):
+def test_border_nan_input(backend, case):
     """NaN input voxels on the image border (corners and edges): forward and gradients as torch's."""
     _backend_ok(backend)
-    known = {("cpu", "conv2d"): "the compiled CPU weight gradient multiplies input columns past the last output "
-                                "position by zero gradients (NaN * 0) when n_rolls < C_in",
-             ("triton", "convT2d-s2"): _BORDER + ": the transposed weight gradient skips the cropped outputs"}
-    if (backend, case[0]) in known:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=known[(backend, case[0])]))
     x, w, b = _case(case, torch.float32, "nan")
     x = torch.nan_to_num(x)
     dims = case[2]

@@ -310,20 +310,29 @@ if triton is not None:
             i0 = l0 * S0 + (t0 * D0 - PD0)
             i1 = l1 * S1 + (t1 * D1 - PD1)
             i2 = l2 * S2 + (t2 * D2 - PD2)
-            ok = (j < j_end) & (i0 >= 0) & (i0 < HI0) & (i1 >= 0) & (i1 < HI1) & (i2 >= 0) & (i2 < HI2)
+            # Torch's gradient multiplies the zero padding of the hi grid (x of a conv, the cropped border of a
+            # transposed conv's grad_out): the lo-grid operand is read at every item, the hi-grid one only inside
+            # (ok), zero outside, so a NaN or Inf lo value at a tap that reads padding gives NaN as in torch
+            # (a finite one adds 0).
+            jm = j < j_end
+            ok = jm & (i0 >= 0) & (i0 < HI0) & (i1 >= 0) & (i1 < HI1) & (i2 >= 0) & (i2 < HI2)
             h = (i0 * HI1 + i1) * HI2 + i2
             if ROLL_IS_LO:
                 r_offs = (n * CR + b) * P_R + p
                 c_offs = n * C_ROLL * P_C + h
+                r_ok = jm
+                c_ok = ok
             else:
                 r_offs = (n * CR + b) * P_R + h
                 c_offs = n * C_ROLL * P_C + p
-            r_offs = tl.where(ok, r_offs, 0)
-            c_offs = tl.where(ok, c_offs, 0)[None, :]
-            c_mask = mask_m[:, None] & ok[None, :]
+                r_ok = ok
+                c_ok = jm
+            r_offs = tl.where(r_ok, r_offs, 0)
+            c_offs = tl.where(c_ok, c_offs, 0)[None, :]
+            c_mask = mask_m[:, None] & c_ok[None, :]
             cm = offs_m  # (m + r) mod C, advanced by one per roll
             for r in range(0, N_ROLLS):
-                rv = tl.load(roll_ptr + roll_row_offset(r_offs, r, NB, P_R), mask=ok, other=0.0).to(tl.float32)
+                rv = tl.load(roll_ptr + roll_row_offset(r_offs, r, NB, P_R), mask=r_ok, other=0.0).to(tl.float32)
                 cv = tl.load(chan_ptr + (c_offs + cm[:, None] * P_C), mask=c_mask, other=0.0).to(tl.float32)
                 acc += cv * rv[None, :]
                 cm = tl.where(cm + 1 == C_ROLL, 0, cm + 1)

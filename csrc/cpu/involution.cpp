@@ -116,6 +116,27 @@ inline void valid_range(int64_t off, int64_t s, int64_t n, int64_t n_out, int64_
   if (lo > hi) lo = hi;
 }
 
+// o[wo] += v[wo] * 0 for the output positions outside [lo, hi), whose tap reads the zero
+// padding: torch's unfold multiplies the padding, so a NaN or Inf v gives NaN there (a finite v
+// adds 0). Border positions only: no cost inside the image.
+template <typename scalar_t>
+__attribute__((noinline, cold)) void add_times_padding(scalar_t* __restrict__ o, const scalar_t* __restrict__ v, int64_t lo, int64_t hi,
+                              int64_t n_out) {
+  if (lo >= hi) lo = hi = n_out;
+  for (int64_t wo = 0; wo < lo; ++wo) o[wo] += v[wo] * scalar_t(0);
+  for (int64_t wo = hi; wo < n_out; ++wo) o[wo] += v[wo] * scalar_t(0);
+}
+
+// Whether v[wo] * 0 is NaN (v non-finite) for some wo outside [lo, hi): then the padding terms are added.
+template <typename scalar_t>
+inline bool padding_nonfinite(const scalar_t* __restrict__ v, int64_t lo, int64_t hi, int64_t n_out) {
+  if (lo >= hi) lo = hi = n_out;
+  scalar_t acc = scalar_t(0);
+  for (int64_t wo = 0; wo < lo; ++wo) acc += v[wo] * scalar_t(0);
+  for (int64_t wo = hi; wo < n_out; ++wo) acc += v[wo] * scalar_t(0);
+  return acc != acc;
+}
+
 // Grain: aim for tasks of at least ~32k multiply-adds so scheduling overhead stays small.
 int64_t grain_for(int64_t per_task) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_task)); }
 
@@ -141,17 +162,20 @@ void forward_kernel(const InvGeom& g, const scalar_t* __restrict__ x, const scal
       }
       for (int64_t kd = 0; kd < g.KD; ++kd) {
         const int64_t id = od * g.sd + kd * g.dd - g.pd;
-        if (id < 0 || id >= g.D) continue;
+        const bool d_ok = id >= 0 && id < g.D;
         for (int64_t kh = 0; kh < g.KH; ++kh) {
           const int64_t ih = oh * g.sh + kh * g.dh - g.ph;
-          if (ih < 0 || ih >= g.H) continue;
+          const bool ok = d_ok && ih >= 0 && ih < g.H;
           for (int64_t kw = 0; kw < g.KW; ++kw) {
             const int64_t off = kw * g.dw - g.pw;
-            int64_t lo, hi;
-            valid_range(off, g.sw, g.W, g.Wo, lo, hi);
-            if (lo >= hi) continue;
+            int64_t lo = 0, hi = 0;
+            if (ok) valid_range(off, g.sw, g.W, g.Wo, lo, hi);
             const int64_t t = (kd * g.KH + kh) * g.KW + kw;
             const scalar_t* __restrict__ wr = w + (ng * taps + t) * out_plane + row_off;
+            // the padding terms w * 0 are the same for every channel of the group: added only when nonzero
+            if (padding_nonfinite(wr, lo, hi, g.Wo))
+              for (int64_t c = 0; c < g.cpg; ++c) add_times_padding(out + (c0 + c) * out_plane + row_off, wr, lo, hi, g.Wo);
+            if (lo >= hi) continue;
             for (int64_t c = 0; c < g.cpg; ++c) {
               const scalar_t* __restrict__ xr = x + (c0 + c) * in_plane + (id * g.H + ih) * g.W + off;
               scalar_t* __restrict__ o = out + (c0 + c) * out_plane + row_off;
@@ -237,6 +261,16 @@ void grad_weight_kernel(const InvGeom& g, const scalar_t* __restrict__ gy, const
   const int64_t out_plane = g.Do * g.Ho * g.Wo;
   const int64_t in_plane = g.D * g.H * g.W;
   const int64_t rows = g.N * g.G * g.Do * g.Ho;
+  // the output columns where some tap reads the padding: [0, lo_max) and [hi_min, Wo)
+  int64_t lo_max = 0, hi_min = g.Wo;
+  for (int64_t kw = 0; kw < g.KW; ++kw) {
+    int64_t lo, hi;
+    valid_range(kw * g.dw - g.pw, g.sw, g.W, g.Wo, lo, hi);
+    if (lo >= hi) lo = hi = g.Wo;
+    lo_max = std::max(lo_max, lo);
+    hi_min = std::min(hi_min, hi);
+  }
+  if (lo_max > hi_min) hi_min = lo_max;
   at::parallel_for(0, rows, grain_for(g.cpg * taps * g.Wo), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t oh = r % g.Ho;
@@ -245,6 +279,15 @@ void grad_weight_kernel(const InvGeom& g, const scalar_t* __restrict__ gy, const
       const int64_t n = ng / g.G, grp = ng % g.G;
       const int64_t row_off = (od * g.Ho + oh) * g.Wo;
       const int64_t c0 = n * g.C + grp * g.cpg;
+      // Is grad_out non-finite at a position of this row where some tap reads the padding? (Only then
+      // are the padding terms gy * 0 added.) Inside the image only the border columns are checked; a
+      // row with a tap row in the padding (a border row) is checked whole.
+      const bool row_oob = od * g.sd - g.pd < 0 || od * g.sd + (g.KD - 1) * g.dd - g.pd >= g.D ||
+                           oh * g.sh - g.ph < 0 || oh * g.sh + (g.KH - 1) * g.dh - g.ph >= g.H;
+      bool gy_pad_nf = false;
+      for (int64_t c = 0; c < g.cpg && !gy_pad_nf; ++c)
+        gy_pad_nf = padding_nonfinite(gy + (c0 + c) * out_plane + row_off, row_oob ? 0 : lo_max, row_oob ? 0 : hi_min,
+                                      g.Wo);
       for (int64_t kd = 0; kd < g.KD; ++kd) {
         const int64_t id = od * g.sd + kd * g.dd - g.pd;
         const bool d_ok = id >= 0 && id < g.D;
@@ -254,11 +297,12 @@ void grad_weight_kernel(const InvGeom& g, const scalar_t* __restrict__ gy, const
           for (int64_t kw = 0; kw < g.KW; ++kw) {
             const int64_t t = (kd * g.KH + kh) * g.KW + kw;
             scalar_t* __restrict__ o = gw + (ng * taps + t) * out_plane + row_off;
-            std::fill(o, o + g.Wo, scalar_t(0));  // taps that fall into the padding get 0
-            if (!ok) continue;
+            std::fill(o, o + g.Wo, scalar_t(0));
             const int64_t off = kw * g.dw - g.pw;
-            int64_t lo, hi;
-            valid_range(off, g.sw, g.W, g.Wo, lo, hi);
+            int64_t lo = 0, hi = 0;
+            if (ok) valid_range(off, g.sw, g.W, g.Wo, lo, hi);
+            if (gy_pad_nf)  // taps that read the padding: gy * 0
+              for (int64_t c = 0; c < g.cpg; ++c) add_times_padding(o, gy + (c0 + c) * out_plane + row_off, lo, hi, g.Wo);
             if (lo >= hi) continue;
             for (int64_t c = 0; c < g.cpg; ++c) {
               const scalar_t* __restrict__ gr = gy + (c0 + c) * out_plane + row_off;

@@ -534,6 +534,36 @@ at::Tensor corr_op(const at::Tensor& src, const at::Tensor& weight, const std::o
   return out5.view(out_sizes(N, Cq, O, g.dims));
 }
 
+// ------------------------------------------------------------------------------------------
+// a non-finite base in the transposed correlation
+// ------------------------------------------------------------------------------------------
+// The transposed correlation (the transposed conv's forward, the conv's grad_input) gathers over a
+// zero-padded (and, for stride > 1, zero-inserted) buffer: every output meets zeros with the taps
+// that reach it from no input voxel, so a NaN or Inf weight (x * 0 = NaN) would make outputs of its
+// base non-finite that torch's transposed conv, which multiplies only the voxels a tap reaches,
+// keeps finite (near the border; with stride > 1 everywhere). Such a base (a check over the small
+// base only) runs torch's transposed conv of the expanded bank instead.
+bool transposed_corr_nonfinite(const at::Tensor& weight) { return !at::isfinite(weight).all().item<bool>(); }
+
+std::vector<i64> last_dims(const A3& v, int dims) { return std::vector<i64>(v.begin() + (3 - dims), v.end()); }
+
+// The dense bank of the base: conv (n_rolls * nb, C, *k) from (nb, C, *k), transposed (C, n_rolls * nb, *k)
+// from (C, nb, *k); channel o = r * nb + b reads base channel (c - r) mod C.
+at::Tensor expanded_bank(const at::Tensor& weight, const Geom& g, bool transposed) {
+  std::vector<at::Tensor> parts;
+  for (i64 r = 0; r < g.n_rolls; ++r) parts.push_back(at::roll(weight, {r}, {transposed ? 0 : 1}));
+  return at::cat(parts, transposed ? 1 : 0);
+}
+
+at::Tensor dense_transposed(const at::Tensor& src, const at::Tensor& bank, const std::optional<at::Tensor>& bias,
+                            const Geom& g, const A3& O) {
+  const A3 S = spatial3(src.sizes(), g.dims);
+  A3 opad;
+  for (int i = 0; i < 3; ++i) opad[i] = O[i] - ((S[i] - 1) * g.s[i] - 2 * g.p[i] + g.d[i] * (g.k[i] - 1) + 1);
+  return at::convolution(src, bank, bias, last_dims(g.s, g.dims), last_dims(g.p, g.dims), last_dims(g.d, g.dims),
+                         true, last_dims(opad, g.dims), 1).contiguous();
+}
+
 void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, i64 Cq, const char* op) {
   if (!bias.has_value()) return;
   check_float_cpu(*bias, "bias", op);
@@ -573,7 +603,22 @@ at::Tensor rolling_conv_grad_input_cpu(const at::Tensor& grad_out, const at::Ten
   A3 S = spatial3(input_size, g.dims);
   A3 O = conv_out(g, S, op);
   check_grad_shape(grad_out, input_size[0], g.n_rolls * g.nb, O, g.dims, op);
+  if (transposed_corr_nonfinite(weight)) return dense_transposed(grad_out, expanded_bank(weight, g, false), std::nullopt, g, S);
   return corr_op(grad_out, weight, std::nullopt, g, false, false, false, g.C, S);
+}
+
+// Whether the first and last `e` values of every row (length L2) of buf are finite.
+template <typename T>
+bool edge_columns_finite(const T* buf, i64 rows, i64 L2, i64 e) {
+  if (e <= 0) return true;
+  e = std::min(e, L2);
+  for (i64 row = 0; row < rows; ++row) {
+    const T* r = buf + row * L2;
+    T acc = T(0);  // x * 0 is NaN exactly for NaN and +-Inf
+    for (i64 j = 0; j < e; ++j) acc += r[j] * T(0) + r[L2 - 1 - j] * T(0);
+    if (acc != acc) return false;
+  }
+  return true;
 }
 
 // shared by both grad_weight ops: A (small spatial, indexed by p), Bsrc (indexed by p*s + t*d - pad)
@@ -585,7 +630,7 @@ at::Tensor gw_op(const at::Tensor& A, const at::Tensor& Bsrc, const Geom& g, boo
     L[i] = (P[i] - 1) * g.s[i] + g.d[i] * (g.k[i] - 1) + 1;
     off[i] = -g.p[i];
   }
-  const bool flat = g.s[1] == 1 && g.s[2] == 1 && P[1] > 1;
+  bool flat = g.s[1] == 1 && g.s[2] == 1 && P[1] > 1;
   const i64 T_ = g.taps();
   at::Tensor out = at::empty({g.nb, g.C, T_}, A5.options());
   AT_DISPATCH_FLOATING_TYPES(A5.scalar_type(), "rolling_conv_grad_weight_cpu", [&] {
@@ -595,6 +640,13 @@ at::Tensor gw_op(const at::Tensor& A, const at::Tensor& Bsrc, const Geom& g, boo
     }
     // flat runs read up to (k2 - 1) * d2 past the last row of B
     at::Tensor buf = make_buffer<scalar_t>(B5, L, off, su, slack_for(g.s) + (g.k[2] - 1) * g.d[2]);
+    // The flat runs multiply the zero columns of A by the B columns that no tap reads in torch's
+    // gradient (the first and last (k2 - 1) * d2 columns of each B row): a NaN or Inf there would
+    // give NaN * 0 = NaN in entries that torch keeps finite. Such a B runs row by row instead
+    // (a scan of 2 (k2 - 1) d2 values per row, negligible beside the gradient itself).
+    if (flat && !edge_columns_finite<scalar_t>(buf.data_ptr<scalar_t>(), B5.size(0) * B5.size(1) * L[0] * L[1], L[2],
+                                               (g.k[2] - 1) * g.d[2]))
+      flat = false;
     at::Tensor abuf = A5;
     A3 PA = P;
     if (flat) {  // A with rows of length L2, zero beyond P2 (see GwArgs::flat)
@@ -658,6 +710,7 @@ at::Tensor rolling_conv_transpose_cpu(const at::Tensor& x, const at::Tensor& wei
     O[i] += opad[i];
     TORCH_CHECK(O[i] >= 1, op, ": the output would be empty (spatial size ", O[i], "); reduce padding");
   }
+  if (transposed_corr_nonfinite(weight)) return dense_transposed(x, expanded_bank(weight, g, true), bias, g, O);
   return corr_op(x, weight, bias, g, true, false, true, Cq, O);
 }
 

@@ -28,12 +28,14 @@ On CUDA the same composition runs on cuFFT and cuDNN's depthwise kernels.
 """
 import functools
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from ..backends import _IMPLS, register_impl
+from ._common import conv_transpose_out_size
 from ..reference import rolling_conv as _ref
 
 OP = "rolling_conv"
@@ -95,6 +97,28 @@ def _conv_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, w: torch.Tensor
                                                [0] * dims, inp.shape[1], [False, True, False])[1]
 
 
+def _grad_finite(g: torch.Tensor) -> bool:
+    """Whether the gradient g is finite, by one sum (a NaN or Inf anywhere makes it non-finite; a sum that
+    overflows only takes the exact path below needlessly): a vectorized reduction, ~1% of the backward
+    (a check of the border bands alone, by strided slices, cost more). Under torch.compile, or traced by AOT
+    autograd: True (no data-dependent branch in the graph; the compiled backward keeps the finite border sum)."""
+    if torch.compiler.is_compiling() or is_fake(g):
+        return True
+    return bool(torch.isfinite(g.sum()))
+
+
+def _conv_weight_grad_padded(grad_out, inp, w, stride, padding, dilation):
+    """The weight gradient with torch's semantics at the border: oneDNN's depthwise weight gradient skips the
+    zero padding, where torch's dense conv multiplies it (NaN * 0 = NaN for a NaN or Inf incoming gradient at
+    an output whose tap reads padding). Explicit zeros are multiplied; only used when such a gradient is there."""
+    if not any(padding) or _grad_finite(grad_out):
+        return _conv_weight_grad(grad_out, inp, w, stride, padding, dilation)
+    pads = []
+    for p in reversed(padding):
+        pads.extend([p, p])
+    return _conv_weight_grad(grad_out, F.pad(inp, pads), w, stride, [0] * len(padding), dilation)
+
+
 class _DepthwiseConvCPU(torch.autograd.Function):
     """y = depthwise conv (transposed=False) or its adjoint, the transposed conv (transposed=True),
     forward and backward both by forward depthwise convs (see above)."""
@@ -137,7 +161,7 @@ class _DepthwiseConvCPU(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 gu = _conv_adjoint(g, w, list(u.shape[2:]), stride, padding, dilation)
             if ctx.needs_input_grad[1]:
-                gw = _conv_weight_grad(g, u, w, stride, padding, dilation)
+                gw = _conv_weight_grad_padded(g, u, w, stride, padding, dilation)
         gu = gu.to(u_in.dtype) if gu is not None else None
         gw = gw.to(w_in.dtype) if gw is not None else None
         return gu, gw, None, None, None, None, None
@@ -156,7 +180,7 @@ def _depthwise(u, w, stride, padding, dilation):
 
 def _depthwise_transpose(u, w, stride, padding, output_padding, dilation):
     if _use_cpu_adjoints(u):
-        out_size = [(n - 1) * s - 2 * p + d * (k - 1) + op_ + 1 for n, k, s, p, op_, d in
+        out_size = [conv_transpose_out_size(n, k, s, p, op_, d) for n, k, s, p, op_, d in
                     zip(u.shape[2:], w.shape[2:], stride, padding, output_padding, dilation)]
         return _DepthwiseConvCPU.apply(u, w, stride, padding, dilation, out_size, True)
     return _CONV_T[u.dim() - 2](u, w, None, stride, padding, output_padding, u.shape[1], dilation)
@@ -270,12 +294,32 @@ def _outside_autocast(fn):
     return wrapper
 
 
+def _nonfinite_weight(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A NaN or Inf in the base, on a CPU tensor (outside torch.compile): such a layer runs torch's dense conv
+    of the bank instead. The depthwise convolutions skip their zero padding (and the transposed conv of a
+    stride > 1 multiplies the zero-interleaved gaps), so a non-finite weight would give finite border
+    outputs where torch's conv gives NaN (Inf * 0), and NaN at the outputs a transposed tap never reaches.
+    The check reads only the small base; on CUDA it would cost a host synchronization per call, so there
+    the composition runs as is (docs/rolling_conv_spectral.md, "Non-finite values")."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(weight)
+            and not bool(torch.isfinite(weight).all()))
+
+
+def _dense(fn, x, weight, bias, *args):
+    """torch's conv of the bank (the reference backend) in the compute dtype, cast back like _finish."""
+    cdt = _compute_dtype(x.dtype)
+    b = bias.to(cdt) if bias is not None else None
+    return fn(x.to(cdt), weight.to(cdt), b, *args).to(x.dtype)
+
+
 @_outside_autocast
 def rolling_conv_spectral(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           stride: List[int], padding: List[int], dilation: List[int], n_rolls: int) -> torch.Tensor:
     """Rolling convolution by the channel FFT. weight = base (n_base, C_in, *k)."""
     if x.numel() == 0:  # oneDNN/MKL FFT refuse empty transforms; nothing to compute anyway
         return _ref.rolling_conv(x, weight, bias, stride, padding, dilation, n_rolls)
+    if _nonfinite_weight(x, weight):
+        return _dense(_ref.rolling_conv, x, weight, bias, stride, padding, dilation, n_rolls)
     cdt = _compute_dtype(x.dtype)
     n_base, c_in = weight.shape[0], weight.shape[1]
     u = _spectrum_channels_last(x.to(cdt), n_base)
@@ -293,6 +337,9 @@ def rolling_conv_transpose_spectral(x: torch.Tensor, weight: torch.Tensor, bias:
     so each frequency is a depthwise transposed conv with conj(rfft(w[:, b])[f])."""
     if x.numel() == 0:
         return _ref.rolling_conv_transpose(x, weight, bias, stride, padding, output_padding, dilation, n_rolls)
+    if _nonfinite_weight(x, weight):
+        return _dense(_ref.rolling_conv_transpose, x, weight, bias, stride, padding, output_padding, dilation,
+                      n_rolls)
     cdt = _compute_dtype(x.dtype)
     c_in, n_base = weight.shape[0], weight.shape[1]
     u = _spectrum_channels_last(x.to(cdt), n_base)

@@ -22,7 +22,7 @@ import torch
 from .. import _ext
 from ._common import apply_epilogue, conv_out_size, conv_transpose_out_size
 from ..backends import register_fused
-from .rolling_conv_spectral import OP, OP_T, rolling_conv_spectral, rolling_conv_transpose_spectral
+from .rolling_conv_spectral import OP, OP_T, _grad_finite, rolling_conv_spectral, rolling_conv_transpose_spectral
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 ISAS = ("avx512", "avx2", "generic")  # widest first; see csrc/cpu/cpu_dispatch.h
@@ -195,7 +195,14 @@ if available():
         pre = "rolling_conv_transpose_spectral" if transposed else "rolling_conv_spectral"
         if nig[0]:
             gx = getattr(torch.ops.medconv, pre + "_grad_input")(g, weight, list(x.shape), stride, padding, dilation, n_rolls)
-        if nig[1]:
+        if nig[1] and not transposed and any(padding) and not _grad_finite(g):
+            # a NaN/Inf gradient at an output whose tap reads padding: the kernel skips the padding, torch multiplies
+            # it (NaN * 0); the composition's weight gradient does too (rare: only such a gradient runs it)
+            with torch.enable_grad():
+                w_ = weight.detach().requires_grad_(True)
+                gw = torch.autograd.grad(rolling_conv_spectral(x.detach(), w_, None, stride, padding, dilation, n_rolls),
+                                         w_, g)[0]
+        elif nig[1]:
             gw = getattr(torch.ops.medconv, pre + "_grad_weight")(g, x, list(weight.shape), stride, padding, dilation, n_rolls)
         rest = [None] * (6 if transposed else 5)  # relu, stride, padding, [output_padding,] dilation, n_rolls
         return (gx, gw, gbias, gscale, gshift, *rest)
