@@ -175,21 +175,26 @@ def _check_plain_onnx(model, example, run_inputs, path, dynamic_shapes=None):
     return prog
 
 
-@pytest.mark.parametrize("scenario", ["compiled", "triton", "cuda"])
-def test_plain_torch_onnx_export_raw_modules(scenario, monkeypatch, tmp_path):
-    """torch.onnx.export(model, args, f, dynamo=True) of every module kind on every backend (the
-    compiled and Triton operators included), with a dynamic batch axis."""
+def _scenario_device(scenario, monkeypatch):
+    """The device a RawModules scenario runs on; skips where its backend is missing."""
     if scenario == "compiled" and not HAS_EXT:
         pytest.skip("compiled extension not built")
-    device = "cpu"
     if scenario == "cuda":
         if not available_backends()["cuda"][0]:
             pytest.skip("no CUDA kernels or no CUDA device: " + available_backends()["cuda"][1])
-        device = "cuda"
+        return "cuda"
     if scenario == "triton":
         if not _has_triton():
             pytest.skip("triton not installed")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return "cpu"
+
+
+@pytest.mark.parametrize("scenario", ["compiled", "triton", "cuda"])
+def test_plain_torch_onnx_export_raw_modules(scenario, monkeypatch, tmp_path):
+    """torch.onnx.export(model, args, f, dynamo=True) of every module kind on every backend (the
+    compiled and Triton operators included), with a dynamic batch axis."""
+    device = _scenario_device(scenario, monkeypatch)
     torch.manual_seed(10)
     model = RawModules(*SCENARIOS[scenario]).eval().to(device)
     example = (torch.randn(2, 4, 9, 7, device=device), torch.randn(2, 3, 5, 4, 5, device=device))
@@ -315,17 +320,7 @@ def test_registered_decompositions_leave_torch_export_and_compile_alone():
 @pytest.mark.parametrize("scenario", ["compiled", "triton", "cuda"])
 def test_onnx_raw_modules_custom_ops(scenario, monkeypatch, tmp_path):
     """The compiled and the Triton custom ops through their translations."""
-    if scenario == "compiled" and not HAS_EXT:
-        pytest.skip("compiled extension not built")
-    device = "cpu"
-    if scenario == "cuda":
-        if not available_backends()["cuda"][0]:
-            pytest.skip("no CUDA kernels or no CUDA device: " + available_backends()["cuda"][1])
-        device = "cuda"
-    if scenario == "triton":
-        if not _has_triton():
-            pytest.skip("triton not installed")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    device = _scenario_device(scenario, monkeypatch)
     torch.manual_seed(0)
     model = RawModules(*SCENARIOS[scenario]).eval().to(device)
     example = (torch.randn(2, 4, 9, 7, device=device), torch.randn(2, 3, 5, 4, 5, device=device))
