@@ -6,6 +6,7 @@ import csv
 import glob
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -143,3 +144,18 @@ def test_run_all_smoke_end_to_end(tmp_path):
     assert "Summary: speed-up of medconv" in p.stdout
     assert "rolling_conv" in p.stdout.split("Summary:")[1]
     assert glob.glob(str(tmp_path / "*" / "rolling_conv.csv"))
+
+
+def test_bench_models_layouts_tiny():
+    """bench/bench_models_layouts.py runs end to end at a tiny slice and reports every model in both
+    layouts with its ratio to the dense model."""
+    import re
+    import subprocess
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_models_layouts.py"), "--size", "32",
+                        "--reps", "1", "--threads", "1", "--no-qsm"],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr
+    for name in ("unet", "rolling_unet", "depthwise_unet"):
+        line = next(l for l in p.stdout.splitlines() if l.split()[:1] == [name])
+        assert re.search(r"nchw +[0-9.]+ s +channels-last +[0-9.]+ s +faster: (nchw|cl) ", line), line
+        assert re.search(r"[0-9.]+x$", line), line
