@@ -109,16 +109,17 @@ _DECOMPOSITIONS = {
 }
 
 
+def _by_overload(by_name: Dict[str, Callable]) -> Dict[Callable, Callable]:
+    """{torch.ops.medconv.<name>.default: fn} for the names whose operator is registered."""
+    return {target: fn for target, fn in ((_overload(name), fn) for name, fn in by_name.items())
+            if target is not None}
+
+
 def decompositions() -> Dict[Callable, Callable]:
     """{torch.ops.medconv.<op>.default: pure-PyTorch function} for every registered forward operator:
     the gathered bank + convolution (spectral ops: then the epilogue), the unfolded involution. Also
     usable as ExportedProgram.run_decompositions(decompositions())."""
-    table = {}
-    for name, fn in _DECOMPOSITIONS.items():
-        target = _overload(name)
-        if target is not None:
-            table[target] = fn
-    return table
+    return _by_overload(_DECOMPOSITIONS)
 
 
 def _register_decompositions() -> None:
@@ -272,12 +273,7 @@ _TRANSLATIONS = {
 def onnx_translation_table() -> Dict[Callable, Callable]:
     """{torch.ops.medconv.<op>.default: ONNX Script translation} for every registered forward op,
     to pass as torch.onnx.export(..., dynamo=True, custom_translation_table=...)."""
-    table = {}
-    for name, fn in _TRANSLATIONS.items():
-        target = _overload(name)
-        if target is not None:
-            table[target] = fn
-    return table
+    return _by_overload(_TRANSLATIONS)
 
 
 def onnx_export(model, args, f=None, *, custom_translation_table: Optional[dict] = None, **kwargs):
