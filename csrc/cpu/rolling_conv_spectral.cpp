@@ -47,6 +47,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
@@ -642,6 +643,67 @@ MEDCONV_INLINE void store_block(const Plan<T>& p, const T* Z, i64 ldz, i64 npx, 
   else store_block_t<T, T>(p, Z, ldz, npx, n, pix0);
 }
 
+// The folded inverse of one pixel and one base with contiguous output channels, with the epilogue:
+// y[r] = epi(e[r] + o[r]) for r < r1, y[r] = epi(e[C - r] - o[C - r]) for r1 <= r < Rout. The second
+// range reads e and o backwards: vectors loaded forwards and reversed in registers (a scalar loop
+// with a strided store here cost about as much as the inverse GEMM at C = 64).
+template <typename T>
+using lane_int_t = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+
+template <typename T, int VB, size_t... L>
+MEDCONV_INLINE auto lane_reverse_mask(std::index_sequence<L...>) {
+  typedef lane_int_t<T> M __attribute__((vector_size(VB)));
+  return M{(lane_int_t<T>)(sizeof...(L) - 1 - L)...};
+}
+
+// One range [r0, r1) of combine_even_odd in vectors of VB bytes; the last vector overlaps the one
+// before it (it rewrites the same values) instead of a scalar tail; a range shorter than a vector
+// takes half-width vectors, then scalars.
+template <typename T, int VB, bool BACKWARD>
+MEDCONV_INLINE void combine_range(const T* e, const T* o, i64 C, i64 r0, i64 r1, const T* sc, const T* sh, bool relu,
+                                  T* y) {
+  typedef T V __attribute__((vector_size(VB)));
+  constexpr int NL = VB / sizeof(T);
+  if (r1 - r0 < NL) {
+    if constexpr (VB > 16) {
+      combine_range<T, VB / 2, BACKWARD>(e, o, C, r0, r1, sc, sh, relu, y);
+    } else {
+      for (i64 r = r0; r < r1; ++r) {
+        T z = (BACKWARD ? e[C - r] - o[C - r] : e[r] + o[r]) * sc[r] + sh[r];
+        y[r] = relu && z < T(0) ? T(0) : z;  // NaN stays NaN, as torch.relu
+      }
+    }
+    return;
+  }
+  const auto rev = lane_reverse_mask<T, VB>(std::make_index_sequence<NL>{});
+  for (i64 i = r0;; i += NL) {
+    const i64 r = std::min(i, r1 - NL);
+    V ev, ov, z, s, h;
+    if (BACKWARD) {  // lanes r..r+NL-1 read C-r..C-r-NL+1
+      std::memcpy(&ev, e + (C - r - NL + 1), sizeof(V));
+      std::memcpy(&ov, o + (C - r - NL + 1), sizeof(V));
+      z = __builtin_shuffle(ev - ov, rev);
+    } else {
+      std::memcpy(&ev, e + r, sizeof(V));
+      std::memcpy(&ov, o + r, sizeof(V));
+      z = ev + ov;
+    }
+    std::memcpy(&s, sc + r, sizeof(V));
+    std::memcpy(&h, sh + r, sizeof(V));
+    z = z * s + h;
+    if (relu) z = z < V{} ? V{} : z;  // NaN stays NaN, as torch.relu
+    std::memcpy(y + r, &z, sizeof(V));
+    if (r == r1 - NL) break;
+  }
+}
+
+template <typename T, int VB>
+MEDCONV_INLINE void combine_even_odd(const T* e, const T* o, i64 C, i64 r1, i64 Rout, const T* sc, const T* sh,
+                                     bool relu, T* y) {
+  combine_range<T, VB, false>(e, o, C, 0, r1, sc, sh, relu, y);
+  combine_range<T, VB, true>(e, o, C, r1, Rout, sc, sh, relu, y);
+}
+
 // One output row (n, o0): depthwise over the slabs, inverse GEMM with epilogue into the output.
 // Output rows [q1lo, q1hi) of dim 1 (part `part` of the row).
 template <typename T, int VB>
@@ -733,6 +795,11 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, i64
       const i64 r1 = std::min(p.Rout, half + 1), nbo = p.NBo;
       const T* scb = p.sc + bo;
       const T* shb = p.sh + bo;
+      if (nbo == 1) {  // one base: contiguous output channels, vector loops
+        for (i64 q = 0; q < npx; ++q)
+          combine_even_odd<T, VB>(Eb + q * ldE, Ob + q * ldE, p.C, r1, p.Rout, scb, shb, p.relu, orow + q * ldo);
+        continue;
+      }
       for (i64 q = 0; q < npx; ++q) {
         const T* e = Eb + q * ldE;
         const T* o = Ob + q * ldE;
