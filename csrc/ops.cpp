@@ -26,8 +26,11 @@ TORCH_LIBRARY(medconv, m) {
   // ---- spectral rolling convolution (fused CPU kernel; same definition as above) -------
   // Channel DFT -> per-frequency complex depthwise conv -> inverse DFT of the n_rolls kept rows,
   // with an optional epilogue y = relu?((conv + bias) * scale + shift) per output channel
-  // (scale/shift None: 1/0). The result is in channels-last memory.
+  // (scale/shift None: 1/0). The result has the input's memory format (channels-last in, channels-last out).
   m.def("rolling_conv_spectral(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+        "bool relu, int[] stride, int[] padding, int[] dilation, int n_rolls) -> Tensor");
+  // rolling_conv_spectral of cat([x, x2], 1), both read in place (a UNet decoder: no concatenated copy)
+  m.def("rolling_conv_spectral_cat(Tensor x, Tensor x2, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift, "
         "bool relu, int[] stride, int[] padding, int[] dilation, int n_rolls) -> Tensor");
   m.def("rolling_conv_spectral_grad_input(Tensor grad_out, Tensor weight, int[] input_size, int[] stride, "
         "int[] padding, int[] dilation, int n_rolls) -> Tensor");

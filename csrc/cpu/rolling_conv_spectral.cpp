@@ -143,6 +143,13 @@ struct Plan {
   i64 sN = 0, sC = 0;
   A3 sS{0, 0, 0}, S{1, 1, 1};
   i64 Csrc = 0, N = 0;
+  // Two sources (C1 > 0): channels [0, C1) from src/src16 above, [C1, Csrc) from src2/src2_16 (the channel
+  // concatenation of two tensors read in place: a UNet decoder's up-sampled tensor and skip, no torch.cat)
+  i64 C1 = 0;
+  const T* src2 = nullptr;
+  const uint16_t* src2_16 = nullptr;
+  i64 sN2 = 0, sC2 = 0;
+  A3 sS2{0, 0, 0};
   // buffer coordinate j <-> source index m = (j + off) / su (when divisible and in range, else 0)
   A3 L{1, 1, 1}, off{0, 0, 0}, su{1, 1, 1};
   A3 k{1, 1, 1}, ks{1, 1, 1}, d{1, 1, 1}, O{1, 1, 1};
@@ -448,6 +455,39 @@ MEDCONV_INLINE void fold_channels(const Plan<T>& p, const T* a, i64 cs, i64 M, T
   }
 }
 
+// Channels [c0, c1) of one row of M pixels of a source (channel ch - c0, pixel m at s[ch*cs + m*ps]; float,
+// double or bfloat16 bits) into the gathered row xs of Ctot channels: channel-major xs[ch*M + m] or
+// pixel-major xs[m*Ctot + ch].
+template <typename T, typename S>
+MEDCONV_INLINE void gather_row(const S* s, i64 cs, i64 ps, i64 c0, i64 c1, i64 M, i64 Ctot, bool chmaj, T* xs) {
+  auto cvt = [](S v) -> T {
+    if constexpr (std::is_same<S, uint16_t>::value) return (T)bf16_to_float(v);
+    else return (T)v;
+  };
+  if (chmaj) {
+    for (i64 ch = c0; ch < c1; ++ch) {
+      const S* r = s + (ch - c0) * cs;
+      T* d = xs + ch * M;
+      if (ps == 1)
+        for (i64 m = 0; m < M; ++m) d[m] = cvt(r[m]);
+      else
+        for (i64 m = 0; m < M; ++m) d[m] = cvt(r[m * ps]);
+    }
+    return;
+  }
+  for (i64 m = 0; m < M; ++m) {
+    const S* px = s + m * ps;
+    T* d = xs + m * Ctot + c0;
+    if (cs == 1) {
+      if constexpr (std::is_same<S, T>::value) std::memcpy(d, px, (size_t)(c1 - c0) * sizeof(T));
+      else
+        for (i64 ch = 0; ch < c1 - c0; ++ch) d[ch] = cvt(px[ch]);
+    } else {
+      for (i64 ch = 0; ch < c1 - c0; ++ch) d[ch] = cvt(px[ch * cs]);
+    }
+  }
+}
+
 // Only the buffer rows j1 in [j1lo, j1hi) of dim 1 are filled (the others are not read by the caller).
 template <typename T, int VB>
 MEDCONV_INLINE void fill_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 m0, T* slab, i64 j1lo, i64 j1hi) {
@@ -465,21 +505,22 @@ MEDCONV_INLINE void fill_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 m0, T*
     const T* a;
     i64 ps = p.sS[2], cs = p.sC;
     const i64 base = n * p.sN + m0 * p.sS[0] + m1 * p.sS[1] + m2lo * p.sS[2];
-    if (p.src16) {  // bfloat16: converted to float once, in the orientation of the source
+    if (p.src16 || p.C1 > 0) {  // bfloat16 and/or two sources: gathered into one float row, in the
+      // orientation of the source(s): channel-major when every source is, else pixel-major
       if ((i64)ring.xs.size() < M * p.Csrc) ring.xs.resize(M * p.Csrc);
       T* xs = ring.xs.data();
-      const uint16_t* s16 = p.src16 + base;
-      if (p.sC != 1 && p.sS[2] == 1) {
-        for (i64 ch = 0; ch < p.Csrc; ++ch)
-          for (i64 m = 0; m < M; ++m) xs[ch * M + m] = bf16_to_float(s16[ch * p.sC + m]);
-        ps = 1;
-        cs = M;
-      } else {
-        for (i64 m = 0; m < M; ++m)
-          for (i64 ch = 0; ch < p.Csrc; ++ch) xs[m * p.Csrc + ch] = bf16_to_float(s16[m * p.sS[2] + ch * p.sC]);
-        ps = p.Csrc;
-        cs = 1;
+      const bool two = p.C1 > 0;
+      const i64 C1 = two ? p.C1 : p.Csrc;
+      const bool chmaj = p.sC != 1 && p.sS[2] == 1 && (!two || (p.sC2 != 1 && p.sS2[2] == 1));
+      if (p.src16) gather_row<T>(p.src16 + base, p.sC, p.sS[2], 0, C1, M, p.Csrc, chmaj, xs);
+      else gather_row<T>(p.src + base, p.sC, p.sS[2], 0, C1, M, p.Csrc, chmaj, xs);
+      if (two) {
+        const i64 base2 = n * p.sN2 + m0 * p.sS2[0] + m1 * p.sS2[1] + m2lo * p.sS2[2];
+        if (p.src2_16) gather_row<T>(p.src2_16 + base2, p.sC2, p.sS2[2], C1, p.Csrc, M, p.Csrc, chmaj, xs);
+        else gather_row<T>(p.src2 + base2, p.sC2, p.sS2[2], C1, p.Csrc, M, p.Csrc, chmaj, xs);
       }
+      ps = chmaj ? 1 : p.Csrc;
+      cs = chmaj ? M : 1;
       a = xs;
     } else {
       a = p.src + base;
@@ -1199,6 +1240,20 @@ void set_source(Plan<T>& p, const at::Tensor& src, int dims) {
   }
 }
 
+// The second source of a two-source call (channels [C1, C1 + src2.size(1)) of the concatenation).
+template <typename T>
+void set_source2(Plan<T>& p, const at::Tensor& src2, int dims) {
+  if (src2.scalar_type() == at::kBFloat16)
+    p.src2_16 = reinterpret_cast<const uint16_t*>(src2.data_ptr<at::BFloat16>());
+  else
+    p.src2 = src2.data_ptr<T>();
+  p.C1 = p.Csrc;
+  p.Csrc += src2.size(1);
+  p.sN2 = src2.stride(0);
+  p.sC2 = src2.stride(1);
+  for (int i = 0; i < dims; ++i) p.sS2[pos3(dims, i)] = src2.stride(2 + i);
+}
+
 // The weight-independent tables of a driver call (DFT matrices, folded tables, inverse), built once
 // per (dtype, C_in, n_base, n_rolls, adjoint, ISA, fold) and kept: building them costs ~C^2 table
 // entries, a fixed per-call cost that small layers felt. plan holds the table fields of a Plan
@@ -1292,7 +1347,7 @@ at::MemoryFormat out_format(const at::Tensor& src, int dims) {
 at::Tensor spectral_driver(const at::Tensor& src, const at::Tensor& weight, const Geom& g, bool weight_transposed,
                            bool transposed_spatial, bool adjoint, const A3& O,
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
-                           const std::optional<at::Tensor>& shift, bool relu) {
+                           const std::optional<at::Tensor>& shift, bool relu, const at::Tensor* src2 = nullptr) {
   const i64 N = src.size(0);
   const i64 Cout = adjoint ? g.C : g.n_rolls * g.nb;
   const at::MemoryFormat fmt = out_format(src, g.dims);
@@ -1307,6 +1362,7 @@ at::Tensor spectral_driver(const at::Tensor& src, const at::Tensor& weight, cons
     const Spec& sp = tables->sp;
     Plan<T> p = tables->plan;
     set_source<T>(p, src, g.dims);
+    if (src2) set_source2<T>(p, *src2, g.dims);
     for (int i = 0; i < 3; ++i) {
       if (!transposed_spatial) {
         p.L[i] = (O[i] - 1) * g.s[i] + g.d[i] * (g.k[i] - 1) + 1;
@@ -1373,6 +1429,28 @@ at::Tensor rolling_conv_spectral_cpu(const at::Tensor& x, const at::Tensor& weig
   check_vec(shift, x, Cq, "shift", op);
   const A3 O = conv_out(g, spatial3(x.sizes(), g.dims), op);
   return spectral_driver(x, weight, g, false, false, false, O, bias, scale, shift, relu);
+}
+
+// rolling_conv_spectral of the channel concatenation cat([x, x2], 1), both read in place (no copy of the
+// concatenation): the output has x's memory format.
+at::Tensor rolling_conv_spectral_cat_cpu(const at::Tensor& x, const at::Tensor& x2, const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                                         const std::optional<at::Tensor>& shift, bool relu, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t n_rolls) {
+  const char* op = "medconv::rolling_conv_spectral_cat";
+  check_pair(x, "x", weight, "weight", op);
+  check_pair(x2, "x2", weight, "weight", op);
+  TORCH_CHECK(x.dim() == x2.dim() && x.size(0) == x2.size(0) && x.sizes().slice(2) == x2.sizes().slice(2), op,
+              ": x and x2 must have the same batch and spatial sizes (they are concatenated along the channels), got ",
+              x.sizes(), " and ", x2.sizes());
+  Geom g = make_geom(op, (int)x.dim(), weight.sizes(), false, x.size(1) + x2.size(1), stride, padding, dilation,
+                     n_rolls);
+  const i64 Cq = g.n_rolls * g.nb;
+  check_vec(bias, x, Cq, "bias", op);
+  check_vec(scale, x, Cq, "scale", op);
+  check_vec(shift, x, Cq, "shift", op);
+  const A3 O = conv_out(g, spatial3(x.sizes(), g.dims), op);
+  return spectral_driver(x, weight, g, false, false, false, O, bias, scale, shift, relu, &x2);
 }
 
 at::Tensor rolling_conv_transpose_spectral_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -1614,6 +1692,7 @@ TORCH_LIBRARY_FRAGMENT(medconv, m) {
 
 TORCH_LIBRARY_IMPL(medconv, CPU, m) {
   m.impl("rolling_conv_spectral", &medconv::rolling_conv_spectral_cpu);
+  m.impl("rolling_conv_spectral_cat", &medconv::rolling_conv_spectral_cat_cpu);
   m.impl("rolling_conv_spectral_grad_input", &medconv::rolling_conv_spectral_grad_input_cpu);
   m.impl("rolling_conv_transpose_spectral", &medconv::rolling_conv_transpose_spectral_cpu);
   m.impl("rolling_conv_transpose_spectral_grad_input", &medconv::rolling_conv_transpose_spectral_grad_input_cpu);

@@ -1,0 +1,116 @@
+"""Rolling convolution of a channel concatenation, rolling_conv_cat(x, x2, weight, ...) =
+rolling_conv{2,3}d(torch.cat([x, x2], 1), weight, ...), without the concatenated copy where it can.
+
+A U-Net decoder convolves cat([up-sampled, skip], 1): torch.cat writes a tensor as large as both inputs
+(and the next layer reads it again). Where the fused spectral CPU kernel runs the layer (backend
+"spectral" on CPU tensors: float32/float64/bfloat16, C_in <= 256; what `auto` picks for the
+concatenated input), torch.ops.medconv.rolling_conv_spectral_cat reads both tensors in place: every
+input row is gathered into the kernel's per-thread row buffer, in cache, as it is transformed. Every
+other case (another backend, device or dtype, autocast, ONNX export, a non-finite weight) runs
+torch.cat and the ordinary rolling_conv{2,3}d: the same result, the same checks and errors.
+
+Backward: the input gradient of the concatenation, split into the two inputs' gradients (views), and
+the weight gradient from the fused grad_weight op over torch.cat([x, x2], 1) (the copy is made in
+the backward only, when a weight gradient is asked for).
+"""
+from typing import Optional
+
+import torch
+
+from . import rolling_conv_spectral_cpu as _fused
+from ._common import check_epilogue, check_kernel_fits, conv_out_size
+from .rolling_conv import OP, _check_common, _choose, rolling_conv2d, rolling_conv3d
+from .rolling_conv_spectral import _grad_finite, rolling_conv_spectral
+
+_OPNAME = "medconv::rolling_conv_spectral_cat"
+
+
+def available() -> bool:
+    return _fused.available() and hasattr(torch.ops.medconv, "rolling_conv_spectral_cat")
+
+
+if available():
+    @torch.library.register_fake(_OPNAME)
+    def _(x, x2, weight, bias, scale, shift, relu, stride, padding, dilation, n_rolls):
+        out = [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+        return x.new_empty((x.shape[0], n_rolls * weight.shape[0], *out)).contiguous(
+            memory_format=_fused.out_memory_format(x))
+
+    def _setup(ctx, inputs, output):
+        x, x2, weight, bias, scale, shift, relu, stride, padding, dilation, n_rolls = inputs
+        ctx.has_bias, ctx.has_scale, ctx.has_shift, ctx.relu = bias is not None, scale is not None, shift is not None, relu
+        ctx.c1 = x.shape[1]
+        empty = x.new_empty(0)
+        ctx.save_for_backward(x, x2, weight, bias if bias is not None else empty,
+                              scale if scale is not None else empty, output if relu else empty)
+        ctx.params = (stride, padding, dilation, n_rolls)
+
+    def _backward(ctx, grad):
+        x, x2, weight, bias, scale, y = ctx.saved_tensors
+        stride, padding, dilation, n_rolls = ctx.params
+        nig = ctx.needs_input_grad
+        ctx.needs_bias, ctx.needs_scale, ctx.needs_shift = nig[3], nig[4], nig[5]
+        ctx.scale = scale
+
+        def recompute_z():
+            return torch.ops.medconv.rolling_conv_spectral_cat(
+                x, x2, weight, bias if ctx.has_bias else None, None, None, False, stride, padding, dilation, n_rolls)
+
+        g, gbias, gscale, gshift = _fused._epilogue_backward(ctx, grad, y, recompute_z)
+        gx = gx2 = gw = None
+        if nig[0] or nig[1]:
+            size = [x.shape[0], x.shape[1] + x2.shape[1]] + list(x.shape[2:])
+            gxc = torch.ops.medconv.rolling_conv_spectral_grad_input(g, weight, size, stride, padding, dilation, n_rolls)
+            gx, gx2 = gxc.split([ctx.c1, x2.shape[1]], dim=1)
+        if nig[2]:
+            xc = torch.cat([x, x2], 1)
+            if any(padding) and not _grad_finite(g):
+                # as the single-input op: a NaN/Inf gradient at an output whose tap reads padding (torch multiplies it)
+                with torch.enable_grad():
+                    w_ = weight.detach().requires_grad_(True)
+                    gw = torch.autograd.grad(rolling_conv_spectral(xc.detach(), w_, None, stride, padding, dilation,
+                                                                   n_rolls), w_, g)[0]
+            else:
+                gw = torch.ops.medconv.rolling_conv_spectral_grad_weight(g, xc, list(weight.shape), stride, padding,
+                                                                         dilation, n_rolls)
+        return gx, gx2, gw, gbias, gscale, gshift, None, None, None, None, None
+
+    torch.library.register_autograd(_OPNAME, _backward, setup_context=_setup)
+
+
+def _in_place_ok(x: torch.Tensor, x2: torch.Tensor) -> bool:
+    """Whether x and x2 can be read in place as one concatenation (else torch.cat + the ordinary op runs,
+    which also reports any mismatch with torch.cat's own error)."""
+    return (isinstance(x, torch.Tensor) and isinstance(x2, torch.Tensor) and x.dim() in (4, 5)
+            and x2.dim() == x.dim() and x.dtype == x2.dtype and x.device == x2.device and x.device.type == "cpu"
+            and x.shape[0] == x2.shape[0] and x.shape[2:] == x2.shape[2:]
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def rolling_conv_cat(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     stride=1, padding=0, dilation=1, n_rolls=None, backend: str = "auto", *,
+                     scale=None, shift=None, relu: bool = False) -> torch.Tensor:
+    """rolling_conv2d (4-D x) or rolling_conv3d (5-D x) of torch.cat([x, x2], 1), with the same arguments,
+    epilogue and result. Where the fused spectral CPU kernel runs the layer, x and x2 are read in place
+    (no concatenated copy); otherwise torch.cat runs first. The output has x's memory format."""
+    dims = x.dim() - 2 if isinstance(x, torch.Tensor) else 0
+    fn = rolling_conv3d if dims == 3 else rolling_conv2d
+    if not (available() and _in_place_ok(x, x2)):
+        return fn(torch.cat([x, x2], 1), weight, bias, stride, padding, dilation, n_rolls, backend,
+                  scale=scale, shift=shift, relu=relu)
+    name = "rolling_conv_cat"
+    # a stand-in of the concatenation (no data) for the checks and the backend choice
+    xc = x.new_empty((1,) * x.dim(), requires_grad=x.requires_grad or x2.requires_grad).expand(
+        (x.shape[0], x.shape[1] + x2.shape[1]) + tuple(x.shape[2:]))
+    stride, padding, dilation, n_rolls, c_out = _check_common(
+        name, xc, weight, bias, dims, stride, padding, dilation, n_rolls, transposed=False)
+    check_kernel_fits(xc.shape[2:], weight.shape[2:], padding, dilation, name)
+    check_epilogue(name, xc, c_out, scale, shift, relu)
+    _, impl = _choose(OP, xc, weight, backend, transposed=False, n_rolls=n_rolls)
+    f = impl.fused_for(xc, weight)
+    if (f is None or f.fn is not _fused.rolling_conv_spectral_cpu or x.shape[0] == 0
+            or not _fused._weight_finite(weight) or not _fused._kernel_epilogue_exact(bias, scale)):
+        return fn(torch.cat([x, x2], 1), weight, bias, stride, padding, dilation, n_rolls, backend,
+                  scale=scale, shift=shift, relu=relu)
+    return torch.ops.medconv.rolling_conv_spectral_cat(x, x2, weight, bias, scale, shift, bool(relu), list(stride),
+                                                       list(padding), list(dilation), n_rolls)

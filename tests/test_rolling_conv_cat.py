@@ -1,0 +1,151 @@
+"""rolling_conv_cat(x, x2, weight, ...) = rolling_conv{2,3}d(torch.cat([x, x2], 1), weight, ...): the fused
+CPU op torch.ops.medconv.rolling_conv_spectral_cat reads both tensors in place. Checked against the float64
+reference (forward, both inputs' and the weight's gradients, the epilogue), on every instruction-set copy
+and dtype, for every pairing of memory layouts, thread-count independence, opcheck, torch.compile, the
+fallback to torch.cat where the fused kernel does not run, and bad inputs."""
+import pytest
+import torch
+
+from medconv_ext.ops import rolling_conv_cat as cat_mod
+from medconv_ext.ops import rolling_conv_spectral_cpu as fused
+from medconv_ext.ops.rolling_conv_cat import rolling_conv_cat
+from medconv_ext.reference import rolling_conv as ref
+
+pytestmark = pytest.mark.skipif(not cat_mod.available(), reason="compiled extension not built")
+
+TOL = {torch.float64: 1e-11, torch.float32: 3e-5, torch.bfloat16: 8e-3}
+ISAS = fused.supported_isas() or ["generic"]
+CL = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+def _layout(t, name):
+    if name == "cl":
+        return t.contiguous(memory_format=CL[t.dim() - 2])
+    if name == "strided":  # every other column of a wider tensor
+        wide = torch.zeros(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+def _rel(y, r):
+    assert y.shape == r.shape, (tuple(y.shape), tuple(r.shape))
+    return ((y.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _ran_fused_cat(fn):
+    """(result, whether the in-place op ran) of fn()."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, any("rolling_conv_spectral_cat" in e.key for e in prof.key_averages())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    # dims, N, C1, C2, n_base, n_rolls, size, k, stride, padding, dilation
+    (2, 2, 5, 3, 1, None, (7, 9), 3, 1, 1, 1),
+    (2, 1, 16, 16, 2, 5, (8, 11), 3, 2, 1, 1),
+    (2, 1, 1, 6, 1, 7, (6, 5), 3, 1, 2, 2),
+    (3, 1, 4, 4, 1, None, (4, 5, 6), 3, 1, 1, 1),
+    (3, 2, 6, 2, 1, 3, (5, 4, 6), 3, 2, 0, 1),
+])
+def test_matches_float64_reference(case, dtype, isa):
+    dims, N, c1, c2, nb, nr, size, k, s, p, d = case
+    C = c1 + c2
+    gen = torch.Generator().manual_seed(C * 7 + N)
+    x = torch.randn(N, c1, *size, generator=gen).to(dtype)
+    x2 = torch.randn(N, c2, *size, generator=gen).to(dtype)
+    w = torch.randn(nb, C, *(k,) * dims, generator=gen).to(dtype)
+    n_out = (C if nr is None else nr) * nb
+    b = torch.randn(n_out, generator=gen).to(dtype)
+    sc = (torch.rand(n_out, generator=gen) + 0.5).to(dtype)
+    sh = torch.randn(n_out, generator=gen).to(dtype)
+    want = ref.rolling_conv(torch.cat([x, x2], 1).double(), w.double(), b.double(), [s] * dims, [p] * dims,
+                            [d] * dims, nr if nr is not None else C)
+    want = torch.relu(want * sc.double().view(1, -1, *(1,) * dims) + sh.double().view(1, -1, *(1,) * dims))
+    with fused.use_isa(isa):
+        for l1, l2 in (("nchw", "nchw"), ("cl", "cl"), ("cl", "nchw"), ("strided", "cl")):
+            a = _layout(x, l1).requires_grad_(True)
+            a2 = _layout(x2, l2).requires_grad_(True)
+            wg = w.clone().requires_grad_(True)
+            y, ran = _ran_fused_cat(lambda: rolling_conv_cat(a, a2, wg, b, s, p, d, nr, "spectral", scale=sc,
+                                                             shift=sh, relu=True))
+            assert ran, "the in-place op did not run"
+            assert _rel(y, want) < TOL[dtype], (l1, l2)
+            if l1 == "cl" and c1 > 1:
+                assert y.is_contiguous(memory_format=CL[dims])  # x's memory format
+            # gradients against the float64 reference's autograd
+            g = torch.randn(want.shape, generator=gen).double()
+            gy = torch.autograd.grad(y, (a, a2, wg), g.to(dtype))
+            xr = torch.cat([x, x2], 1).double().requires_grad_(True)
+            wr = w.double().requires_grad_(True)
+            zr = ref.rolling_conv(xr, wr, b.double(), [s] * dims, [p] * dims, [d] * dims, nr if nr is not None else C)
+            zr = torch.relu(zr * sc.double().view(1, -1, *(1,) * dims) + sh.double().view(1, -1, *(1,) * dims))
+            gxr, gwr = torch.autograd.grad(zr, (xr, wr), g)
+            assert _rel(gy[0], gxr[:, :c1]) < TOL[dtype]
+            assert _rel(gy[1], gxr[:, c1:]) < TOL[dtype]
+            assert _rel(gy[2], gwr) < TOL[dtype] * (4 if dtype == torch.bfloat16 else 1)
+
+
+def test_thread_count_independent():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 8, 13, 11, generator=gen)
+    x2 = torch.randn(1, 8, 13, 11, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(1, 16, 3, 3, generator=gen)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            outs.append(torch.ops.medconv.rolling_conv_spectral_cat(x, x2, w, None, None, None, False, [1, 1], [1, 1],
+                                                                     [1, 1], 16))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_falls_back_to_cat_where_the_fused_kernel_does_not_run():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 3, 6, 7, generator=gen)
+    x2 = torch.randn(1, 5, 6, 7, generator=gen)
+    w = torch.randn(1, 8, 3, 3, generator=gen)
+    want = ref.rolling_conv(torch.cat([x, x2], 1).double(), w.double(), None, [1, 1], [1, 1], [1, 1], 8)
+    for backend in ("reference", "spectral_unfused", "cpu"):
+        y, ran = _ran_fused_cat(lambda: rolling_conv_cat(x, x2, w, None, 1, 1, 1, None, backend))
+        assert not ran and _rel(y, want) < 3e-5
+    y, ran = _ran_fused_cat(lambda: rolling_conv_cat(x.half(), x2.half(), w.half(), None, 1, 1, 1, None, "spectral"))
+    assert not ran and _rel(y, want) < 5e-3
+    bad_w = w.clone()
+    bad_w[0, 0, 0, 0] = float("nan")  # a non-finite weight runs the per-base composition, as rolling_conv2d
+    y, ran = _ran_fused_cat(lambda: rolling_conv_cat(x, x2, bad_w, None, 1, 1, 1, None, "spectral"))
+    from medconv_ext.ops.rolling_conv import rolling_conv2d
+    assert not ran and torch.equal(torch.isnan(y), torch.isnan(rolling_conv2d(torch.cat([x, x2], 1), bad_w, None, 1, 1,
+                                                                                1, None, "reference")))
+
+
+def test_bad_inputs():
+    x = torch.randn(1, 3, 6, 7)
+    w = torch.randn(1, 8, 3, 3)
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):  # torch.cat's own error
+        rolling_conv_cat(x, torch.randn(1, 5, 6, 8), w, None, 1, 1, 1, None, "spectral")
+    with pytest.raises(ValueError, match="rolling_conv"):  # the channels of the pair do not match the weight
+        rolling_conv_cat(x, torch.randn(1, 4, 6, 7), w, None, 1, 1, 1, None, "spectral")
+    with pytest.raises(RuntimeError, match="same batch and spatial sizes"):
+        torch.ops.medconv.rolling_conv_spectral_cat(x, torch.randn(2, 5, 6, 7), w, None, None, None, False, [1, 1],
+                                                    [1, 1], [1, 1], 8)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.medconv.rolling_conv_spectral_cat(x, torch.randn(1, 5, 6, 7, dtype=torch.float64), w, None, None,
+                                                    None, False, [1, 1], [1, 1], [1, 1], 8)
+
+
+def test_opcheck_and_compile():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 4, 5, 6, generator=gen, requires_grad=True)
+    x2 = torch.randn(1, 4, 5, 6, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.randn(1, 8, 3, 3, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.medconv.rolling_conv_spectral_cat.default,
+                          (x, x2, w, None, None, None, False, [1, 1], [1, 1], [1, 1], 8))
+    f = torch.compile(lambda a, b, c: rolling_conv_cat(a, b, c, None, 1, 1, 1, None, "spectral"), fullgraph=True)
+    want = ref.rolling_conv(torch.cat([x, x2], 1).double(), w.double(), None, [1, 1], [1, 1], [1, 1], 8)
+    assert _rel(f(x, x2, w), want) < 3e-5
