@@ -36,5 +36,6 @@ from .ops.rolling_conv import (  # noqa: E402,F401
     rolling_conv_transpose3d,
 )
 from .ops.involution import involution2d, involution3d  # noqa: E402,F401
+from .ops.rolling_conv_cat import rolling_conv_cat  # noqa: E402,F401
 from . import nn  # noqa: E402,F401
 from . import export  # noqa: E402,F401  (registers the decompositions plain torch.onnx.export uses)

@@ -84,6 +84,11 @@ def _decomp_rolling_conv_spectral(x, weight, bias, scale, shift, relu, stride, p
                           scale, shift, relu)
 
 
+def _decomp_rolling_conv_spectral_cat(x, x2, weight, bias, scale, shift, relu, stride, padding, dilation, n_rolls):
+    return _decomp_rolling_conv_spectral(torch.cat([x, x2], 1), weight, bias, scale, shift, relu, stride, padding,
+                                         dilation, n_rolls)
+
+
 def _decomp_rolling_conv_transpose_spectral(x, weight, bias, scale, shift, relu, stride, padding, output_padding,
                                             dilation, n_rolls):
     y = _ref_rc.rolling_conv_transpose(x, weight, bias, stride, padding, output_padding, dilation, n_rolls)
@@ -102,6 +107,7 @@ _DECOMPOSITIONS = {
     "rolling_conv_transpose_triton": _decomp_rolling_conv_transpose,
     "rolling_conv_spectral": _decomp_rolling_conv_spectral,
     "rolling_conv_spectral_triton": _decomp_rolling_conv_spectral,
+    "rolling_conv_spectral_cat": _decomp_rolling_conv_spectral_cat,
     "rolling_conv_transpose_spectral": _decomp_rolling_conv_transpose_spectral,
     "rolling_conv_transpose_spectral_triton": _decomp_rolling_conv_transpose_spectral,
     "involution": _decomp_involution,

@@ -267,7 +267,7 @@ def test_decompositions_cover_every_forward_op():
     assert {"rolling_conv_triton", "rolling_conv_transpose_triton", "involution_triton"} <= names
     if HAS_EXT:
         assert {"rolling_conv", "rolling_conv_transpose", "involution", "rolling_conv_spectral",
-                "rolling_conv_transpose_spectral"} <= names
+                "rolling_conv_transpose_spectral", "rolling_conv_spectral_cat"} <= names
     from torch._decomp import decomposition_table
     assert all(decomposition_table[t] is fn for t, fn in table.items())
 
@@ -288,6 +288,8 @@ def test_decompositions_equal_the_operators():
     ws = torch.randn(2, 5, 3, 3, dtype=torch.float64)
     args = (x, ws, torch.randn(10, dtype=torch.float64), scale, shift, True, [1, 1], [1, 1], [1, 1], 5)
     torch.testing.assert_close(d[ops.rolling_conv_spectral.default](*args), ops.rolling_conv_spectral(*args))
+    args = (x[:, :2], x[:, 2:], *args[1:])  # the channel concatenation read from two tensors
+    torch.testing.assert_close(d[ops.rolling_conv_spectral_cat.default](*args), ops.rolling_conv_spectral_cat(*args))
     wi = torch.randn(2, 1, 3, 3, 4, 3, dtype=torch.float64)  # G = 1, K 3, stride 2, padding 1 on 7x6
     args = (torch.randn(2, 4, 7, 6, dtype=torch.float64), wi, [3, 3], [2, 2], [1, 1], [1, 1])
     torch.testing.assert_close(d[ops.involution.default](*args), ops.involution(*args))
