@@ -159,3 +159,16 @@ def test_bench_models_layouts_tiny():
         line = next(l for l in p.stdout.splitlines() if l.split()[:1] == [name])
         assert re.search(r"nchw +[0-9.]+ s +channels-last +[0-9.]+ s +faster: (nchw|cl) ", line), line
         assert re.search(r"[0-9.]+x$", line), line
+
+
+def test_bench_rolling_conv_cat_quick():
+    """bench/bench_rolling_conv_cat.py runs end to end on tiny shapes and reports both layouts per shape."""
+    import subprocess
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_rolling_conv_cat.py"), "--quick",
+                        "--reps", "1", "--threads", "1"],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr
+    rows = [l.split() for l in p.stdout.splitlines() if l[:2] in ("2d", "3d")]
+    if "not built" not in p.stdout:
+        assert len(rows) == 4 and {r[-4] for r in rows} == {"cl", "nchw"}
+        assert all(float(r[-1]) > 0 for r in rows)
