@@ -657,7 +657,62 @@ MEDCONV_INLINE To cvt_out(T v) {
   else return (To)v;
 }
 
-template <typename T, typename To>
+// Two-vector shuffles of the in-register transposition: lane l of "lo" takes a[l] where (l & h) == 0,
+// else b[l - h]; "hi" takes a[l + h], else b[l] (indices >= NL select from b).
+template <typename T>
+using lane_int_t = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+
+template <typename T, int VB, int H, bool HI, size_t... L>
+MEDCONV_INLINE auto transpose_mask(std::index_sequence<L...>) {
+  typedef lane_int_t<T> M __attribute__((vector_size(VB)));
+  constexpr int NL = sizeof...(L);
+  return M{(lane_int_t<T>)(HI ? (((int)L & H) ? NL + (int)L : (int)L + H)
+                              : (((int)L & H) ? NL + (int)L - H : (int)L))...};
+}
+
+template <typename T, int VB>
+struct VecOf {
+  typedef T type __attribute__((vector_size(VB)));
+};
+
+template <typename T, int VB, int H>
+MEDCONV_INLINE void transpose_stage(typename VecOf<T, VB>::type* r) {
+  constexpr int NL = VB / sizeof(T);
+  const auto lo = transpose_mask<T, VB, H, false>(std::make_index_sequence<NL>{});
+  const auto hi = transpose_mask<T, VB, H, true>(std::make_index_sequence<NL>{});
+#pragma GCC unroll 16
+  for (int i = 0; i < NL; ++i) {
+    if (i & H) continue;
+    const auto a = r[i], b = r[i + H];
+    r[i] = __builtin_shuffle(a, b, lo);
+    r[i + H] = __builtin_shuffle(a, b, hi);
+  }
+  if constexpr (H > 1) transpose_stage<T, VB, H / 2>(r);
+}
+
+// NC(D)HW float store of a block: NL x NL tiles (NL pixels x NL channels of Z) transposed in registers and
+// stored as NL contiguous pixels per channel; the edges element by element.
+template <typename T, int VB>
+MEDCONV_INLINE void store_block_nchw(const T* Z, i64 ldz, i64 npx, i64 Co, i64 P, T* dst) {
+  typedef T V __attribute__((vector_size(VB)));
+  constexpr int NL = VB / sizeof(T);
+  const i64 qv = npx / NL * NL, cv = Co / NL * NL;
+  for (i64 q0 = 0; q0 < qv; q0 += NL)
+    for (i64 c0 = 0; c0 < cv; c0 += NL) {
+      V r[NL];
+#pragma GCC unroll 16
+      for (int i = 0; i < NL; ++i) std::memcpy(&r[i], Z + (q0 + i) * ldz + c0, sizeof(V));
+      transpose_stage<T, VB, NL / 2>(r);
+#pragma GCC unroll 16
+      for (int j = 0; j < NL; ++j) std::memcpy(dst + (c0 + j) * P + q0, &r[j], sizeof(V));
+    }
+  for (i64 c = cv; c < Co; ++c)
+    for (i64 q = 0; q < qv; ++q) dst[c * P + q] = Z[q * ldz + c];
+  for (i64 c = 0; c < Co; ++c)
+    for (i64 q = qv; q < npx; ++q) dst[c * P + q] = Z[q * ldz + c];
+}
+
+template <typename T, typename To, int VB>
 MEDCONV_INLINE void store_block_t(const Plan<T>& p, const T* Z, i64 ldz, i64 npx, i64 n, i64 pix0) {
   const i64 P = p.O[0] * p.O[1] * p.O[2], Co = p.Cout;
   To* o = (To*)p.out_any;
@@ -668,6 +723,10 @@ MEDCONV_INLINE void store_block_t(const Plan<T>& p, const T* Z, i64 ldz, i64 npx
     return;
   }
   To* dst = o + n * Co * P + pix0;
+  if constexpr (std::is_same<To, T>::value) {
+    store_block_nchw<T, VB>(Z, ldz, npx, Co, P, dst);
+    return;
+  }
   constexpr i64 QB = 16;  // 16 rows of Z stay in L1 while every channel's 16 pixels are written
   for (i64 q0 = 0; q0 < npx; q0 += QB) {
     const i64 q1 = std::min(npx, q0 + QB);
@@ -678,19 +737,16 @@ MEDCONV_INLINE void store_block_t(const Plan<T>& p, const T* Z, i64 ldz, i64 npx
   }
 }
 
-template <typename T>
+template <typename T, int VB>
 MEDCONV_INLINE void store_block(const Plan<T>& p, const T* Z, i64 ldz, i64 npx, i64 n, i64 pix0) {
-  if (p.out_bf16) store_block_t<T, uint16_t>(p, Z, ldz, npx, n, pix0);
-  else store_block_t<T, T>(p, Z, ldz, npx, n, pix0);
+  if (p.out_bf16) store_block_t<T, uint16_t, VB>(p, Z, ldz, npx, n, pix0);
+  else store_block_t<T, T, VB>(p, Z, ldz, npx, n, pix0);
 }
 
 // The folded inverse of one pixel and one base with contiguous output channels, with the epilogue:
 // y[r] = epi(e[r] + o[r]) for r < r1, y[r] = epi(e[C - r] - o[C - r]) for r1 <= r < Rout. The second
 // range reads e and o backwards: vectors loaded forwards and reversed in registers (a scalar loop
 // with a strided store here cost about as much as the inverse GEMM at C = 64).
-template <typename T>
-using lane_int_t = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-
 template <typename T, int VB, size_t... L>
 MEDCONV_INLINE auto lane_reverse_mask(std::index_sequence<L...>) {
   typedef lane_int_t<T> M __attribute__((vector_size(VB)));
@@ -816,7 +872,7 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, i64
     if (!p.fold_out) {
       gemm<T, VB, true>(npx, ystride, Y.data(), ystride, 1, p.Gm, p.Np, p.Np, orow, ldo, p.Cout, p.sc, p.sh,
                         p.relu);
-      if (!direct) store_block<T>(p, orow, ldo, npx, n, (o0 * O1 + qb) * O2 + c2b);
+      if (!direct) store_block<T, VB>(p, orow, ldo, npx, n, (o0 * O1 + qb) * O2 + c2b);
       continue;
     }
     const i64 NpE = p.NpE, Hp = p.Hp, half = p.C / 2;
@@ -855,7 +911,7 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, i64
         }
       }
     }
-    if (!direct) store_block<T>(p, orow, ldo, npx, n, (o0 * O1 + qb) * O2 + c2b);
+    if (!direct) store_block<T, VB>(p, orow, ldo, npx, n, (o0 * O1 + qb) * O2 + c2b);
   }
 }
 
