@@ -89,6 +89,14 @@ class ConvUnit(nn.Sequential):
             return rolling_conv_bn_relu(self.conv, self.bn, True, x)
         return super().forward(x)
 
+    def forward_cat(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """self(torch.cat([a, b], 1)). In eval mode a rolling conv reads a and b in place (no concatenated
+        copy where its fused CPU kernel runs the layer); training concatenates (the weight gradient needs
+        the concatenation anyway)."""
+        if not self.training and can_fold(self.conv, self.bn):
+            return rolling_conv_bn_relu(self.conv, self.bn, True, a, b)
+        return self(torch.cat([a, b], dim=1))
+
 
 def _block(kinds: Sequence[str], dims: int, cin: int, cout: int, k: int) -> nn.Sequential:
     units = []
@@ -177,7 +185,11 @@ class UNet(nn.Module):
             x = self.pool(x)
         x = self.middle(x)
         for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
-            x = dec(torch.cat([up(x), skip], dim=1))
+            # dec(torch.cat([up(x), skip], 1)), the first unit reading the pair in place where it can
+            units = list(dec)
+            x = units[0].forward_cat(up(x), skip)
+            for unit in units[1:]:
+                x = unit(x)
         return self.out(x)
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import ops as F
+from ..ops.rolling_conv_cat import rolling_conv_cat
 from .rolling_conv import RollingConv2d, RollingConv3d
 
 _BN = (nn.BatchNorm2d, nn.BatchNorm3d)
@@ -44,10 +45,13 @@ def can_fold(conv: nn.Module, bn: Optional[nn.Module]) -> bool:
     return not conv.training
 
 
-def rolling_conv_bn_relu(conv: nn.Module, bn: Optional[nn.Module], relu: bool, x: torch.Tensor) -> torch.Tensor:
-    """conv -> [bn] -> [ReLU] in one fused call where can_fold(conv, bn), else module by module."""
+def rolling_conv_bn_relu(conv: nn.Module, bn: Optional[nn.Module], relu: bool, x: torch.Tensor,
+                         x2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """conv -> [bn] -> [ReLU] in one fused call where can_fold(conv, bn), else module by module. With x2 the
+    input is torch.cat([x, x2], 1); the fused call reads x and x2 in place (rolling_conv_cat: no
+    concatenated copy where the fused CPU kernel runs the layer)."""
     if not can_fold(conv, bn):
-        y = conv(x)
+        y = conv(x if x2 is None else torch.cat([x, x2], 1))
         if bn is not None:
             y = bn(y)
         return torch.relu(y) if relu else y
@@ -55,6 +59,9 @@ def rolling_conv_bn_relu(conv: nn.Module, bn: Optional[nn.Module], relu: bool, x
     if bn is not None:
         scale, shift = bn_scale_shift(bn)
         scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+    if x2 is not None:
+        return rolling_conv_cat(x, x2, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.n_rolls,
+                                backend=conv.backend, scale=scale, shift=shift, relu=relu)
     fn = F.rolling_conv3d if isinstance(conv, RollingConv3d) else F.rolling_conv2d
     return fn(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.n_rolls,
               backend=conv.backend, scale=scale, shift=shift, relu=relu)
