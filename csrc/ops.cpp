@@ -32,6 +32,8 @@ TORCH_LIBRARY(medconv, m) {
   // rolling_conv_spectral of cat([x, x2], 1), both read in place (a UNet decoder: no concatenated copy)
   m.def("rolling_conv_spectral_cat(Tensor x, Tensor x2, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift, "
         "bool relu, int[] stride, int[] padding, int[] dilation, int n_rolls) -> Tensor");
+  m.def("rolling_conv_spectral_cat_grad_weight(Tensor grad_out, Tensor x, Tensor x2, int[] weight_size, "
+        "int[] stride, int[] padding, int[] dilation, int n_rolls) -> Tensor");
   m.def("rolling_conv_spectral_grad_input(Tensor grad_out, Tensor weight, int[] input_size, int[] stride, "
         "int[] padding, int[] dilation, int n_rolls) -> Tensor");
   m.def("rolling_conv_spectral_grad_weight(Tensor grad_out, Tensor x, int[] weight_size, int[] stride, "

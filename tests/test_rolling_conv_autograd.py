@@ -77,6 +77,7 @@ def _spectral_samples(x, w, b, sp, gy, wt, spt, gyt):
         # the channel concatenation of two tensors (one channels-last) read in place
         ("rolling_conv_spectral_cat", (x[:, :1], x[:, 1:].contiguous(memory_format=torch.channels_last), w, b, sc, sh,
                                        True, *sp)),
+        ("rolling_conv_spectral_cat_grad_weight", (gy, x.detach()[:, :3], x.detach()[:, 3:], list(w.shape), *sp)),
         ("rolling_conv_spectral_grad_input", (gy, w.detach(), list(x.shape), *sp)),
         ("rolling_conv_spectral_grad_weight", (gy, x.detach(), list(w.shape), *sp)),
         ("rolling_conv_transpose_spectral", (x, wt, b, None, None, False, spt[0], spt[1], [1, 0], spt[2], 3)),

@@ -174,3 +174,38 @@ def test_unet_decoder_reads_the_skip_in_place(dims):
             want = net.double()(x.double())
     assert ran and n_cat == len(net.decoders)
     assert _rel(y, want) < 1e-4
+
+
+def test_unet_training_step_reads_the_skip_in_place():
+    """Training mode: the decoder's first conv reads the pair in place in the forward and in the weight
+    gradient, and the gradients equal those of the same model with torch.cat (float64, reference backend)."""
+    from medconv_ext import backends
+    from medconv_ext.models.unet import UNet
+    torch.manual_seed(7)
+    net = UNet(2, 1, 2, features=4, kind="rolling", depth=2).train()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        net(x).square().sum().backward()
+    keys = {e.key: e.count for e in prof.key_averages()}
+    assert keys.get("medconv::rolling_conv_spectral_cat", 0) == len(net.decoders)
+    assert keys.get("medconv::rolling_conv_spectral_cat_grad_weight", 0) == len(net.decoders)
+    grads = [p.grad.double().clone() for p in net.parameters()]
+    net64 = net.double()
+    net64.zero_grad()
+    with backends.forced_backend("reference"):
+        net64(x.double()).square().sum().backward()
+    # a conv bias before BatchNorm has a zero gradient (the mean is removed): compare on the overall scale
+    scale = max(p.grad.abs().max().item() for p in net64.parameters())
+    for g, p in zip(grads, net64.parameters()):
+        assert (g - p.grad).abs().max().item() < 1e-4 * scale
+
+
+def test_hooked_conv_is_called_as_a_module():
+    """A forward pre-hook on the decoder's conv (e.g. torch.nn.utils.prune's) must run: the module is called."""
+    from medconv_ext.models.unet import UNet
+    net = UNet(2, 1, 2, features=4, kind="rolling", depth=1).eval()
+    calls = []
+    net.decoders[0][0].conv.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1]))
+    with torch.no_grad():
+        net(torch.randn(1, 1, 8, 8))
+    assert calls == [8]  # the concatenated 4 + 4 channels

@@ -1578,7 +1578,9 @@ at::Tensor rolling_conv_transpose_spectral_grad_input_cpu(const at::Tensor& grad
 // ------------------------------------------------------------------------------------------
 // small: (N, Cs, *P) indexed by p; big: (N, Cb, *B) indexed by p*s + t*d - pad.
 // conv: small = grad_out (adjoint DFT, nb spectra), big = x; transposed: small = x, big = grad_out.
-at::Tensor spectral_gw(const at::Tensor& small, const at::Tensor& big, const Geom& g, bool conv) {
+// big2: the second source of a two-source big operand (the conv's x read as cat([big, big2], 1)).
+at::Tensor spectral_gw(const at::Tensor& small, const at::Tensor& big, const Geom& g, bool conv,
+                       const at::Tensor* big2 = nullptr) {
   const i64 taps = g.taps();
   std::vector<i64> wshape = conv ? std::vector<i64>{g.nb, g.C} : std::vector<i64>{g.C, g.nb};
   for (int i = 0; i < g.dims; ++i) wshape.push_back(g.k[pos3(g.dims, i)]);
@@ -1586,8 +1588,10 @@ at::Tensor spectral_gw(const at::Tensor& small, const at::Tensor& big, const Geo
   const i64 N = small.size(0);
   if (N == 0 || small.numel() == 0) return out;
   // bfloat16: the operands in float (one conversion each; the sums run in float and double anyway)
-  if (small.scalar_type() == at::kBFloat16)
-    return spectral_gw(small.to(at::kFloat), big.to(at::kFloat), g, conv).to(at::kBFloat16);
+  if (small.scalar_type() == at::kBFloat16) {
+    const at::Tensor big2f = big2 ? big2->to(at::kFloat) : at::Tensor();
+    return spectral_gw(small.to(at::kFloat), big.to(at::kFloat), g, conv, big2 ? &big2f : nullptr).to(at::kBFloat16);
+  }
   const int isa = call_isa(g.C, small.element_size());
   AT_DISPATCH_FLOATING_TYPES(small.scalar_type(), "rolling_conv_spectral_grad_weight_cpu", [&] {
     using T = scalar_t;
@@ -1596,6 +1600,7 @@ at::Tensor spectral_gw(const at::Tensor& small, const at::Tensor& big, const Geo
     Plan<T>& p = q.big;
     p.isa = isa;
     set_source<T>(p, big, g.dims);
+    if (big2) set_source2<T>(p, *big2, g.dims);
     const A3 P = [&] {
       A3 r{1, 1, 1};
       for (int i = 0; i < g.dims; ++i) r[pos3(g.dims, i)] = small.size(2 + i);
@@ -1699,6 +1704,27 @@ at::Tensor rolling_conv_spectral_grad_weight_cpu(const at::Tensor& grad_out, con
   return spectral_gw(grad_out, x, g, true);
 }
 
+// The weight gradient of rolling_conv_spectral_cat: x read as cat([x, x2], 1) in place.
+at::Tensor rolling_conv_spectral_cat_grad_weight_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                     const at::Tensor& x2, at::IntArrayRef weight_size,
+                                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                                     at::IntArrayRef dilation, int64_t n_rolls) {
+  const char* op = "medconv::rolling_conv_spectral_cat_grad_weight";
+  check_pair(grad_out, "grad_out", x, "x", op);
+  check_pair(grad_out, "grad_out", x2, "x2", op);
+  TORCH_CHECK(grad_out.dim() == x.dim(), op, ": grad_out has ", grad_out.dim(), " dims but x has ", x.dim());
+  TORCH_CHECK(x.dim() == x2.dim() && x.size(0) == x2.size(0) && x.sizes().slice(2) == x2.sizes().slice(2), op,
+              ": x and x2 must have the same batch and spatial sizes (they are concatenated along the channels), got ",
+              x.sizes(), " and ", x2.sizes());
+  Geom g = make_geom(op, (int)x.dim(), weight_size, false, x.size(1) + x2.size(1), stride, padding, dilation,
+                     n_rolls);
+  const A3 O = conv_out(g, spatial3(x.sizes(), g.dims), op);
+  const auto want = full_sizes(x.size(0), g.n_rolls * g.nb, O, g.dims);
+  TORCH_CHECK(grad_out.sizes().vec() == want, op, ": grad_out has shape ", shape_str(grad_out.sizes()),
+              " but the sizes given imply ", shape_str(want));
+  return spectral_gw(grad_out, x, g, true, &x2);
+}
+
 at::Tensor rolling_conv_transpose_spectral_grad_weight_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                            at::IntArrayRef weight_size, at::IntArrayRef stride,
                                                            at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -1749,6 +1775,7 @@ TORCH_LIBRARY_FRAGMENT(medconv, m) {
 TORCH_LIBRARY_IMPL(medconv, CPU, m) {
   m.impl("rolling_conv_spectral", &medconv::rolling_conv_spectral_cpu);
   m.impl("rolling_conv_spectral_cat", &medconv::rolling_conv_spectral_cat_cpu);
+  m.impl("rolling_conv_spectral_cat_grad_weight", &medconv::rolling_conv_spectral_cat_grad_weight_cpu);
   m.impl("rolling_conv_spectral_grad_input", &medconv::rolling_conv_spectral_grad_input_cpu);
   m.impl("rolling_conv_transpose_spectral", &medconv::rolling_conv_transpose_spectral_cpu);
   m.impl("rolling_conv_transpose_spectral_grad_input", &medconv::rolling_conv_transpose_spectral_grad_input_cpu);

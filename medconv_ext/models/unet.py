@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..nn import RollingConv2d, RollingConv3d, RollingConvTranspose2d, RollingConvTranspose3d
-from ..nn.fuse import can_fold, rolling_conv_bn_relu
+from ..nn.fuse import can_fold, conv_cat, rolling_conv_bn_relu
 from ._util import record_builder_spec
 
 KINDS = ("dense", "rolling", "depthwise", "flattened")
@@ -90,12 +90,11 @@ class ConvUnit(nn.Sequential):
         return super().forward(x)
 
     def forward_cat(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """self(torch.cat([a, b], 1)). In eval mode a rolling conv reads a and b in place (no concatenated
-        copy where its fused CPU kernel runs the layer); training concatenates (the weight gradient needs
-        the concatenation anyway)."""
+        """self(torch.cat([a, b], 1)): a rolling conv reads a and b in place (no concatenated copy where its
+        fused CPU kernel runs the layer, forward and backward), with BatchNorm + ReLU folded in eval mode."""
         if not self.training and can_fold(self.conv, self.bn):
             return rolling_conv_bn_relu(self.conv, self.bn, True, a, b)
-        return self(torch.cat([a, b], dim=1))
+        return self.act(self.bn(conv_cat(self.conv, a, b)))
 
 
 def _block(kinds: Sequence[str], dims: int, cin: int, cout: int, k: int) -> nn.Sequential:

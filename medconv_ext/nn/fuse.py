@@ -30,12 +30,30 @@ def bn_scale_shift(bn: nn.Module):
     return scale, shift
 
 
-def can_fold(conv: nn.Module, bn: Optional[nn.Module]) -> bool:
-    """True when conv -> bn (-> ReLU) is exactly rolling_conv with an epilogue right now (eval mode)."""
+def is_plain_rolling_conv(conv: nn.Module) -> bool:
+    """True when calling conv is exactly the functional rolling_conv2d/3d with its attributes (a RollingConv2d/3d,
+    forward not overridden, zero padding given as numbers, no forward hooks: e.g. torch.nn.utils.prune recomputes
+    the weight in a pre-hook), so a fused call may stand in for the module call."""
     if not isinstance(conv, (RollingConv2d, RollingConv3d)) or type(conv).forward not in (
             RollingConv2d.forward, RollingConv3d.forward):
         return False
-    if getattr(conv, "padding_mode", "zeros") != "zeros" or isinstance(conv.padding, str):
+    if conv._forward_hooks or conv._forward_pre_hooks:
+        return False
+    return getattr(conv, "padding_mode", "zeros") == "zeros" and not isinstance(conv.padding, str)
+
+
+def conv_cat(conv: nn.Module, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """conv(torch.cat([x, x2], 1)); a plain rolling conv reads x and x2 in place (rolling_conv_cat: no
+    concatenated copy where its fused CPU kernel runs the layer, in training too)."""
+    if not is_plain_rolling_conv(conv) or x.dim() != conv._dims + 2:
+        return conv(torch.cat([x, x2], 1))
+    return rolling_conv_cat(x, x2, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.n_rolls,
+                            backend=conv.backend)
+
+
+def can_fold(conv: nn.Module, bn: Optional[nn.Module]) -> bool:
+    """True when conv -> bn (-> ReLU) is exactly rolling_conv with an epilogue right now (eval mode)."""
+    if not is_plain_rolling_conv(conv):
         return False
     if bn is not None:
         if not isinstance(bn, _BN) or bn.training or bn.running_mean is None or bn.running_var is None:

@@ -10,8 +10,8 @@ other case (another backend, device or dtype, autocast, ONNX export, a non-finit
 torch.cat and the ordinary rolling_conv{2,3}d: the same result, the same checks and errors.
 
 Backward: the input gradient of the concatenation, split into the two inputs' gradients (views), and
-the weight gradient from the fused grad_weight op over torch.cat([x, x2], 1) (the copy is made in
-the backward only, when a weight gradient is asked for).
+the weight gradient from torch.ops.medconv.rolling_conv_spectral_cat_grad_weight, which reads x and x2
+in place too.
 """
 from typing import Optional
 
@@ -35,6 +35,10 @@ if available():
         out = [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
         return x.new_empty((x.shape[0], n_rolls * weight.shape[0], *out)).contiguous(
             memory_format=_fused.out_memory_format(x))
+
+    @torch.library.register_fake(_OPNAME + "_grad_weight")
+    def _(grad_out, x, x2, weight_size, stride, padding, dilation, n_rolls):
+        return grad_out.new_empty(weight_size)
 
     def _setup(ctx, inputs, output):
         x, x2, weight, bias, scale, shift, relu, stride, padding, dilation, n_rolls = inputs
@@ -63,16 +67,16 @@ if available():
             gxc = torch.ops.medconv.rolling_conv_spectral_grad_input(g, weight, size, stride, padding, dilation, n_rolls)
             gx, gx2 = gxc.split([ctx.c1, x2.shape[1]], dim=1)
         if nig[2]:
-            xc = torch.cat([x, x2], 1)
             if any(padding) and not _grad_finite(g):
                 # as the single-input op: a NaN/Inf gradient at an output whose tap reads padding (torch multiplies it)
+                xc = torch.cat([x, x2], 1)
                 with torch.enable_grad():
                     w_ = weight.detach().requires_grad_(True)
                     gw = torch.autograd.grad(rolling_conv_spectral(xc.detach(), w_, None, stride, padding, dilation,
                                                                    n_rolls), w_, g)[0]
-            else:
-                gw = torch.ops.medconv.rolling_conv_spectral_grad_weight(g, xc, list(weight.shape), stride, padding,
-                                                                         dilation, n_rolls)
+            else:  # x and x2 read in place
+                gw = torch.ops.medconv.rolling_conv_spectral_cat_grad_weight(g, x, x2, list(weight.shape), stride,
+                                                                             padding, dilation, n_rolls)
         return gx, gx2, gw, gbias, gscale, gshift, None, None, None, None, None
 
     torch.library.register_autograd(_OPNAME, _backward, setup_context=_setup)
