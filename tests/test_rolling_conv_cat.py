@@ -209,3 +209,36 @@ def test_hooked_conv_is_called_as_a_module():
     with torch.no_grad():
         net(torch.randn(1, 1, 8, 8))
     assert calls == [8]  # the concatenated 4 + 4 channels
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_inf_as_torch(dtype, isa):
+    """A NaN in either tensor gives NaN exactly where the dense conv of the concatenation does; ReLU keeps it."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 5, 7, 8, generator=gen).to(dtype)
+    x2 = torch.randn(1, 3, 7, 8, generator=gen).to(dtype)
+    x[0, 2, 1, 1] = float("nan")
+    x2[0, 1, 5, 6] = float("nan")
+    w = torch.randn(1, 8, 3, 3, generator=gen).to(dtype)
+    want = torch.relu(ref.rolling_conv(torch.cat([x, x2], 1).double(), w.double(), None, [1, 1], [1, 1], [1, 1], 8))
+    with fused.use_isa(isa):
+        y = torch.ops.medconv.rolling_conv_spectral_cat(x, x2.contiguous(memory_format=torch.channels_last), w, None,
+                                                        None, None, True, [1, 1], [1, 1], [1, 1], 8)
+    nan = torch.isnan(want)
+    assert nan.any() and torch.equal(torch.isnan(y), nan)
+    assert _rel(y[~nan], want[~nan]) < TOL[dtype]
+
+
+def test_gradcheck():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 2, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(1, 3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    sc = torch.rand(6, generator=gen, dtype=torch.float64) + 0.5
+    sc.requires_grad_(True)
+    sh = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    fn = lambda a, a2, w_, b_, s_, h_: rolling_conv_cat(a, a2, w_, b_, 2, 1, (1, 2), 3, "spectral", scale=s_,  # noqa: E731
+                                                        shift=h_, relu=True)
+    assert torch.autograd.gradcheck(fn, (x, x2, w, b, sc, sh))
