@@ -141,6 +141,14 @@ def test_memo_follows_env_forced_backend_and_grad_mode(monkeypatch):
     with backends.forced_backend("reference"):
         assert not _ran_fused(call)
     assert _ran_fused(call)
+    # an explicit backend is memoised under its own name
+    assert "aten::index_select" in _ops_run(lambda: medconv_ext.rolling_conv2d(x, w, None, 1, 1, backend="reference"))
+    assert _ran_fused(lambda: medconv_ext.rolling_conv2d(x, w, None, 1, 1, backend="spectral"))
+    with backends.forced_backend("reference"):  # overrides an explicit backend too
+        assert not _ran_fused(lambda: medconv_ext.rolling_conv2d(x, w, None, 1, 1, backend="spectral"))
+    for _ in range(2):  # a backend that cannot run the input raises every time
+        with pytest.raises(RuntimeError, match="cannot run"):
+            medconv_ext.rolling_conv2d(x.half(), w.half(), None, 1, 1, backend="cpu")
     # training: a layer the rule runs differently with a gradient (2D C_in=16: reference when training)
     x16, w16 = torch.randn(1, 16, 64, 64), torch.randn(1, 16, 3, 3, requires_grad=True)
     with torch.no_grad():

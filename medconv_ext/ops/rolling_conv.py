@@ -106,20 +106,20 @@ def _choose_kernel(op, x, weight, backend, transposed, n_rolls):
 
 
 def _auto_memo(op, x, weight, backend, transposed, n_rolls):
-    """backend="auto" on a CPU tensor in eager mode: (name, impl, fn, epilogue) memoised per input signature
-    (op, dtype, shape and strides of x, weight shape, n_rolls, training or not), so a layer called again
-    skips the rule. The choice depends only on these (the rule reads shapes, dtype, layout, grad mode; the
-    CPU backends it picks from are always available). Not memoised, decided per call as before: another
-    backend argument, MEDCONV_BACKEND set, forced_backend(), exporting or tracing, torch.compile, other
-    devices. Returns None where the call is not memoised."""
-    if backend != "auto" or x.device.type != "cpu" or forced_backend_name() is not None:
+    """A CPU tensor in eager mode, backend "auto" or one of the other _MEMO_BACKENDS: (name, impl, fn, epilogue)
+    memoised per input signature (op, backend, dtype, shape and strides of x, weight shape, n_rolls, training
+    or not), so a layer called again skips the rule and the registry look-ups. The choice depends only on these
+    (the rule reads shapes, dtype, layout, grad mode; these backends' availability is fixed for the process).
+    Not memoised, decided per call as before: "triton", MEDCONV_BACKEND set, forced_backend(), exporting or
+    tracing, torch.compile, other devices. Returns None where the call is not memoised."""
+    if backend not in _MEMO_BACKENDS or x.device.type != "cpu" or forced_backend_name() is not None:
         return None
     if backend_override() is not None:
         return None
     if torch.compiler.is_compiling() or _EXPORT_DEPTH[0] > 0 or torch.jit.is_tracing() or _onnx_exporting():
         return None
     training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    key = (op, x.dtype, x.shape, x.stride(), weight.shape, n_rolls, training)
+    key = (op, backend, x.dtype, x.shape, x.stride(), weight.shape, n_rolls, training)
     hit = DISPATCH_CACHE.get(key)
     if hit is None:
         name, impl = _choose_uncached(op, x, weight, backend, transposed, n_rolls)
@@ -274,10 +274,11 @@ def _fused_spectral_cpu_runs(x: torch.Tensor, weight: torch.Tensor, transposed: 
 # --------------------------------------------------------------------------------------
 # public functional API
 # --------------------------------------------------------------------------------------
-# Per-call memo (eager, backend="auto", CPU tensors; the same conditions as _auto_memo): a call whose signature
-# (shapes, strides, dtypes, devices of the tensors, the geometry arguments as given, n_rolls, the epilogue's
-# presence, training or not) was seen before passed the same argument checks and gets the same backend, so it
-# skips both and only the kernel runs. Any other call (errors included) takes the full path each time.
+# Per-call memo (eager, CPU tensors, the same conditions as _auto_memo): a call whose signature (backend,
+# shapes, strides, dtypes, devices of the tensors, the geometry arguments as given with their exact types,
+# n_rolls, the epilogue's presence, training or not) was seen before passed the same argument checks and gets
+# the same backend, so it skips both and only the kernel runs (what the kernel checks per call, e.g. a weight
+# turned non-finite, it still checks). Any other call (errors included) takes the full path each time.
 _NOKEY = object()
 
 
@@ -302,11 +303,16 @@ def _meta(t):
     return _NOKEY
 
 
+# backends whose availability on CPU tensors cannot change while the process runs ("triton" depends on
+# TRITON_INTERPRET): their calls are memoised, "auto" among them
+_MEMO_BACKENDS = ("auto", "reference", "spectral", "spectral_unfused", "cpu")
+
+
 def _call_key(op, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend, scale, shift, relu):
-    if (backend != "auto" or not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or not x.is_cpu
+    if (backend not in _MEMO_BACKENDS or not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or not x.is_cpu
             or type(relu) is not bool or not (n_rolls is None or type(n_rolls) is int)):
         return None
-    key = ("call", op, _int_key(stride), _int_key(padding), _int_key(output_padding), _int_key(dilation), n_rolls,
+    key = ("call", op, backend, _int_key(stride), _int_key(padding), _int_key(output_padding), _int_key(dilation), n_rolls,
            _meta(bias), _meta(scale), _meta(shift), relu)
     if _NOKEY in key:
         return None
