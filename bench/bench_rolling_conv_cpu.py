@@ -6,6 +6,7 @@ forward+backward. Every row names the ISA copy, the dtype and the machine's load
     PYTHONPATH=. python bench/bench_rolling_conv_cpu.py --set fused --threads 2
     PYTHONPATH=. python bench/bench_rolling_conv_cpu.py --set small --isa avx512 --mode fwd
     PYTHONPATH=. python bench/bench_rolling_conv_cpu.py --set small --mode fwd --dtype float32,bfloat16 --auto-only
+    PYTHONPATH=. python bench/bench_rolling_conv_cpu.py --overhead --threads 1     # per-call Python cost
     PYTHONPATH=. python bench/bench_rolling_conv_cpu.py --set fused --threads 1 --timer cpu   # load-robust
     /work/shared/tools/quiet-run python bench/bench_rolling_conv_cpu.py ...                 # when shared
 
@@ -73,6 +74,57 @@ def runner(fn, mode):
     return run
 
 
+def overhead(threads, budget):
+    """Per-call cost of the Python layers (microseconds, inference, 1 sample, 25th percentile of single calls):
+    the functional API and the nn module against the op they end in, for the fused kernel (2D 3x3 C=16 at 16^2)
+    and the bank + oneDNN conv (the same layer with a gradient-free C=16 at 128^2 in channels-last)."""
+    torch.set_num_threads(threads)
+
+    def t_us(fn):
+        for _ in range(20):
+            fn()
+        ts, t0 = [], time.perf_counter()
+        while len(ts) < 20000 and (len(ts) < 200 or time.perf_counter() - t0 < budget):
+            a = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - a)
+        ts.sort()
+        return ts[len(ts) // 4] * 1e6
+
+    from medconv_ext.ops.rolling_conv import _auto_candidates, expand_bank
+    x = torch.randn(1, 16, 16, 16)
+    w = torch.randn(1, 16, 3, 3)
+    m = mc.nn.RollingConv2d(16, 16, 3, padding=1, bias=False)
+    m.weight.data.copy_(w)
+    op = torch.ops.medconv.rolling_conv_spectral.default
+    one = [1, 1]
+
+    def kernel():
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(x, w, None, None, None, False, one, one, one, 16)
+    xl = torch.randn(1, 16, 128, 128).contiguous(memory_format=torch.channels_last)
+    print("per-call cost, %d thread(s), load %.2f, kernel ISA copy %s (C=16), float32, no grad"
+          % (threads, os.getloadavg()[0], fused.isa(16)))
+    with torch.no_grad():
+        k = t_us(kernel)
+        print("  fused op alone (below autograd)            %7.1f us   (auto picks %s)"
+              % (k, _auto_candidates(x, w, False, 16)[0]))
+        for name, fn in (("torch.ops.medconv.rolling_conv_spectral", lambda: torch.ops.medconv.rolling_conv_spectral(
+                x, w, None, None, None, False, one, one, one, 16)),
+                         ("rolling_conv2d(x, w, padding=1)", lambda: mc.rolling_conv2d(x, w, padding=1)),
+                         ("RollingConv2d module", lambda: m(x))):
+            v = t_us(fn)
+            print("  %-42s %7.1f us   (+%.1f)" % (name, v, v - k))
+        bank = expand_bank(w, 16)
+        d = t_us(lambda: F.conv2d(xl, bank, None, 1, 1))
+        print("  dense conv alone, C=16 128^2 channels-last %7.1f us   (auto picks %s)"
+              % (d, _auto_candidates(xl, w, False, 16)[0]))
+        for name, fn in (("bank gather (expand_bank)", lambda: expand_bank(w, 16)),
+                         ("rolling_conv2d(x, w, padding=1)", lambda: mc.rolling_conv2d(xl, w, padding=1))):
+            v = t_us(fn)
+            print("  %-42s %7.1f us   (+%.1f)" % (name, v, v - (0 if "gather" in name else d)))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", default="fused", choices=sorted(SETS))
@@ -87,7 +139,11 @@ def main():
     ap.add_argument("--no-auto", action="store_true")
     ap.add_argument("--auto-only", action="store_true", help="dense and auto only (no spectral/reference columns)")
     ap.add_argument("--csv", default=None, help="write the rows here (default bench/out/cpu/rolling_conv_fused_isa.csv)")
+    ap.add_argument("--overhead", action="store_true", help="only the per-call cost of the Python layers")
     a = ap.parse_args()
+    if a.overhead:
+        overhead(a.threads, a.budget)
+        return
     torch.set_num_threads(a.threads)
     dtypes = a.dtype.split(",")
     for d in dtypes:

@@ -14,8 +14,10 @@ Every operator has implementations registered per backend name:
 
 `backend="auto"` asks the operator for its ordered candidates (a rule derived from the
 benchmark, written down in the operator's module) and takes the first one that is available
-and supports the input. The environment variable MEDCONV_BACKEND overrides the automatic
-choice wherever that backend supports the input (elsewhere auto proceeds as usual).
+and supports the input. The environment variable MEDCONV_BACKEND (read at every call) overrides the
+automatic choice wherever that backend supports the input (elsewhere auto proceeds as usual).
+Operators may memoise a choice per input signature in DISPATCH_CACHE (ops/rolling_conv.py does, for eager
+calls on CPU tensors); every registration empties it.
 An explicitly requested backend that cannot run the input raises an error saying why.
 `forced_backend(name)` (a context manager) overrides every choice, explicit ones included, within a block.
 

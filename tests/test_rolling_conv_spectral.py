@@ -229,6 +229,12 @@ def test_cpu_auto_rule():
         xb = lambda c, dt=torch.float32, **kw: torch.empty(1, c, 64, 64, dtype=dt, **kw)  # noqa: E731
         assert rule(xb(16), w2(16), False) == ["spectral"]  # 2D inference from C_in=16 ...
         assert rule(xb(8), w2(8), False) == ["reference"]
+        x128 = torch.empty(1, 16, 128, 128)
+        assert rule(x128, w2(16), False) == ["spectral"]  # NCHW: oneDNN's NCHW conv is slow there
+        cl = torch.channels_last
+        assert rule(x128.contiguous(memory_format=cl), w2(16), False) == ["reference"]  # CL, C_in < 32, > 64^2
+        assert rule(xb(16).contiguous(memory_format=cl), w2(16), False) == ["spectral"]
+        assert rule(torch.empty(1, 32, 128, 128).contiguous(memory_format=cl), w2(32), False) == ["spectral"]
         assert rule(x2(8), w2(8), False) == ["spectral"]  # ... or small work: C_in * pixels <= 16 * 32^2
         assert rule(xb(32), w2(32), False) == ["spectral"]
         assert rule(xb(64), w2(64), False, 16) == ["spectral"]  # C_out >= C_in / 4

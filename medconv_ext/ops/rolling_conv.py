@@ -214,6 +214,8 @@ _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _FUSED_MIN_C_2D = 16  # 2D inference, >= 9 taps: spectral from C_in >= 16 ...
 _FUSED_SMALL_WORK_2D = 16 * 32 * 32  # ... and for C_in >= 8 when C_in * pixels is at most this (float32/64 also in
 # training, bfloat16 in inference): there the per-call cost of building the bank (reference) exceeds the fused kernel's whole run
+_FUSED_CL_MAX_PIXELS_2D = 64 * 64  # ... except channels-last input with C_in < 32 above this many pixels, where
+# oneDNN's channels-last dense conv (reference) is faster (its NCHW conv is not: there spectral stays)
 _FUSED_MIN_C_TRAIN_2D = 32  # 2D training: C_in >= 32 and C_out >= 32 (the weight gradient is dearer)
 _FUSED_MIN_C_OUT_FRACTION = 4  # C_out >= C_in / 4: the transforms cost ~C_in^2, the bank C_in * C_out
 _FUSED_BF16_MIN_C_2D = 64  # bfloat16 2D: oneDNN's bf16 conv (AVX512-BF16) runs ~2x its float32 rate: any size
@@ -224,7 +226,7 @@ _FUSED_BF16_MIN_C_3D_27 = 16  # bfloat16 3D with 27 taps (3x3x3); 5x5x5 and up: 
 
 
 def _cpu_auto_candidates_fused(dims: int, c_in: int, c_out: int, taps: int, training: bool, pixels: int = 1 << 30,
-                               bf16: bool = False) -> List[str]:
+                               bf16: bool = False, channels_last: bool = False) -> List[str]:
     if taps < _CPU_SPECTRAL_MIN_TAPS[dims] or c_out * _FUSED_MIN_C_OUT_FRACTION < c_in:
         return ["reference"]
     if dims == 3:
@@ -239,7 +241,8 @@ def _cpu_auto_candidates_fused(dims: int, c_in: int, c_out: int, taps: int, trai
     if training:
         big = c_in >= _FUSED_MIN_C_TRAIN_2D and c_out >= _FUSED_MIN_C_TRAIN_2D
     else:
-        big = c_in >= _FUSED_MIN_C_2D
+        big = c_in >= _FUSED_MIN_C_2D and (c_in >= _FUSED_MIN_C_TRAIN_2D or not channels_last
+                                           or pixels <= _FUSED_CL_MAX_PIXELS_2D)
     return ["spectral"] if big or small else ["reference"]
 
 
@@ -256,7 +259,8 @@ def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool
         pixels = 1
         for s in x.shape[2:]:
             pixels *= int(s)
-        return _cpu_auto_candidates_fused(dims, c_in, c_out, taps, training, pixels, x.dtype == torch.bfloat16)
+        cl = dims == 2 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return _cpu_auto_candidates_fused(dims, c_in, c_out, taps, training, pixels, x.dtype == torch.bfloat16, cl)
     # without the fused kernel (float16, C_in > 256, no compiled extension): the composition
     min_c = _CPU_SPECTRAL_MIN_C.get((dims, training))
     if dims == 2 and not training and c_out < _CPU_SPECTRAL_MIN_C_OUT_2D:

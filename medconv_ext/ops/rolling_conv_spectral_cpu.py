@@ -18,6 +18,7 @@ import warnings
 from typing import List, Optional
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from .. import _ext
 from ._common import all_finite, apply_epilogue, conv_out_size, conv_transpose_out_size
@@ -234,9 +235,10 @@ def _weight_finite(weight) -> bool:
 
 def _eager_no_grad(*tensors) -> bool:
     """True where the op can be called below the autograd layer: eager mode (no torch.compile, no functorch
-    transform) and no input needs a gradient. torch.library's Python autograd wrapper then only redispatches
+    transform, no forward-mode AD level) and no input needs a gradient. torch.library's Python autograd wrapper then only redispatches
     below autograd itself; calling there directly saves its ~5 us per call and gives the same result."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or _forward_ad._current_level >= 0):  # forward-mode AD: the autograd layer must see the dual tensors
         return False
     if not torch.is_grad_enabled():
         return True
