@@ -187,6 +187,8 @@ def backend_override() -> Optional[str]:
 
 def forced_backend_name() -> Optional[str]:
     """The backend forced by forced_backend() in this thread, or None."""
+    if not _FORCED_ACTIVE[0]:  # no forced_backend() block open in any thread: skip the thread-local look-up
+        return None
     return getattr(_FORCED, "name", None)
 
 
@@ -249,6 +251,8 @@ def _why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, ct
 
 
 _FORCED = threading.local()
+_FORCED_ACTIVE = [0]  # forced_backend() blocks open, all threads together
+_FORCED_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -261,10 +265,14 @@ def forced_backend(name: str):
         raise ValueError("forced_backend: unknown backend %r; choose one of %s" % (name, ", ".join(BACKENDS)))
     prev = getattr(_FORCED, "name", None)
     _FORCED.name = name
+    with _FORCED_LOCK:
+        _FORCED_ACTIVE[0] += 1
     try:
         yield
     finally:
         _FORCED.name = prev
+        with _FORCED_LOCK:
+            _FORCED_ACTIVE[0] -= 1
 
 
 def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype,

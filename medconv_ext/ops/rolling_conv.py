@@ -313,18 +313,23 @@ _MEMO_BACKENDS = ("auto", "reference", "spectral", "spectral_unfused", "cpu")
 
 
 def _call_key(op, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend, scale, shift, relu):
-    if (backend not in _MEMO_BACKENDS or not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or not x.is_cpu
-            or type(relu) is not bool or not (n_rolls is None or type(n_rolls) is int)):
+    if (backend not in _MEMO_BACKENDS or not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor)
+            or not x.is_cpu or type(relu) is not bool or not (n_rolls is None or type(n_rolls) is int)):
         return None
-    key = ("call", op, backend, _int_key(stride), _int_key(padding), _int_key(output_padding), _int_key(dilation), n_rolls,
-           _meta(bias), _meta(scale), _meta(shift), relu)
-    if _NOKEY in key:
+    if (forced_backend_name() is not None or torch.compiler.is_compiling() or _EXPORT_DEPTH[0] > 0
+            or torch.is_autocast_enabled("cpu") or backend_override() is not None or torch.jit.is_tracing()
+            or _onnx_exporting()):
         return None
-    if (forced_backend_name() is not None or backend_override() is not None or torch.is_autocast_enabled("cpu")
-            or torch.compiler.is_compiling() or _EXPORT_DEPTH[0] > 0 or torch.jit.is_tracing() or _onnx_exporting()):
+    s, p, o, d = _int_key(stride), _int_key(padding), _int_key(output_padding), _int_key(dilation)
+    if s is _NOKEY or p is _NOKEY or o is _NOKEY or d is _NOKEY:
         return None
-    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return key + (x.shape, x.stride(), x.dtype, weight.shape, weight.dtype, weight.is_cpu, training)
+    b = None if bias is None else _meta(bias)
+    sc = None if scale is None else _meta(scale)
+    sh = None if shift is None else _meta(shift)
+    if b is _NOKEY or sc is _NOKEY or sh is _NOKEY:
+        return None
+    return ("call", op, backend, s, p, o, d, n_rolls, b, sc, sh, relu, x.shape, x.stride(), x.dtype, weight.shape,
+            weight.dtype, weight.is_cpu, torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
 def _remember(key, value):

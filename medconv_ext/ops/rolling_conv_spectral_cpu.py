@@ -248,6 +248,10 @@ def _eager_no_grad(*tensors) -> bool:
     return True
 
 
+def _ints(v):
+    return v if type(v) is list else list(v)
+
+
 def rolling_conv_spectral_cpu(x, weight, bias, stride, padding, dilation, n_rolls,
                               scale=None, shift=None, relu=False):
     """The fused CPU kernel (backend "spectral" on CPU tensors); epilogue in-kernel."""
@@ -257,7 +261,7 @@ def rolling_conv_spectral_cpu(x, weight, bias, stride, padding, dilation, n_roll
     if not _kernel_epilogue_exact(bias, scale):
         return apply_epilogue(rolling_conv_spectral_cpu(x, weight, bias, stride, padding, dilation, n_rolls),
                               scale, shift, relu)
-    args = (x, weight, bias, scale, shift, bool(relu), list(stride), list(padding), list(dilation), n_rolls)
+    args = (x, weight, bias, scale, shift, bool(relu), _ints(stride), _ints(padding), _ints(dilation), n_rolls)
     if _eager_no_grad(x, weight, bias, scale, shift):
         with torch._C._AutoDispatchBelowAutograd():
             return _OP_FWD(*args)
@@ -272,8 +276,8 @@ def rolling_conv_transpose_spectral_cpu(x, weight, bias, stride, padding, output
     if not _kernel_epilogue_exact(bias, scale):
         return apply_epilogue(rolling_conv_transpose_spectral_cpu(x, weight, bias, stride, padding, output_padding,
                                                                   dilation, n_rolls), scale, shift, relu)
-    args = (x, weight, bias, scale, shift, bool(relu), list(stride), list(padding), list(output_padding),
-            list(dilation), n_rolls)
+    args = (x, weight, bias, scale, shift, bool(relu), _ints(stride), _ints(padding), _ints(output_padding),
+            _ints(dilation), n_rolls)
     if _eager_no_grad(x, weight, bias, scale, shift):
         with torch._C._AutoDispatchBelowAutograd():
             return _OP_FWD_T(*args)
