@@ -251,6 +251,8 @@ def test_cpu_auto_rule():
         assert rule(xb(64, bf), w2(64, 3, bf), False) == ["spectral"]
         assert rule(xb(16, bf), w2(16, 3, bf), False) == ["reference"]
         assert rule(torch.empty(1, 16, 32, 32, dtype=bf), w2(16, 3, bf), False) == ["spectral"]  # small work
+        xs = torch.empty(1, 16, 32, 32, dtype=bf, requires_grad=True)
+        assert rule(xs, w2(16, 3, bf), False) == ["spectral"]  # small work: training too
         x3 = torch.empty(1, 8, 8, 8, 8, dtype=bf)
         assert rule(x3, torch.empty(1, 8, 3, 3, 3, dtype=bf), False) == ["reference"]
         assert rule(x3, torch.empty(1, 8, 5, 5, 5, dtype=bf), False) == ["spectral"]

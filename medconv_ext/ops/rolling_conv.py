@@ -212,8 +212,8 @@ _CPU_SPECTRAL_MIN_C_OUT_2D = 256  # composition, 2D inference: partial rolls shr
 # With the fused kernel (float32/float64/bfloat16, C_in <= 256):
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _FUSED_MIN_C_2D = 16  # 2D inference, >= 9 taps: spectral from C_in >= 16 ...
-_FUSED_SMALL_WORK_2D = 16 * 32 * 32  # ... and for C_in >= 8 when C_in * pixels is at most this (float32/64 also in
-# training, bfloat16 in inference): there the per-call cost of building the bank (reference) exceeds the fused kernel's whole run
+_FUSED_SMALL_WORK_2D = 16 * 32 * 32  # ... and for C_in >= 8 when C_in * pixels is at most this (any dtype, training
+# too): there the per-call cost of building the bank (reference) exceeds the fused kernel's whole run
 _FUSED_CL_MAX_PIXELS_2D = 64 * 64  # ... except channels-last input with C_in < 32 above this many pixels, where
 # oneDNN's channels-last dense conv (reference) is faster (its NCHW conv is not: there spectral stays)
 _FUSED_MIN_C_TRAIN_2D = 32  # 2D training: C_in >= 32 and C_out >= 32 (the weight gradient is dearer)
@@ -237,7 +237,7 @@ def _cpu_auto_candidates_fused(dims: int, c_in: int, c_out: int, taps: int, trai
     if bf16:
         big = c_in >= _FUSED_BF16_MIN_C_2D and (not training or c_out >= _FUSED_BF16_MIN_C_2D)
         mid = not training and c_in >= _FUSED_BF16_MID_C_2D and pixels <= _FUSED_BF16_MID_PIXELS_2D
-        return ["spectral"] if big or mid or (small and not training) else ["reference"]
+        return ["spectral"] if big or mid or small else ["reference"]
     if training:
         big = c_in >= _FUSED_MIN_C_TRAIN_2D and c_out >= _FUSED_MIN_C_TRAIN_2D
     else:
