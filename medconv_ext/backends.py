@@ -14,8 +14,10 @@ Every operator has implementations registered per backend name:
 
 `backend="auto"` asks the operator for its ordered candidates (a rule derived from the
 benchmark, written down in the operator's module) and takes the first one that is available
-and supports the input. The environment variable MEDCONV_BACKEND overrides the automatic
-choice wherever that backend supports the input (elsewhere auto proceeds as usual).
+and supports the input. The environment variable MEDCONV_BACKEND (read at every call) overrides the
+automatic choice wherever that backend supports the input (elsewhere auto proceeds as usual).
+Operators may memoise a choice per input signature in DISPATCH_CACHE (ops/rolling_conv.py does, for eager
+calls on CPU tensors); every registration empties it.
 An explicitly requested backend that cannot run the input raises an error saying why.
 `forced_backend(name)` (a context manager) overrides every choice, explicit ones included, within a block.
 
@@ -128,15 +130,66 @@ class Impl:
     def __call__(self, *args, scale=None, shift=None, relu: bool = False):
         """Run the op on args (x, weight, ... in the op's order) with the optional epilogue."""
         fn, epilogue = self.kernel(args[0], args[1])
-        if scale is None and shift is None and not relu:
-            return fn(*args)
-        if epilogue:
-            return fn(*args, scale=scale, shift=shift, relu=relu)
-        from .ops._common import apply_epilogue  # imported late: ops imports this module
-        return apply_epilogue(fn(*args), scale, shift, relu)
+        return run_kernel(fn, epilogue, args, scale, shift, relu)
+
+
+def run_kernel(fn: Callable, epilogue: bool, args, scale=None, shift=None, relu: bool = False):
+    """fn(*args) with the optional epilogue: in fn where its epilogue flag says so, else as torch ops after it."""
+    if scale is None and shift is None and not relu:
+        return fn(*args)
+    if epilogue:
+        return fn(*args, scale=scale, shift=shift, relu=relu)
+    from .ops._common import apply_epilogue  # imported late: ops imports this module
+    return apply_epilogue(fn(*args), scale, shift, relu)
 
 
 _IMPLS: Dict[str, Dict[str, Impl]] = {}
+# Choices memoised by the operators (ops/rolling_conv.py: the backend and kernel of backend="auto" per input
+# signature on CPU tensors). Emptied whenever the registry changes; clear_dispatch_cache() empties it too.
+DISPATCH_CACHE: Dict[tuple, tuple] = {}
+
+
+def clear_dispatch_cache() -> None:
+    """Forget the memoised backend choices (done on every registration; call it after changing an operator's
+    auto thresholds at run time)."""
+    DISPATCH_CACHE.clear()
+
+
+def _env_reader(name: str) -> Callable[[], Optional[str]]:
+    """A reader of os.environ[name] at every call (so os.environ assignments and monkeypatch.setenv apply at
+    once) without os.environ.get's per-call key encoding: a look-up in the dict os.environ keeps in sync."""
+    data = getattr(os.environ, "_data", None)
+    try:
+        key = os.environ.encodekey(name)
+    except Exception:  # pragma: no cover - another os.environ implementation
+        data = None
+    if not isinstance(data, dict):  # pragma: no cover
+        return lambda: os.environ.get(name)
+
+    def read() -> Optional[str]:
+        v = data.get(key)
+        return None if v is None else os.environ.decodevalue(v)
+    return read
+
+
+_read_backend_env = _env_reader("MEDCONV_BACKEND")
+
+
+def backend_override() -> Optional[str]:
+    """The backend named by the environment variable MEDCONV_BACKEND (read at every call), or None where it is
+    unset, empty or "auto"."""
+    env = _read_backend_env()
+    if not env:
+        return None
+    env = env.strip()
+    return env if env and env != "auto" else None
+
+
+def forced_backend_name() -> Optional[str]:
+    """The backend forced by forced_backend() in this thread, or None."""
+    if not _FORCED_ACTIVE[0]:  # no forced_backend() block open in any thread: skip the thread-local look-up
+        return None
+    return getattr(_FORCED, "name", None)
 
 
 def supports_any(device, dtype, **ctx) -> Optional[str]:
@@ -162,6 +215,7 @@ def register_impl(op: str, backend: str, fn: Callable, supports: Callable[..., O
     if backend not in BACKENDS:
         raise ValueError("unknown backend %r (known: %s)" % (backend, ", ".join(BACKENDS)))
     _IMPLS.setdefault(op, {})[backend] = Impl(fn, supports, bool(epilogue))
+    DISPATCH_CACHE.clear()
 
 
 def register_fused(op: str, backend: str, device_type: str, fn: Callable, supports: Callable[..., Optional[str]],
@@ -173,6 +227,7 @@ def register_fused(op: str, backend: str, device_type: str, fn: Callable, suppor
     if impl is None:
         raise ValueError("register_fused: %s has no %r implementation to add a fused kernel to" % (op, backend))
     impl.fused[device_type] = Fused(fn, supports, bool(epilogue))
+    DISPATCH_CACHE.clear()
 
 
 def capabilities(op: str) -> Dict[str, Dict[str, object]]:
@@ -196,6 +251,8 @@ def _why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, ct
 
 
 _FORCED = threading.local()
+_FORCED_ACTIVE = [0]  # forced_backend() blocks open, all threads together
+_FORCED_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -208,10 +265,14 @@ def forced_backend(name: str):
         raise ValueError("forced_backend: unknown backend %r; choose one of %s" % (name, ", ".join(BACKENDS)))
     prev = getattr(_FORCED, "name", None)
     _FORCED.name = name
+    with _FORCED_LOCK:
+        _FORCED_ACTIVE[0] += 1
     try:
         yield
     finally:
         _FORCED.name = prev
+        with _FORCED_LOCK:
+            _FORCED_ACTIVE[0] -= 1
 
 
 def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype,
@@ -231,8 +292,8 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype,
         if why is not None:
             raise RuntimeError("%s: backend %r cannot run this input: %s" % (op, backend, why))
         return backend, _IMPLS[op][backend]
-    env = os.environ.get("MEDCONV_BACKEND", "").strip()
-    if env and env != "auto":
+    env = backend_override()
+    if env:
         if env not in BACKENDS:
             raise ValueError("MEDCONV_BACKEND=%r is not a backend; choose one of %s" % (env, ", ".join(BACKENDS)))
         if _why_not(op, env, device, dtype, ctx) is None:

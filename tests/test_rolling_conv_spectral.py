@@ -227,8 +227,15 @@ def test_cpu_auto_rule():
     assert rule(x2(512), w2(512, 1), False) == ["reference"]  # 1x1: no gain
     if fused.available():  # with the fused CPU kernel (float32/float64/bfloat16, C_in <= 256)
         xb = lambda c, dt=torch.float32, **kw: torch.empty(1, c, 64, 64, dtype=dt, **kw)  # noqa: E731
-        assert rule(xb(16), w2(16), False) == ["reference"]  # 2D inference from C_in=32 ...
-        assert rule(x2(16), w2(16), False) == ["spectral"]  # ... or small work: C_in * pixels <= 16 * 32^2
+        assert rule(xb(16), w2(16), False) == ["spectral"]  # 2D inference from C_in=16 ...
+        assert rule(xb(8), w2(8), False) == ["reference"]
+        x128 = torch.empty(1, 16, 128, 128)
+        assert rule(x128, w2(16), False) == ["spectral"]  # NCHW: oneDNN's NCHW conv is slow there
+        cl = torch.channels_last
+        assert rule(x128.contiguous(memory_format=cl), w2(16), False) == ["reference"]  # CL, C_in < 32, > 64^2
+        assert rule(xb(16).contiguous(memory_format=cl), w2(16), False) == ["spectral"]
+        assert rule(torch.empty(1, 32, 128, 128).contiguous(memory_format=cl), w2(32), False) == ["spectral"]
+        assert rule(x2(8), w2(8), False) == ["spectral"]  # ... or small work: C_in * pixels <= 16 * 32^2
         assert rule(xb(32), w2(32), False) == ["spectral"]
         assert rule(xb(64), w2(64), False, 16) == ["spectral"]  # C_out >= C_in / 4
         assert rule(xb(256), w2(256), False, 32) == ["reference"]  # C_out < C_in / 4
@@ -238,11 +245,18 @@ def test_cpu_auto_rule():
         assert rule(torch.randn(1, 4, 4, 4, 4), torch.randn(1, 4, 3, 3, 3), False) == ["spectral"]  # 3D: any C
         assert rule(torch.randn(1, 16, 4, 4, 4), torch.randn(1, 16, 2, 2, 2), False) == ["reference"]
         bf = torch.bfloat16  # against oneDNN's bf16 conv: higher thresholds
-        assert rule(xb(32, bf), w2(32, 3, bf), False) == ["reference"]
+        assert rule(xb(32, bf), w2(32, 3, bf), False) == ["spectral"]  # inference: C_in >= 32 up to 64^2 pixels
+        assert rule(torch.empty(1, 32, 128, 128, dtype=bf), w2(32, 3, bf), False) == ["reference"]
+        assert rule(xb(32, bf, requires_grad=True), w2(32, 3, bf), False) == ["reference"]  # training: C_in >= 64
         assert rule(xb(64, bf), w2(64, 3, bf), False) == ["spectral"]
-        x3 = torch.empty(1, 16, 8, 8, 8, dtype=bf)
-        assert rule(x3, torch.empty(1, 16, 3, 3, 3, dtype=bf), False) == ["reference"]
-        assert rule(x3, torch.empty(1, 16, 5, 5, 5, dtype=bf), False) == ["spectral"]
+        assert rule(xb(16, bf), w2(16, 3, bf), False) == ["reference"]
+        assert rule(torch.empty(1, 16, 32, 32, dtype=bf), w2(16, 3, bf), False) == ["spectral"]  # small work
+        xs = torch.empty(1, 16, 32, 32, dtype=bf, requires_grad=True)
+        assert rule(xs, w2(16, 3, bf), False) == ["spectral"]  # small work: training too
+        x3 = torch.empty(1, 8, 8, 8, 8, dtype=bf)
+        assert rule(x3, torch.empty(1, 8, 3, 3, 3, dtype=bf), False) == ["reference"]
+        assert rule(x3, torch.empty(1, 8, 5, 5, 5, dtype=bf), False) == ["spectral"]
+        assert rule(torch.empty(1, 16, 8, 8, 8, dtype=bf), torch.empty(1, 16, 3, 3, 3, dtype=bf), False) == ["spectral"]
     # without it (float16, C_in > 256): the composition's rule
     bf = torch.float16
     assert rule(x2(32, bf), w2(32, 3, bf), False) == ["reference"]

@@ -106,6 +106,8 @@ class _RollingConvNd(nn.Module):
             self.padding = tuple(ntuple(padding, d, "padding", cls))
             sides = [(p, p) for p in self.padding]
         self._pad_sides = tuple(sides)
+        # the symmetric zero padding handed to the op as is (None: F.pad first); tuple: hashable for the op's memo
+        self._sym_padding = (tuple(lft for lft, _ in sides) if all(lft == rgt for lft, rgt in sides) else None)
         # the F.pad argument (last axis first), as torch's nn.Conv
         self._reversed_padding_repeated_twice = [v for lr in reversed(sides) for v in lr]
         self.n_base, self.n_rolls = rolling_layout(in_channels, out_channels, cls)
@@ -143,12 +145,15 @@ class _RollingConvNd(nn.Module):
     def _conv_input(self, x):
         """(input, padding) for the padding-free or symmetric rolling op: torch's rule, F.pad with
         padding_mode (and for an asymmetric 'same') then no padding, else the symmetric padding."""
+        sym = self.__dict__.get("_sym_padding")
+        if sym is not None and self.padding_mode == "zeros":  # the common case, per call: no F.pad
+            return x, sym
         sides = self._pad_sides
         if self.padding_mode != "zeros":
             return TF.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), [0] * self._dims
         if any(lft != rgt for lft, rgt in sides):
             return TF.pad(x, self._reversed_padding_repeated_twice), [0] * self._dims
-        return x, [lft for lft, _ in sides]
+        return x, tuple(lft for lft, _ in sides)
 
     def __setstate__(self, state):
         # modules pickled before padding_mode / 'same' existed: zeros, symmetric numeric padding

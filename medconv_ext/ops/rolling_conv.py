@@ -10,10 +10,11 @@ transposed convolution with W_t.
 from typing import List
 
 import torch
+import torch.nn.functional as F
 
 from .. import _ext
-from ..backends import register_impl, resolve, supports_any, supports_device_dtypes
-from ..reference import rolling_conv as _ref
+from ..backends import (DISPATCH_CACHE, backend_override, forced_backend_name, register_impl, resolve, run_kernel,
+                        supports_any, supports_device_dtypes)
 from ._common import (
     autocast_inputs,
     check_epilogue,
@@ -44,7 +45,8 @@ def _check_common(name, x, weight, bias, dims, stride, padding, dilation, n_roll
     check_rank(weight, dims + 2, "weight", (_WT_LAYOUT if transposed else _W_LAYOUT)[dims], name)
     if bias is not None:
         check_rank(bias, 1, "bias", "(C_out,)", name)
-    check_same_dtype_device(name, x=x, weight=weight, bias=bias)
+    if bias is not None or x.dtype != weight.dtype or x.device != weight.device or not x.is_floating_point():
+        check_same_dtype_device(name, x=x, weight=weight, bias=bias)
     stride = ntuple(stride, dims, "stride", name)
     padding = ntuple(padding, dims, "padding", name)
     dilation = ntuple(dilation, dims, "dilation", name)
@@ -79,8 +81,15 @@ def _choose(op, x, weight, backend, transposed, n_rolls):
     """(backend name, backends.Impl) for this input. Calling the Impl runs it: the backend's fused kernel for the
     input's device type where one is registered and supports the input, else the backend's own function; the
     epilogue in-kernel where that function's registration says so (epilogue=True), else as torch ops."""
+    hit = _auto_memo(op, x, weight, backend, transposed, n_rolls)
+    if hit is not None:
+        return hit[0], hit[1]
+    return _choose_uncached(op, x, weight, backend, transposed, n_rolls)
+
+
+def _choose_uncached(op, x, weight, backend, transposed, n_rolls):
     name, impl = resolve(op, backend, x.device, x.dtype, _auto_candidates(x, weight, transposed, n_rolls),
-                       ctx={"transposed": transposed, "x_shape": tuple(x.shape), "w_shape": tuple(weight.shape)})
+                         ctx={"transposed": transposed, "x_shape": tuple(x.shape), "w_shape": tuple(weight.shape)})
     if (name.startswith("spectral") and _bank_for_export()) or (name != "reference" and plain_onnx_export()):
         # exporters do not translate the channel FFT, and plain torch.onnx.export has no translation of the
         # package's operators: the same function as the bank + conv (medconv_ext.export)
@@ -88,7 +97,67 @@ def _choose(op, x, weight, backend, transposed, n_rolls):
     return name, impl
 
 
+def _choose_kernel(op, x, weight, backend, transposed, n_rolls):
+    """(function, epilogue flag) that runs this input: _choose, then the Impl's kernel for it."""
+    hit = _auto_memo(op, x, weight, backend, transposed, n_rolls)
+    if hit is not None:
+        return hit[2], hit[3]
+    return _choose_uncached(op, x, weight, backend, transposed, n_rolls)[1].kernel(x, weight)
+
+
+def _auto_memo(op, x, weight, backend, transposed, n_rolls):
+    """A CPU tensor in eager mode, backend "auto" or one of the other _MEMO_BACKENDS: (name, impl, fn, epilogue)
+    memoised per input signature (op, backend, dtype, shape and strides of x, weight shape, n_rolls, training
+    or not), so a layer called again skips the rule and the registry look-ups. The choice depends only on these
+    (the rule reads shapes, dtype, layout, grad mode; these backends' availability is fixed for the process).
+    Not memoised, decided per call as before: "triton", MEDCONV_BACKEND set, forced_backend(), exporting or
+    tracing, torch.compile, other devices. Returns None where the call is not memoised."""
+    if backend not in _MEMO_BACKENDS or x.device.type != "cpu" or forced_backend_name() is not None:
+        return None
+    if backend_override() is not None:
+        return None
+    if torch.compiler.is_compiling() or _EXPORT_DEPTH[0] > 0 or torch.jit.is_tracing() or _onnx_exporting():
+        return None
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    key = (op, backend, x.dtype, x.shape, x.stride(), weight.shape, n_rolls, training)
+    hit = DISPATCH_CACHE.get(key)
+    if hit is None:
+        name, impl = _choose_uncached(op, x, weight, backend, transposed, n_rolls)
+        fn, epilogue = impl.kernel(x, weight)
+        hit = (name, impl, fn, epilogue)
+        _remember(key, hit)
+    return hit
+
+
 _EXPORT_DEPTH = [0]  # > 0 inside medconv_ext.export.exporting()
+
+
+def _onnx_export_public() -> bool:
+    try:
+        return bool(torch.onnx.is_in_onnx_export())
+    except Exception:  # pragma: no cover - torch.onnx unavailable in this torch build
+        return False
+
+
+def _make_onnx_probe():
+    """torch.onnx.is_in_onnx_export() without its two imports per call (read on every layer call): the flags it
+    reads, where this torch has them (the public function under torch.compile, which traces only that one)."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+        if isinstance(_flags._is_onnx_exporting, bool) and isinstance(GLOBALS.in_onnx_export, bool):
+            def probe():
+                if torch.compiler.is_compiling():
+                    return _onnx_export_public()
+                return GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+            return probe
+    except Exception:  # pragma: no cover - another torch layout: the public function
+        pass
+    return _onnx_export_public
+
+
+_onnx_exporting = _make_onnx_probe()
 
 
 def plain_onnx_export() -> bool:
@@ -97,21 +166,13 @@ def plain_onnx_export() -> bool:
     which both exporters translate (the dynamo-based one and the TorchScript-based one)."""
     if _EXPORT_DEPTH[0] > 0:
         return False
-    try:
-        return bool(torch.onnx.is_in_onnx_export())
-    except Exception:  # pragma: no cover - torch.onnx unavailable in this torch build
-        return False
+    return _onnx_exporting()
 
 
 def _bank_for_export() -> bool:
     """True while a model is exported or traced: medconv_ext.export.exporting(), a torch.onnx export
     (its torch.export step included) or a torch.jit trace."""
-    if _EXPORT_DEPTH[0] > 0 or torch.jit.is_tracing():
-        return True
-    try:
-        return bool(torch.onnx.is_in_onnx_export())
-    except Exception:  # pragma: no cover - torch.onnx unavailable in this torch build
-        return False
+    return _EXPORT_DEPTH[0] > 0 or torch.jit.is_tracing() or _onnx_exporting()
 
 
 # --------------------------------------------------------------------------------------
@@ -150,30 +211,38 @@ _CPU_SPECTRAL_MIN_TAPS = {2: 9, 3: 27}
 _CPU_SPECTRAL_MIN_C_OUT_2D = 256  # composition, 2D inference: partial rolls shrink the bank, not the FFTs
 # With the fused kernel (float32/float64/bfloat16, C_in <= 256):
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-_FUSED_MIN_C_2D = 32  # 2D, >= 9 taps: spectral from C_in >= 32 ...
-_FUSED_SMALL_WORK_2D = 16 * 32 * 32  # ... and for C_in >= 8 when C_in * pixels is at most this: there the
-# per-call cost of building the bank (reference) exceeds the fused kernel's whole run
-_FUSED_MIN_C_OUT_TRAIN_2D = 32  # 2D training also needs C_out >= 32 (the weight gradient is dearer)
+_FUSED_MIN_C_2D = 16  # 2D inference, >= 9 taps: spectral from C_in >= 16 ...
+_FUSED_SMALL_WORK_2D = 16 * 32 * 32  # ... and for C_in >= 8 when C_in * pixels is at most this (any dtype, training
+# too): there the per-call cost of building the bank (reference) exceeds the fused kernel's whole run
+_FUSED_CL_MAX_PIXELS_2D = 64 * 64  # ... except channels-last input with C_in < 32 above this many pixels, where
+# oneDNN's channels-last dense conv (reference) is faster (its NCHW conv is not: there spectral stays)
+_FUSED_MIN_C_TRAIN_2D = 32  # 2D training: C_in >= 32 and C_out >= 32 (the weight gradient is dearer)
 _FUSED_MIN_C_OUT_FRACTION = 4  # C_out >= C_in / 4: the transforms cost ~C_in^2, the bank C_in * C_out
-_FUSED_BF16_MIN_C_2D = 64  # bfloat16: oneDNN's bf16 conv (AVX512-BF16) runs ~2x its float32 rate
-_FUSED_BF16_MIN_C_3D_27 = 32  # bfloat16 3D with 27 taps (3x3x3); 5x5x5 and up: any C_in
+_FUSED_BF16_MIN_C_2D = 64  # bfloat16 2D: oneDNN's bf16 conv (AVX512-BF16) runs ~2x its float32 rate: any size
+# from C_in >= 64 (C_out >= 64 in training) ...
+_FUSED_BF16_MID_C_2D = 32  # ... in inference from C_in >= 32 up to this many pixels
+_FUSED_BF16_MID_PIXELS_2D = 64 * 64
+_FUSED_BF16_MIN_C_3D_27 = 16  # bfloat16 3D with 27 taps (3x3x3); 5x5x5 and up: any C_in
 
 
 def _cpu_auto_candidates_fused(dims: int, c_in: int, c_out: int, taps: int, training: bool, pixels: int = 1 << 30,
-                               bf16: bool = False) -> List[str]:
+                               bf16: bool = False, channels_last: bool = False) -> List[str]:
     if taps < _CPU_SPECTRAL_MIN_TAPS[dims] or c_out * _FUSED_MIN_C_OUT_FRACTION < c_in:
         return ["reference"]
     if dims == 3:
         if bf16 and taps < 125 and c_in < _FUSED_BF16_MIN_C_3D_27:
             return ["reference"]
         return ["spectral"]
-    if bf16:
-        return ["spectral"] if c_in >= _FUSED_BF16_MIN_C_2D and c_out >= _FUSED_BF16_MIN_C_2D else ["reference"]
     small = c_in >= 8 and c_in * pixels <= _FUSED_SMALL_WORK_2D
+    if bf16:
+        big = c_in >= _FUSED_BF16_MIN_C_2D and (not training or c_out >= _FUSED_BF16_MIN_C_2D)
+        mid = not training and c_in >= _FUSED_BF16_MID_C_2D and pixels <= _FUSED_BF16_MID_PIXELS_2D
+        return ["spectral"] if big or mid or small else ["reference"]
     if training:
-        big = c_in >= _FUSED_MIN_C_2D and c_out >= _FUSED_MIN_C_OUT_TRAIN_2D
+        big = c_in >= _FUSED_MIN_C_TRAIN_2D and c_out >= _FUSED_MIN_C_TRAIN_2D
     else:
-        big = c_in >= _FUSED_MIN_C_2D
+        big = c_in >= _FUSED_MIN_C_2D and (c_in >= _FUSED_MIN_C_TRAIN_2D or not channels_last
+                                           or pixels <= _FUSED_CL_MAX_PIXELS_2D)
     return ["spectral"] if big or small else ["reference"]
 
 
@@ -190,7 +259,8 @@ def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool
         pixels = 1
         for s in x.shape[2:]:
             pixels *= int(s)
-        return _cpu_auto_candidates_fused(dims, c_in, c_out, taps, training, pixels, x.dtype == torch.bfloat16)
+        cl = dims == 2 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return _cpu_auto_candidates_fused(dims, c_in, c_out, taps, training, pixels, x.dtype == torch.bfloat16, cl)
     # without the fused kernel (float16, C_in > 256, no compiled extension): the composition
     min_c = _CPU_SPECTRAL_MIN_C.get((dims, training))
     if dims == 2 and not training and c_out < _CPU_SPECTRAL_MIN_C_OUT_2D:
@@ -208,20 +278,94 @@ def _fused_spectral_cpu_runs(x: torch.Tensor, weight: torch.Tensor, transposed: 
 # --------------------------------------------------------------------------------------
 # public functional API
 # --------------------------------------------------------------------------------------
+# Per-call memo (eager, CPU tensors, the same conditions as _auto_memo): a call whose signature (backend,
+# shapes, strides, dtypes, devices of the tensors, the geometry arguments as given with their exact types,
+# n_rolls, the epilogue's presence, training or not) was seen before passed the same argument checks and gets
+# the same backend, so it skips both and only the kernel runs (what the kernel checks per call, e.g. a weight
+# turned non-finite, it still checks). Any other call (errors included) takes the full path each time.
+_NOKEY = object()
+
+
+def _int_key(v):
+    """v when it is an int or a tuple/list of ints (exact types: True and 1.0 must still be refused), else _NOKEY."""
+    t = type(v)
+    if t is int or v is None:
+        return v
+    if t is tuple or t is list:
+        for e in v:
+            if type(e) is not int:
+                return _NOKEY
+        return (t, *v)
+    return _NOKEY
+
+
+def _meta(t):
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return (t.shape, t.dtype, t.is_cpu)
+    return _NOKEY
+
+
+# backends whose availability on CPU tensors cannot change while the process runs ("triton" depends on
+# TRITON_INTERPRET): their calls are memoised, "auto" among them
+_MEMO_BACKENDS = ("auto", "reference", "spectral", "spectral_unfused", "cpu")
+
+
+def _call_key(op, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend, scale, shift, relu):
+    if (backend not in _MEMO_BACKENDS or not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor)
+            or not x.is_cpu or type(relu) is not bool or not (n_rolls is None or type(n_rolls) is int)):
+        return None
+    if (forced_backend_name() is not None or torch.compiler.is_compiling() or _EXPORT_DEPTH[0] > 0
+            or torch.is_autocast_enabled("cpu") or backend_override() is not None or torch.jit.is_tracing()
+            or _onnx_exporting()):
+        return None
+    s, p, o, d = _int_key(stride), _int_key(padding), _int_key(output_padding), _int_key(dilation)
+    if s is _NOKEY or p is _NOKEY or o is _NOKEY or d is _NOKEY:
+        return None
+    b = None if bias is None else _meta(bias)
+    sc = None if scale is None else _meta(scale)
+    sh = None if shift is None else _meta(shift)
+    if b is _NOKEY or sc is _NOKEY or sh is _NOKEY:
+        return None
+    return ("call", op, backend, s, p, o, d, n_rolls, b, sc, sh, relu, x.shape, x.stride(), x.dtype, weight.shape,
+            weight.dtype, weight.is_cpu, torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+def _remember(key, value):
+    if key is not None:
+        if len(DISPATCH_CACHE) > 4096:  # many shapes (e.g. a sweep): start over rather than grow
+            DISPATCH_CACHE.clear()
+        DISPATCH_CACHE[key] = value
+
+
 def _rolling_conv_nd(dims, x, weight, bias, stride, padding, dilation, n_rolls, backend,
                      scale=None, shift=None, relu=False):
+    key = _call_key(OP, x, weight, bias, stride, padding, None, dilation, n_rolls, backend, scale, shift, relu)
+    hit = DISPATCH_CACHE.get(key) if key is not None else None
+    if hit is not None:
+        stride, padding, dilation, n_rolls, fn, epilogue = hit
+        return run_kernel(fn, epilogue, (x, weight, bias, stride, padding, dilation, n_rolls), scale, shift, relu)
     name = "rolling_conv%dd" % dims
     x, weight, bias, scale, shift = autocast_inputs(x, weight, bias, scale, shift)
     stride, padding, dilation, n_rolls, c_out = _check_common(
         name, x, weight, bias, dims, stride, padding, dilation, n_rolls, transposed=False)
     check_kernel_fits(x.shape[2:], weight.shape[2:], padding, dilation, name)
     check_epilogue(name, x, c_out, scale, shift, relu)
-    _, impl = _choose(OP, x, weight, backend, transposed=False, n_rolls=n_rolls)
-    return impl(x, weight, bias, stride, padding, dilation, n_rolls, scale=scale, shift=shift, relu=relu)
+    fn, epilogue = _choose_kernel(OP, x, weight, backend, False, n_rolls)
+    _remember(key, (stride, padding, dilation, n_rolls, fn, epilogue))
+    return run_kernel(fn, epilogue, (x, weight, bias, stride, padding, dilation, n_rolls), scale, shift, relu)
 
 
 def _rolling_conv_transpose_nd(dims, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend,
                                scale=None, shift=None, relu=False):
+    key = _call_key(OP_T, x, weight, bias, stride, padding, output_padding, dilation, n_rolls, backend, scale, shift,
+                    relu)
+    hit = DISPATCH_CACHE.get(key) if key is not None else None
+    if hit is not None:
+        stride, padding, output_padding, dilation, n_rolls, fn, epilogue = hit
+        return run_kernel(fn, epilogue, (x, weight, bias, stride, padding, output_padding, dilation, n_rolls), scale,
+                          shift, relu)
     name = "rolling_conv_transpose%dd" % dims
     x, weight, bias, scale, shift = autocast_inputs(x, weight, bias, scale, shift)
     stride, padding, dilation, n_rolls, c_out = _check_common(
@@ -237,9 +381,10 @@ def _rolling_conv_transpose_nd(dims, x, weight, bias, stride, padding, output_pa
            for n, k, s, p, o, d in zip(x.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation)]
     if any(o < 1 for o in out):
         raise ValueError("%s: the output would be empty (computed spatial size %s); reduce padding" % (name, out))
-    _, impl = _choose(OP_T, x, weight, backend, transposed=True, n_rolls=n_rolls)
-    return impl(x, weight, bias, stride, padding, output_padding, dilation, n_rolls, scale=scale, shift=shift,
-                relu=relu)
+    fn, epilogue = _choose_kernel(OP_T, x, weight, backend, True, n_rolls)
+    _remember(key, (stride, padding, output_padding, dilation, n_rolls, fn, epilogue))
+    return run_kernel(fn, epilogue, (x, weight, bias, stride, padding, output_padding, dilation, n_rolls), scale,
+                      shift, relu)
 
 
 def rolling_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, n_rolls=None, backend="auto", *,
@@ -277,8 +422,70 @@ def rolling_conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_p
 # --------------------------------------------------------------------------------------
 # backend "reference": pure PyTorch, materialized bank
 # --------------------------------------------------------------------------------------
-register_impl(OP, "reference", _ref.rolling_conv, supports_any)
-register_impl(OP_T, "reference", _ref.rolling_conv_transpose, supports_any)
+# The same function as reference/rolling_conv.py (the readable ground truth: roll index, gather, transpose),
+# with the bank built by ONE index_select from an index cached per (C_in, n_base, n_rolls, device): 4x less
+# per-call cost at C=16-256 (4.8 vs 19.9 us at C=16, 181 vs 781 us at C=256, 3x3, 1 thread), which is what a
+# small layer pays on top of torch's conv.
+_BANK_INDEX = {}
+
+
+def _bank_index_build(c_in: int, n_base: int, n_rolls: int, transposed: bool, device) -> torch.Tensor:
+    r = torch.arange(n_rolls, device=device).view(1, n_rolls, 1)
+    c = torch.arange(c_in, device=device).view(c_in, 1, 1)
+    b = torch.arange(n_base, device=device).view(1, 1, n_base)
+    src = (c - r) % c_in  # (C_in, n_rolls, 1): the base channel read by channel c at roll r
+    if transposed:  # rows of weight (C_in, n_base, K): W_t[c, r * n_base + b] = weight[(c - r) mod C_in, b]
+        return (src * n_base + b).reshape(-1)
+    # rows of weight (n_base, C_in, K): W[r * n_base + b, c] = weight[b, (c - r) mod C_in]
+    return (b * c_in + src).permute(1, 2, 0).reshape(-1)
+
+
+def _bank_index(c_in: int, n_base: int, n_rolls: int, transposed: bool, weight: torch.Tensor) -> torch.Tensor:
+    # Cached per shape and device. Under torch.jit.trace the cached index is recorded as a constant, as the
+    # aranges would be; under torch.compile / torch.export it is built in the graph (no Python-side cache).
+    if torch.compiler.is_compiling():
+        return _bank_index_build(c_in, n_base, n_rolls, transposed, weight.device)
+    key = (c_in, n_base, n_rolls, transposed, None if weight.is_cpu else weight.device)
+    idx = _BANK_INDEX.get(key)
+    if idx is None:
+        if len(_BANK_INDEX) > 256:
+            _BANK_INDEX.clear()
+        # a normal tensor even under inference_mode: index_select saves it for a later training call's backward
+        with torch.inference_mode(False):
+            idx = _BANK_INDEX[key] = _bank_index_build(c_in, n_base, n_rolls, transposed, weight.device)
+    return idx
+
+
+def expand_bank(weight: torch.Tensor, n_rolls: int, transposed: bool = False) -> torch.Tensor:
+    """The dense bank of a base, by one gather: (n_rolls * n_base, C_in, *k) from (n_base, C_in, *k), or for a
+    transposed layer (C_in, n_rolls * n_base, *k) from (C_in, n_base, *k). Equals
+    reference.rolling_conv.expand_rolling_weight(_transpose)."""
+    shape = weight.shape
+    if transposed:
+        c_in, n_base = shape[0], shape[1]
+        out = (c_in, n_rolls * n_base, *shape[2:])
+    else:
+        n_base, c_in = shape[0], shape[1]
+        out = (n_rolls * n_base, c_in, *shape[2:])
+    idx = _bank_index(c_in, n_base, n_rolls, transposed, weight)
+    return torch.index_select(weight.reshape(c_in * n_base, -1), 0, idx).view(out)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _reference_conv(x, weight, bias, stride, padding, dilation, n_rolls):
+    return _CONV[weight.dim() - 2](x, expand_bank(weight, n_rolls), bias, stride, padding, dilation)
+
+
+def _reference_conv_t(x, weight, bias, stride, padding, output_padding, dilation, n_rolls):
+    return _CONV_T[weight.dim() - 2](x, expand_bank(weight, n_rolls, True), bias, stride, padding, output_padding, 1,
+                                     dilation)
+
+
+register_impl(OP, "reference", _reference_conv, supports_any)
+register_impl(OP_T, "reference", _reference_conv_t, supports_any)
 
 
 # --------------------------------------------------------------------------------------

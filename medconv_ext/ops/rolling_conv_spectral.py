@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from ..backends import _IMPLS, register_impl
-from ._common import conv_transpose_out_size
+from ._common import all_finite, conv_transpose_out_size
 from ..reference import rolling_conv as _ref
 
 OP = "rolling_conv"
@@ -302,7 +302,7 @@ def _nonfinite_weight(x: torch.Tensor, weight: torch.Tensor) -> bool:
     The check reads only the small base; on CUDA it would cost a host synchronization per call, so there
     the composition runs as is (docs/rolling_conv_spectral.md, "Non-finite values")."""
     return (x.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(weight)
-            and not bool(torch.isfinite(weight).all()))
+            and not all_finite(weight))
 
 
 def _dense(fn, x, weight, bias, *args):
