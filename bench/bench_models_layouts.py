@@ -4,7 +4,13 @@ step (forward + backward + Adam, L1) of the QSMnets at width 16, batch 2 of 32^3
 and channels-last. Prints per model the time in each layout, the faster one, and the ratio to the
 dense model in its faster layout.
 
+Eval-mode models run as users run them: a rolling layer followed by BatchNorm + ReLU runs as one
+fused call with the BatchNorm folded into its epilogue (automatic in eval, medconv_ext/nn/fuse.py).
+The training step uses the same torch.optim.Adam implementation for every model (--adam; default
+"fused", torch's single-kernel CPU Adam, the fastest of the three measured in docs/models.md).
+
     PYTHONPATH=. python bench/bench_models_layouts.py [--threads 2] [--reps 3] [--no-qsm]
+        [--adam default|foreach|fused]
 """
 import argparse
 import os
@@ -49,12 +55,12 @@ def infer(name, reps, size):
     return out
 
 
-def qsm_step(name, reps):
+def qsm_step(name, reps, adam="fused"):
     torch.manual_seed(0)
     out = {}
     for lay in ("nchw", "cl"):
         model = getattr(M, name)(features=16).train().to(memory_format=_fmt3(lay))
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({} if adam == "default" else {adam: True}))
         x = torch.randn(2, 1, 32, 32, 32).contiguous(memory_format=_fmt3(lay))
         y = torch.randn(2, 1, 32, 32, 32)
 
@@ -82,6 +88,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--no-qsm", action="store_true")
+    ap.add_argument("--adam", choices=("default", "foreach", "fused"), default="fused",
+                    help="torch.optim.Adam implementation of every model's training step (default: fused)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from medconv_ext.ops import rolling_conv_spectral_cpu as SC
@@ -89,10 +97,11 @@ def main():
           % (platform.processor() or platform.machine(), a.threads, torch.__version__,
              SC.isa() if SC.available() else "n/a", os.getloadavg()[0]))
     rows = {n: infer(n, a.reps, a.size) for n in ("unet", "rolling_unet", "depthwise_unet")}
-    _report("inference, one %dx%d slice, eval" % (a.size, a.size), rows, "unet")
+    _report("inference, one %dx%d slice, eval (rolling layers: BatchNorm + ReLU folded into the epilogue)"
+            % (a.size, a.size), rows, "unet")
     if not a.no_qsm:
-        rows = {n: qsm_step(n, a.reps) for n in ("qsmnet", "rolling_qsmnet", "depthwise_qsmnet")}
-        _report("training step, width 16, batch 2 of 32^3, L1 + Adam", rows, "qsmnet")
+        rows = {n: qsm_step(n, a.reps, a.adam) for n in ("qsmnet", "rolling_qsmnet", "depthwise_qsmnet")}
+        _report("training step, width 16, batch 2 of 32^3, L1 + Adam (%s)" % a.adam, rows, "qsmnet")
     print("load average after: %.2f" % os.getloadavg()[0])
 
 

@@ -8,13 +8,15 @@ convolution that fills each slot:
     middle                block at the widest level
     ups[j]                transposed conv, kernel 2, stride 2, C -> C/2 (no BatchNorm, no ReLU)
     decoders[j]           block on cat([up, skip]) (up first, as published)
-    out                   dense 1x1 conv to the classes / output maps (logits, never argmax)
+    out                   dense 1x1 conv to the classes / output maps (logits, never argmax); on a
+                          channels-last input it runs as one GEMM over the channel axis (PointwiseConv)
 
 Widths are features * 2**level (level 0..depth); "same" padding (k // 2).
 """
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..nn import RollingConv2d, RollingConv3d, RollingConvTranspose2d, RollingConvTranspose3d
@@ -60,6 +62,39 @@ class FlattenedConv(nn.Sequential):
             p[axis] = kernel_size // 2
             self.add_module("axis%d" % axis, conv(out_channels, out_channels, tuple(k), padding=tuple(p),
                                                   groups=out_channels, bias=False))
+
+
+class _PointwiseMixin:
+    """A 1x1 conv (nn.Conv2d/nn.Conv3d, kernel 1, stride 1, no padding, groups 1) that, given a
+    channels-last input, runs as F.linear over the contiguous channel axis: one GEMM, output in
+    channels-last memory, no layout copy. torch's conv3d takes its slow path for 1x1x1 kernels,
+    which copies a channels-last input (and its gradient) to NCDHW: 5.2 ms against 1.0 ms for
+    forward + backward of 16 -> 1 channels at batch 2 of 32^3 (1 thread). Same module, parameters
+    and state dict as the torch conv; other inputs (NC(D)HW, ambiguous strides) run the conv."""
+
+    def forward(self, x):
+        cl = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if (x.dim() == self.weight.dim() and x.shape[1] > 1 and x.is_contiguous(memory_format=cl)
+                and not x.is_contiguous()):
+            return F.linear(x.movedim(1, -1), self.weight.flatten(1), self.bias).movedim(-1, 1)
+        return super().forward(x)
+
+
+class PointwiseConv2d(_PointwiseMixin, nn.Conv2d):
+    """nn.Conv2d(in_channels, out_channels, 1) that keeps a channels-last input's layout (see _PointwiseMixin)."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+
+class PointwiseConv3d(_PointwiseMixin, nn.Conv3d):
+    """nn.Conv3d(in_channels, out_channels, 1) that keeps a channels-last input's layout (see _PointwiseMixin)."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+
+_POINTWISE = {2: PointwiseConv2d, 3: PointwiseConv3d}
 
 
 def _make_conv(kind: str, dims: int, cin: int, cout: int, k: int) -> nn.Module:
@@ -156,7 +191,7 @@ class UNet(nn.Module):
             self.ups.append(up_cls(cin, w, 2, stride=2))
             self.decoders.append(_block([kind, kind], dims, 2 * w, w, k))
             cin = w
-        self.out = _CONV[dims](cin, out_channels, 1)
+        self.out = _POINTWISE[dims](cin, out_channels)
         # rebuilding (tiling checkpoints) and tile-origin alignment (exact tiled inference)
         self.tiling_align = 2 ** depth
         record_builder_spec(self, "medconv_ext.models:UNet", dims=dims, in_channels=in_channels,
