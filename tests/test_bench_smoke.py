@@ -172,3 +172,24 @@ def test_bench_rolling_conv_cat_quick():
     if "not built" not in p.stdout:
         assert len(rows) == 4 and {r[-4] for r in rows} == {"cl", "nchw"}
         assert all(float(r[-1]) > 0 for r in rows)
+
+
+def test_profile_models_quick():
+    """bench/profile_models.py --quick profiles both rolling models and prints a table whose rows name
+    the layer kinds (fused kernel, transposed up-sampling, torch.cat, optimizer...) with their shares."""
+    import re
+    import subprocess
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile_models.py"), "--quick", "--size", "32",
+                        "--threads", "1"],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "rolling_unet inference" in out and "rolling_qsmnet training step" in out
+    rows = [l for l in out.splitlines() if re.search(r" [0-9.]+ +[0-9.]+% +[0-9]+$", l)]
+    names = " | ".join(rows)
+    for kind in ("rolling conv, ", "rolling transposed up-sampling", "torch.cat (skip connections)", "max-pool",
+                 "dense first conv", "dense 1x1 output conv", "optimizer (Adam step", "backward: rolling conv"):
+        assert kind in names, (kind, out)
+    assert "[+BN+ReLU epilogue]" in names  # eval folds BatchNorm + ReLU into the rolling layers
+    for share in re.findall(r"profiled ops, sum of self times +[0-9.]+ +([0-9.]+)%", out):
+        assert 50.0 < float(share) <= 101.0  # the rows account for the profiled wall time
