@@ -10,7 +10,7 @@ The training step uses the same torch.optim.Adam implementation for every model 
 "fused", torch's single-kernel CPU Adam, the fastest of the three measured in docs/models.md).
 
     PYTHONPATH=. python bench/bench_models_layouts.py [--threads 2] [--reps 3] [--no-qsm]
-        [--adam default|foreach|fused]
+        [--adam default|foreach|fused] [--timer wall|thread]
 """
 import argparse
 import os
@@ -33,13 +33,16 @@ def _fmt3(layout):
     return torch.channels_last_3d if layout == "cl" else torch.contiguous_format
 
 
+_CLOCK = time.perf_counter
+
+
 def _median_s(fn, reps):
     fn()  # warm-up (tables, allocator)
     ts = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = _CLOCK()
         fn()
-        ts.append(time.perf_counter() - t)
+        ts.append(_CLOCK() - t)
     return statistics.median(ts)
 
 
@@ -88,13 +91,20 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--no-qsm", action="store_true")
+    ap.add_argument("--timer", choices=("wall", "thread"), default="wall",
+                    help="wall: wall-clock time; thread: CPU time of the calling thread (needs --threads 1; "
+                         "less sensitive to other work on a shared machine)")
     ap.add_argument("--adam", choices=("default", "foreach", "fused"), default="fused",
                     help="torch.optim.Adam implementation of every model's training step (default: fused)")
     a = ap.parse_args()
+    if a.timer == "thread" and a.threads != 1:
+        ap.error("--timer thread measures one thread's CPU time: it needs --threads 1, got --threads %d" % a.threads)
+    global _CLOCK
+    _CLOCK = time.thread_time if a.timer == "thread" else time.perf_counter
     torch.set_num_threads(a.threads)
     from medconv_ext.ops import rolling_conv_spectral_cpu as SC
-    print("%s, %d threads, torch %s, fused kernel ISA %s, load average %.2f"
-          % (platform.processor() or platform.machine(), a.threads, torch.__version__,
+    print("%s, %d threads, %s time, torch %s, fused kernel ISA %s, load average %.2f"
+          % (platform.processor() or platform.machine(), a.threads, a.timer, torch.__version__,
              SC.isa() if SC.available() else "n/a", os.getloadavg()[0]))
     rows = {n: infer(n, a.reps, a.size) for n in ("unet", "rolling_unet", "depthwise_unet")}
     _report("inference, one %dx%d slice, eval (rolling layers: BatchNorm + ReLU folded into the epilogue)"

@@ -90,7 +90,7 @@ def _attach(model: nn.Module):
                 if not (not mod.training and can_fold(mod.conv, mod.bn)):
                     mod._prof_rf = None
                     return
-                label = label + " [+BN+ReLU epilogue]"
+                label = label + " [BN+ReLU fused]"
             rf = torch.profiler.record_function(_TAG + label)
             rf.__enter__()
             mod._prof_rf = rf
@@ -102,6 +102,15 @@ def _attach(model: nn.Module):
                 mod._prof_rf = None
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post))
+        if isinstance(m, ConvUnit) and hasattr(m, "forward_cat"):
+            # the decoder's first unit is called as unit.forward_cat(up, skip) (no module hooks): in eval
+            # its rolling conv reads the pair in place
+            def forward_cat(a, b, mod=m, orig=m.forward_cat, label=label):
+                if not mod.training and can_fold(mod.conv, mod.bn):
+                    with torch.profiler.record_function(_TAG + label + " [BN+ReLU fused, cat in place]"):
+                        return orig(a, b)
+                return orig(a, b)
+            m.forward_cat = forward_cat
     return handles
 
 
@@ -196,7 +205,8 @@ def _classify(prof, outer: str):
         elif in_loss:
             row = "loss (L1)"
         elif e.name == "aten::cat":
-            row = "torch.cat (skip connections)"
+            s = scope(e)
+            row = "torch.cat (in %s)" % scope_label(s) if s is not None else "torch.cat (skip connections)"
         elif e.name in _COPY_OPS:
             s = scope(e)
             row = "layout copies (in %s)" % (scope_label(s) if s is not None else "model body")
@@ -226,18 +236,18 @@ def _classify(prof, outer: str):
 
 def _print_table(title, rows, total_us, top):
     print(title)
-    print("  %-72s %9s %7s %6s" % ("layer kind / op", "ms", "share", "calls"))
+    print("  %-84s %9s %7s %6s" % ("layer kind / op", "ms", "share", "calls"))
     acc = sum(v[0] for v in rows.values())
     items = sorted(rows.items(), key=lambda kv: -kv[1][0])
     shown = items if top is None else items[:top]
     for row, (us, n) in shown:
-        print("  %-72s %9.2f %6.1f%% %6d" % (row[:72], us / 1e3, 100 * us / total_us, n))
+        print("  %-84s %9.2f %6.1f%% %6d" % (row[:84], us / 1e3, 100 * us / total_us, n))
     rest = items[len(shown):]
     if rest:
         us = sum(v[0] for _, v in rest)
-        print("  %-72s %9.2f %6.1f%% %6s" % ("(%d more rows)" % len(rest), us / 1e3, 100 * us / total_us, ""))
-    print("  %-72s %9.2f %6.1f%%" % ("profiled ops, sum of self times", acc / 1e3, 100 * acc / total_us))
-    print("  %-72s %9.2f" % ("wall time of the whole %s (profiled)" % title.split(":")[0], total_us / 1e3))
+        print("  %-84s %9.2f %6.1f%% %6s" % ("(%d more rows)" % len(rest), us / 1e3, 100 * us / total_us, ""))
+    print("  %-84s %9.2f %6.1f%%" % ("profiled ops, sum of self times", acc / 1e3, 100 * acc / total_us))
+    print("  %-84s %9.2f" % ("wall time of the whole %s (profiled)" % title.split(":")[0], total_us / 1e3))
 
 
 def _fmt(dims, layout):

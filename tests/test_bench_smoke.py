@@ -190,6 +190,6 @@ def test_profile_models_quick():
     for kind in ("rolling conv, ", "rolling transposed up-sampling", "torch.cat (skip connections)", "max-pool",
                  "dense first conv", "dense 1x1 output conv", "optimizer (Adam step", "backward: rolling conv"):
         assert kind in names, (kind, out)
-    assert "[+BN+ReLU epilogue]" in names  # eval folds BatchNorm + ReLU into the rolling layers
+    assert "[BN+ReLU fused]" in names and "[BN+ReLU fused, cat in place]" in names  # eval folds BatchNorm + ReLU into the rolling layers
     for share in re.findall(r"profiled ops, sum of self times +[0-9.]+ +([0-9.]+)%", out):
         assert 50.0 < float(share) <= 101.0  # the rows account for the profiled wall time

@@ -64,6 +64,12 @@ class FlattenedConv(nn.Sequential):
                                                   groups=out_channels, bias=False))
 
 
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels-last where t is laid out so (and not also NC(D)HW-contiguous), else contiguous."""
+    cl = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    return cl if t.is_contiguous(memory_format=cl) and not t.is_contiguous() else torch.contiguous_format
+
+
 class _PointwiseMixin:
     """A 1x1 conv (nn.Conv2d/nn.Conv3d, kernel 1, stride 1, no padding, groups 1) that, given a
     channels-last input, runs as F.linear over the contiguous channel axis: one GEMM, output in
@@ -73,9 +79,7 @@ class _PointwiseMixin:
     and state dict as the torch conv; other inputs (NC(D)HW, ambiguous strides) run the conv."""
 
     def forward(self, x):
-        cl = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        if (x.dim() == self.weight.dim() and x.shape[1] > 1 and x.is_contiguous(memory_format=cl)
-                and not x.is_contiguous()):
+        if x.dim() == self.weight.dim() and _memory_format(x) != torch.contiguous_format:
             return F.linear(x.movedim(1, -1), self.weight.flatten(1), self.bias).movedim(-1, 1)
         return super().forward(x)
 
@@ -224,7 +228,11 @@ class UNet(nn.Module):
             x = units[0].forward_cat(up(x), skip)
             for unit in units[1:]:
                 x = unit(x)
-        return self.out(x)
+        # The output in the layout of the first layer's output (torch's conv picks it from the input and
+        # its weights; a one-channel input alone does not tell): a deeper layer may hand the next one
+        # channels-last memory (the C_in > 256 composition does for NC(D)HW input), and converting the
+        # few output maps back is cheap.
+        return self.out(x).contiguous(memory_format=_memory_format(skips[0]))
 
 
 # ------------------------------------------------------------------ 2D segmentation UNet
