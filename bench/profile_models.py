@@ -53,11 +53,15 @@ _POOL = (nn.MaxPool2d, nn.MaxPool3d)
 def _layer_labels(model: nn.Module):
     """module -> label for the modules whose time the table separates (innermost wins)."""
     labels = {}
+    # the convs inside a depthwise-separable / flattened conv count as that conv
+    inner = {id(c) for m in model.modules() if isinstance(m, (SeparableConv, FlattenedConv)) for c in m.children()}
     first = out = None
     if isinstance(model, M.UNet):
         first = model.encoders[0][0].conv
         out = model.out
     for m in model.modules():
+        if id(m) in inner:
+            continue
         if isinstance(m, _ROLL):
             labels[m] = "rolling conv C_in=%d" % m.in_channels
         elif isinstance(m, _ROLL_T):
