@@ -230,8 +230,8 @@ class UNet(nn.Module):
                 x = unit(x)
         # The output in the layout of the first layer's output (torch's conv picks it from the input and
         # its weights; a one-channel input alone does not tell): a deeper layer may hand the next one
-        # channels-last memory (the C_in > 256 composition does for NC(D)HW input), and converting the
-        # few output maps back is cheap.
+        # channels-last memory (the C_in > 256 composition does for NC(D)HW input), which the output
+        # conv keeps; converting the few output maps back is cheap.
         return self.out(x).contiguous(memory_format=_memory_format(skips[0]))
 
 
