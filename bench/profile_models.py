@@ -59,6 +59,9 @@ def _layer_labels(model: nn.Module):
     if isinstance(model, M.UNet):
         first = model.encoders[0][0].conv
         out = model.out
+    # a hook on the rolling conv of a conv unit would make the unit call it as a module (no fused
+    # BatchNorm + ReLU, no in-place concatenation): the unit's label covers it
+    inner |= {id(u.conv) for u in model.modules() if isinstance(u, ConvUnit) and isinstance(u.conv, _ROLL)}
     for m in model.modules():
         if id(m) in inner:
             continue
@@ -80,7 +83,8 @@ def _layer_labels(model: nn.Module):
         elif isinstance(m, _POOL):
             labels[m] = "max-pool"
         elif isinstance(m, ConvUnit) and isinstance(m.conv, _ROLL):
-            # in eval the unit runs conv + BN + ReLU as one fused call (nn/fuse.py) without entering m.conv
+            # the unit's rolling conv (in eval one fused call with BN + ReLU, nn/fuse.py); BN and ReLU
+            # modules, when called, label themselves (innermost wins)
             labels[m] = "rolling conv C_in=%d" % m.conv.in_channels
     return labels
 
@@ -90,10 +94,7 @@ def _attach(model: nn.Module):
     handles = []
     for m, label in _layer_labels(model).items():
         def pre(mod, args, label=label):
-            if isinstance(mod, ConvUnit):
-                if not (not mod.training and can_fold(mod.conv, mod.bn)):
-                    mod._prof_rf = None
-                    return
+            if isinstance(mod, ConvUnit) and not mod.training and can_fold(mod.conv, mod.bn):
                 label = label + " [BN+ReLU fused]"
             rf = torch.profiler.record_function(_TAG + label)
             rf.__enter__()
@@ -110,10 +111,10 @@ def _attach(model: nn.Module):
             # the decoder's first unit is called as unit.forward_cat(up, skip) (no module hooks): in eval
             # its rolling conv reads the pair in place
             def forward_cat(a, b, mod=m, orig=m.forward_cat, label=label):
-                if not mod.training and can_fold(mod.conv, mod.bn):
-                    with torch.profiler.record_function(_TAG + label + " [BN+ReLU fused, cat in place]"):
-                        return orig(a, b)
-                return orig(a, b)
+                fused = not mod.training and can_fold(mod.conv, mod.bn)
+                with torch.profiler.record_function(
+                        _TAG + label + (" [BN+ReLU fused, cat in place]" if fused else " [cat in place]")):
+                    return orig(a, b)
             m.forward_cat = forward_cat
     return handles
 

@@ -187,9 +187,12 @@ def test_profile_models_quick():
     assert "rolling_unet inference" in out and "rolling_qsmnet training step" in out
     rows = [l for l in out.splitlines() if re.search(r" [0-9.]+ +[0-9.]+% +[0-9]+$", l)]
     names = " | ".join(rows)
-    for kind in ("rolling conv, ", "rolling transposed up-sampling", "torch.cat (skip connections)", "max-pool",
-                 "dense first conv", "dense 1x1 output conv", "optimizer (Adam step", "backward: rolling conv"):
+    for kind in ("rolling conv, ", "rolling transposed up-sampling", "max-pool", "dense first conv",
+                 "dense 1x1 output conv", "optimizer (Adam step", "backward: rolling conv", "BatchNorm",
+                 "backward: BatchNorm"):
         assert kind in names, (kind, out)
-    assert "[BN+ReLU fused]" in names and "[BN+ReLU fused, cat in place]" in names  # eval folds BatchNorm + ReLU into the rolling layers
+    # eval folds BatchNorm + ReLU into the rolling layers; the decoders read the skip connection in place
+    assert "[BN+ReLU fused]" in names and "[BN+ReLU fused, cat in place]" in names and "] [cat in place]" not in names
+    assert "fused kernel, C_in=16 [cat in place]" in names  # training: the QSMnet decoder's first conv  # eval folds BatchNorm + ReLU into the rolling layers
     for share in re.findall(r"profiled ops, sum of self times +[0-9.]+ +([0-9.]+)%", out):
         assert 50.0 < float(share) <= 101.0  # the rows account for the profiled wall time

@@ -14,6 +14,9 @@ from medconv_ext.models import set_backend
 
 from _models_util import rel_err
 
+from medconv_ext.nn import RollingConv2d, RollingConv3d
+
+_ROLL = (RollingConv2d, RollingConv3d)
 U = importlib.import_module("medconv_ext.models.unet")  # the module (models.unet is the builder)
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
 
@@ -25,11 +28,16 @@ def _fmt_ok(t, channels_last):
 
 
 def _record_layouts(model):
-    """Hooks recording (module name, output) of every leaf-ish module; returns (records, handles)."""
+    """Hooks recording (module name, input / output) of every leaf-ish module but the rolling convs inside
+    the conv units (a hook on one makes the unit call it as a module instead of the fused call, so the
+    path under test would change); returns (records, handles)."""
     rec, handles = [], []
+    inner = {id(u.conv) for u in model.modules() if isinstance(u, U.ConvUnit) and isinstance(u.conv, _ROLL)}
     for name, m in model.named_modules():
-        if name and type(m) not in (torch.nn.Sequential, torch.nn.ModuleList):  # ConvUnit included
+        if name and id(m) not in inner and type(m) not in (torch.nn.Sequential, torch.nn.ModuleList):
             handles.append(m.register_forward_hook(lambda mod, i, o, name=name: rec.append((name, o))))
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, i, name=name: rec.append((name + " (input)", i[0]))))
     return rec, handles
 
 
