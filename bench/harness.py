@@ -122,6 +122,8 @@ def measure_peak_mb(fn: Callable[[], object], device: torch.device) -> float:
         del out
         return peak / 2**20
     exact = exact_cpu_peaks()
+    if exact:
+        _malloc_trim()  # free heap pages back to the OS, so that reusing them shows in the peak
     try:
         if not _reset_cpu_peak():
             fn()
@@ -132,8 +134,33 @@ def measure_peak_mb(fn: Callable[[], object], device: torch.device) -> float:
         del out
     finally:
         if exact:
-            _set_mmap_threshold(128 * 1024)  # glibc's default
+            restore_allocator()
     return max(peak, 0) / 1024.0
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def restore_allocator() -> None:
+    """After exact_cpu_peaks: glibc's thresholds as a running loop leaves them. glibc's default threshold is
+    dynamic (it rises to the size of the largest mapped block freed, up to 32 MiB on 64-bit, the trim
+    threshold to twice that); a fixed value, even the initial 128 KiB, disables that, after which every
+    buffer above it is mapped anew and page-faulted on every call: the timings of everything measured after
+    a peak-memory measurement were off (the C=512 spectral composition, with many such buffers, 4x slower)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 * 1024 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 # ---------------------------------------------------------------- timing
