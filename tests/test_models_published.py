@@ -16,7 +16,9 @@ def test_segment_logits_equal_published():
     assert sum(p.numel() for p in model.parameters()) == 88_899
     kinds = [type(m).__name__ for m in model.modules()]
     assert kinds.count("RollingConv2d") == 18 and kinds.count("RollingConvTranspose2d") == 4
-    assert kinds.count("Conv2d") == 2   # the dense input conv and the 1x1 output
+    # the dense input conv and the 1x1 output (a layout-keeping nn.Conv2d subclass)
+    assert kinds.count("Conv2d") == 1 and kinds.count("PointwiseConv2d") == 1
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 2
     sd = load(SEGMENT)
     x = torch.randn(2, 1, 48, 32)
     with torch.no_grad():
