@@ -196,3 +196,14 @@ def test_profile_models_quick():
     assert "fused kernel, C_in=16 [cat in place]" in names  # training: the QSMnet decoder's first conv  # eval folds BatchNorm + ReLU into the rolling layers
     for share in re.findall(r"profiled ops, sum of self times +[0-9.]+ +([0-9.]+)%", out):
         assert 50.0 < float(share) <= 101.0  # the rows account for the profiled wall time
+
+
+def test_bench_rolling_conv_threads_quick():
+    """bench/bench_rolling_conv_threads.py runs end to end on tiny shapes."""
+    import subprocess
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_rolling_conv_threads.py"), "--quick",
+                        "--reps", "1"], capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr
+    rows = [l.split() for l in p.stdout.splitlines() if l[:2] in ("2d", "3d")]
+    if "not built" not in p.stdout:
+        assert len(rows) == 2 and all(float(r[-1]) > 0 for r in rows)

@@ -1,0 +1,70 @@
+"""Thread scaling of the fused spectral CPU kernel: each shape timed with 1 thread and then with N threads
+back to back in one process (median of --reps calls each), so that a virtual machine's drift between
+separate runs does not enter the ratio. Forward, float32, channels-last input, single base, full roll,
+"same" padding. Prints the times, the speed-up and the kernel's ISA copy.
+
+    PYTHONPATH=. python bench/bench_rolling_conv_threads.py [--threads 2] [--reps 9] [--quick]
+    /work/shared/tools/quiet-run python bench/bench_rolling_conv_threads.py     # on a shared machine
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from medconv_ext.ops import rolling_conv_spectral_cpu as fused  # noqa: E402
+
+# (N, C, S, k, dims): the fused kernel's target shapes and the deep 3x3x3 layers of a QSMnet step
+SHAPES = [(1, 64, 256, 3, 2), (1, 64, 512, 3, 2), (1, 128, 128, 3, 2), (1, 128, 256, 3, 2),
+          (1, 64, 24, 5, 3), (1, 128, 16, 5, 3), (2, 16, 32, 3, 3), (2, 32, 32, 3, 3)]
+QUICK = [(1, 16, 24, 3, 2), (1, 8, 8, 3, 3)]
+
+
+def _median_ms(fn, reps):
+    fn()
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(ts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2, help="the thread count compared with 1")
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
+    a = ap.parse_args(argv)
+    if not fused.available():
+        print("the compiled extension is not built; nothing to time")
+        return 0
+    print("isa=%s load=%.2f; 1 vs %d threads, back to back per shape" % (fused.isa(), os.getloadavg()[0], a.threads))
+    print("%-26s %10s %10s %8s" % ("shape", "1 thr ms", "%d thr ms" % a.threads, "speedup"))
+    for n, c, s, k, dims in (QUICK if a.quick else SHAPES):
+        mf = torch.channels_last_3d if dims == 3 else torch.channels_last
+        x = torch.randn(n, c, *(s,) * dims).contiguous(memory_format=mf)
+        w = torch.randn(1, c, *(k,) * dims)
+        one = [1] * dims
+
+        def run():
+            return torch.ops.medconv.rolling_conv_spectral(x, w, None, None, None, False, one, [k // 2] * dims, one, c)
+        old = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            t1 = _median_ms(run, a.reps)
+            torch.set_num_threads(a.threads)
+            tn = _median_ms(run, a.reps)
+        finally:
+            torch.set_num_threads(old)
+        print("%-26s %10.3f %10.3f %8.2f" % ("%dd N=%d C=%d S=%d k=%d" % (dims, n, c, s, k), t1, tn, t1 / tn))
+    print("load average after: %.2f" % os.getloadavg()[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
