@@ -9,11 +9,12 @@ threads and the load average.
 """
 import argparse
 import os
-import statistics
 import sys
 import time
 
 import torch
+
+import harness  # noqa: E402  (bench/, the script's folder)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from medconv_ext.ops import rolling_conv_spectral_cpu as fused  # noqa: E402
@@ -25,13 +26,8 @@ QUICK = [(2, 8, 24), (3, 4, 8)]
 
 
 def _median_ms(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
+    """Median wall time (ms) of reps calls after a warm-up (the shared harness's timer)."""
+    return harness.time_ms(fn, torch.device("cpu"), warmup=2, min_reps=reps, max_reps=reps, budget_s=0.0)
 
 
 def main(argv=None):

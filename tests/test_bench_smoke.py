@@ -171,7 +171,7 @@ def test_bench_rolling_conv_cat_quick():
     rows = [l.split() for l in p.stdout.splitlines() if l[:2] in ("2d", "3d")]
     if "not built" not in p.stdout:
         assert len(rows) == 4 and {r[-4] for r in rows} == {"cl", "nchw"}
-        assert all(float(r[-1]) > 0 for r in rows)
+        assert all(float(r[-3]) > 0 and float(r[-2]) > 0 for r in rows)
 
 
 def test_profile_models_quick():
@@ -206,4 +206,6 @@ def test_bench_rolling_conv_threads_quick():
     assert p.returncode == 0, p.stderr
     rows = [l.split() for l in p.stdout.splitlines() if l[:2] in ("2d", "3d")]
     if "not built" not in p.stdout:
-        assert len(rows) == 2 and all(float(r[-1]) > 0 for r in rows)
+        import math
+        assert len(rows) == 2  # times > 0 and a finite speed-up (its value depends on the machine's load)
+        assert all(float(r[-3]) > 0 and float(r[-2]) > 0 and math.isfinite(float(r[-1])) for r in rows)
