@@ -27,10 +27,10 @@ def _fmt_ok(t, channels_last):
     return t.is_contiguous()
 
 
-def _record_layouts(model):
-    """Hooks recording (module name, input / output) of every leaf-ish module but the rolling convs inside
-    the conv units (a hook on one makes the unit call it as a module instead of the fused call, so the
-    path under test would change); returns (records, handles)."""
+def _run_recording_layouts(model, x):
+    """(model(x), records): hooks record (module name, input / output) of every leaf-ish module but the rolling
+    convs inside the conv units (a hook on one makes the unit call it as a module instead of the fused call,
+    so the path under test would change) during the call, and are removed after it."""
     rec, handles = [], []
     inner = {id(u.conv) for u in model.modules() if isinstance(u, U.ConvUnit) and isinstance(u.conv, _ROLL)}
     for name, m in model.named_modules():
@@ -38,7 +38,11 @@ def _record_layouts(model):
             handles.append(m.register_forward_hook(lambda mod, i, o, name=name: rec.append((name, o))))
             handles.append(m.register_forward_pre_hook(
                 lambda mod, i, name=name: rec.append((name + " (input)", i[0]))))
-    return rec, handles
+    try:
+        return model(x), rec
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _assert_layout_kept(rec, channels_last):
@@ -70,12 +74,7 @@ def test_unet_eval_layout_end_to_end(builder, features):
         for channels_last in (False, True):
             m = model.to(memory_format=CL[4] if channels_last else torch.contiguous_format)
             xi = x.contiguous(memory_format=CL[4]) if channels_last else x
-            rec, handles = _record_layouts(m)
-            try:
-                y = m(xi)
-            finally:
-                for h in handles:
-                    h.remove()
+            y, rec = _run_recording_layouts(m, xi)
             assert _fmt_ok(y, channels_last), (channels_last, y.stride())
             if channels_last:
                 _assert_layout_kept(rec, channels_last)
@@ -115,12 +114,7 @@ def test_rolling_qsmnet_training_layout_end_to_end():
         m.load_state_dict(base.state_dict())
         m = m.train().to(memory_format=CL[5] if channels_last else torch.contiguous_format)
         xi = x.contiguous(memory_format=CL[5]) if channels_last else x
-        rec, handles = _record_layouts(m)
-        try:
-            out = m(xi)
-        finally:
-            for h in handles:
-                h.remove()
+        out, rec = _run_recording_layouts(m, xi)
         assert _fmt_ok(out, channels_last)
         if channels_last:
             _assert_layout_kept(rec, channels_last)
