@@ -19,7 +19,7 @@ import torch
 
 from . import rolling_conv_spectral_cpu as _fused
 from ._common import check_epilogue, check_kernel_fits, conv_out_size
-from .rolling_conv import OP, _check_common, _choose, rolling_conv2d, rolling_conv3d
+from .rolling_conv import OP, _check_common, _choose_kernel, rolling_conv2d, rolling_conv3d
 from .rolling_conv_spectral import _grad_finite, rolling_conv_spectral
 
 _OPNAME = "medconv::rolling_conv_spectral_cat"
@@ -103,16 +103,20 @@ def rolling_conv_cat(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bi
         return fn(torch.cat([x, x2], 1), weight, bias, stride, padding, dilation, n_rolls, backend,
                   scale=scale, shift=shift, relu=relu)
     name = "rolling_conv_cat"
-    # a stand-in of the concatenation (no data) for the checks and the backend choice
-    xc = x.new_empty((1,) * x.dim(), requires_grad=x.requires_grad or x2.requires_grad).expand(
-        (x.shape[0], x.shape[1] + x2.shape[1]) + tuple(x.shape[2:]))
+    # A stand-in of the concatenation for the checks and the backend choice: its shape, dtype, device, x's
+    # memory format (the auto rule reads the layout) and whether a gradient flows to it (the rule reads that
+    # too; torch.compile cannot trace a tensor created with requires_grad, so there the rule sees the weight's
+    # alone). Never written, so its pages are never touched.
+    xc = torch.empty((x.shape[0], x.shape[1] + x2.shape[1]) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device,
+                     memory_format=_fused.out_memory_format(x))
+    if (x.requires_grad or x2.requires_grad) and not torch.compiler.is_compiling():
+        xc.requires_grad_(True)
     stride, padding, dilation, n_rolls, c_out = _check_common(
         name, xc, weight, bias, dims, stride, padding, dilation, n_rolls, transposed=False)
     check_kernel_fits(xc.shape[2:], weight.shape[2:], padding, dilation, name)
     check_epilogue(name, xc, c_out, scale, shift, relu)
-    _, impl = _choose(OP, xc, weight, backend, transposed=False, n_rolls=n_rolls)
-    f = impl.fused_for(xc, weight)
-    if (f is None or f.fn is not _fused.rolling_conv_spectral_cpu or x.shape[0] == 0
+    kernel, _ = _choose_kernel(OP, xc, weight, backend, False, n_rolls)
+    if (kernel is not _fused.rolling_conv_spectral_cpu or x.shape[0] == 0
             or not _fused._weight_finite(weight) or not _fused._kernel_epilogue_exact(bias, scale)):
         return fn(torch.cat([x, x2], 1), weight, bias, stride, padding, dilation, n_rolls, backend,
                   scale=scale, shift=shift, relu=relu)
