@@ -1529,6 +1529,17 @@ at::Tensor rolling_conv_spectral_cpu(const at::Tensor& x, const at::Tensor& weig
   return spectral_driver(x, weight, g, false, false, false, O, bias, scale, shift, relu);
 }
 
+// The two tensors of a channel concatenation: same dtype as ref (the weight or grad_out), same batch and
+// spatial sizes.
+void check_cat_pair(const at::Tensor& x, const at::Tensor& x2, const at::Tensor& ref, const char* nref,
+                    const char* op) {
+  check_pair(x, "x", ref, nref, op);
+  check_pair(x2, "x2", ref, nref, op);
+  TORCH_CHECK(x.dim() == x2.dim() && x.size(0) == x2.size(0) && x.sizes().slice(2) == x2.sizes().slice(2), op,
+              ": x and x2 must have the same batch and spatial sizes (they are concatenated along the channels), got ",
+              x.sizes(), " and ", x2.sizes());
+}
+
 // rolling_conv_spectral of the channel concatenation cat([x, x2], 1), both read in place (no copy of the
 // concatenation): the output has x's memory format.
 at::Tensor rolling_conv_spectral_cat_cpu(const at::Tensor& x, const at::Tensor& x2, const at::Tensor& weight,
@@ -1536,11 +1547,7 @@ at::Tensor rolling_conv_spectral_cat_cpu(const at::Tensor& x, const at::Tensor& 
                                          const std::optional<at::Tensor>& shift, bool relu, at::IntArrayRef stride,
                                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t n_rolls) {
   const char* op = "medconv::rolling_conv_spectral_cat";
-  check_pair(x, "x", weight, "weight", op);
-  check_pair(x2, "x2", weight, "weight", op);
-  TORCH_CHECK(x.dim() == x2.dim() && x.size(0) == x2.size(0) && x.sizes().slice(2) == x2.sizes().slice(2), op,
-              ": x and x2 must have the same batch and spatial sizes (they are concatenated along the channels), got ",
-              x.sizes(), " and ", x2.sizes());
+  check_cat_pair(x, x2, weight, "weight", op);
   Geom g = make_geom(op, (int)x.dim(), weight.sizes(), false, x.size(1) + x2.size(1), stride, padding, dilation,
                      n_rolls);
   const i64 Cq = g.n_rolls * g.nb;
@@ -1761,12 +1768,8 @@ at::Tensor rolling_conv_spectral_cat_grad_weight_cpu(const at::Tensor& grad_out,
                                                      at::IntArrayRef stride, at::IntArrayRef padding,
                                                      at::IntArrayRef dilation, int64_t n_rolls) {
   const char* op = "medconv::rolling_conv_spectral_cat_grad_weight";
-  check_pair(grad_out, "grad_out", x, "x", op);
-  check_pair(grad_out, "grad_out", x2, "x2", op);
+  check_cat_pair(x, x2, grad_out, "grad_out", op);
   TORCH_CHECK(grad_out.dim() == x.dim(), op, ": grad_out has ", grad_out.dim(), " dims but x has ", x.dim());
-  TORCH_CHECK(x.dim() == x2.dim() && x.size(0) == x2.size(0) && x.sizes().slice(2) == x2.sizes().slice(2), op,
-              ": x and x2 must have the same batch and spatial sizes (they are concatenated along the channels), got ",
-              x.sizes(), " and ", x2.sizes());
   Geom g = make_geom(op, (int)x.dim(), weight_size, false, x.size(1) + x2.size(1), stride, padding, dilation,
                      n_rolls);
   const A3 O = conv_out(g, spatial3(x.sizes(), g.dims), op);
