@@ -86,16 +86,26 @@ def _reset_cpu_peak() -> bool:
         return False
 
 
-def _set_mmap_threshold(nbytes: int) -> bool:
-    """glibc: serve allocations of at least `nbytes` with their own mmap (unmapped on free)."""
+def _libc():
+    """glibc through ctypes, or None (another C library)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return libc.mallopt(m_mmap_threshold, nbytes) == 1 and libc.mallopt(m_trim_threshold, nbytes) == 1
-    except (OSError, AttributeError):  # not glibc
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _set_mmap_threshold(nbytes: int, trim_bytes: Optional[int] = None) -> bool:
+    """glibc: serve allocations of at least `nbytes` with their own mmap (unmapped on free); keep up to
+    `trim_bytes` (default nbytes) of free memory at the top of the heap."""
+    libc = _libc()
+    if libc is None:
         return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return (libc.mallopt(m_mmap_threshold, nbytes) == 1
+            and libc.mallopt(m_trim_threshold, nbytes if trim_bytes is None else trim_bytes) == 1)
 
 
 def exact_cpu_peaks() -> bool:
@@ -139,12 +149,9 @@ def measure_peak_mb(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def _malloc_trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def restore_allocator() -> None:
@@ -153,14 +160,7 @@ def restore_allocator() -> None:
     threshold to twice that); a fixed value, even the initial 128 KiB, disables that, after which every
     buffer above it is mapped anew and page-faulted on every call: the timings of everything measured after
     a peak-memory measurement were off (the C=512 spectral composition, with many such buffers, 4x slower)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 64 * 1024 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
+    _set_mmap_threshold(32 * 1024 * 1024, 64 * 1024 * 1024)
 
 
 # ---------------------------------------------------------------- timing
