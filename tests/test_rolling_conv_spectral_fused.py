@@ -23,14 +23,19 @@ CONV_T = {2: medconv_ext.rolling_conv_transpose2d, 3: medconv_ext.rolling_conv_t
 TOL = {torch.float64: 1e-11, torch.float32: 3e-5, torch.bfloat16: 8e-3}
 # every copy of the hot loops this CPU executes (widest first)
 ISAS = fused.supported_isas() or ["generic"]
+# the channel transforms: "auto" runs the channel FFT wherever C_in allows it (the GEMMs for the odd and
+# large-prime C_in below), "gemm" the folded DFT GEMMs for every C_in
+TRANSFORMS = ["auto", "gemm"]
 
 
-@pytest.fixture(params=ISAS)
+@pytest.fixture(params=[(i, t) for i in ISAS for t in TRANSFORMS], ids=lambda p: "%s-%s" % p)
 def isa(request):
-    with fused.use_isa(request.param):
-        assert fused.isa_setting() == request.param and fused.isa() == request.param
-        assert fused.isa(3) == request.param  # forced: every layer runs that copy
-        yield request.param
+    name, transform = request.param
+    with fused.use_isa(name), fused.use_channel_transform(transform):
+        assert fused.isa_setting() == name and fused.isa() == name
+        assert fused.isa(3) == name  # forced: every layer runs that copy
+        assert fused.channel_transform() == transform
+        yield name
 
 
 def _fmt(t):
@@ -81,6 +86,13 @@ CASES = [
     (2, 1, 32, 1, 32, (4, 9), 3, 1, 1, 1, 0),    # C/2 a multiple of the vector width: split inverse column
     (2, 1, 33, 1, 33, (3, 7), 3, 1, 1, 1, 0),    # odd C, the split column read by both halves
     (2, 1, 4, 1, 4, (3, 267), 3, 1, 1, 1, 0),    # rows longer than a 128-pixel block
+    # channel FFT stages (C/2 = 8: one radix-8 stage; 15 = 3 * 5; 7; 32 = 8 * 4) and partial pixel blocks
+    (2, 1, 16, 1, 16, (4, 21), 3, 1, 1, 1, 0),
+    (2, 1, 30, 1, 30, (5, 7), 3, 1, 1, 1, 0),
+    (2, 2, 14, 2, 9, (6, 5), 3, 2, 1, 1, 1),      # 2 bases, partial roll, stride 2
+    (3, 1, 64, 2, 64, (3, 4, 19), 3, 1, 1, 1, 0),  # 2 bases
+    (2, 1, 34, 1, 34, (3, 5), 3, 1, 1, 1, 0),    # C/2 = 17, a prime above 13: the GEMMs
+    (2, 1, 300, 1, 300, (3, 4), 3, 1, 1, 1, 0),  # above 256 channels (C/2 = 2 * 3 * 5^2)
 ]
 
 
@@ -282,6 +294,59 @@ def test_isa_copies_agree():
     x, w, b = _inputs(3, 1, 12, 1, 12, (5, 6, 7), 3, False, torch.float32, gen)
     with fused.use_isa("auto"):
         assert _rel(_op(x, w, b, False, 1, 1, 0, 1, 12), _ref(x, w, b, False, 1, 1, 0, 1, 12)) < TOL[torch.float32]
+
+
+def test_channel_transform_setting_and_agreement():
+    """The FFT runs for even C_in whose half has no prime factor above 13 (the GEMMs otherwise, and under
+    "gemm"); both give the reference's result, by different sums (not bit-identical: the switch works)."""
+    assert fused.channel_transform() == "auto"  # no MEDCONV_CHANNEL_TRANSFORM in the test environment
+    assert [fused.transform_for(c) for c in (1, 2, 5, 16, 30, 34, 64, 300, 512)] == [
+        "gemm", "fft", "gemm", "fft", "fft", "gemm", "fft", "fft", "fft"]
+    gen = torch.Generator().manual_seed(11)
+    x, w, b = _inputs(2, 1, 64, 1, 64, (5, 9), 3, False, torch.float32, gen)
+    outs = {}
+    for t in ("fft", "gemm"):
+        with fused.use_channel_transform(t):
+            assert fused.transform_for(64) == t and fused.transform_for(5) == "gemm"
+            outs[t] = _op(x, w, b, False, 1, 1, 0, 1, 64)
+    want = _ref(x, w, b, False, 1, 1, 0, 1, 64)
+    assert _rel(outs["fft"], want) < TOL[torch.float32] and _rel(outs["gemm"], want) < TOL[torch.float32]
+    assert not torch.equal(outs["fft"], outs["gemm"])
+    assert fused.channel_transform() == "auto"
+    with pytest.raises(ValueError, match="fft"):
+        fused.set_channel_transform("dft")
+    with pytest.raises(RuntimeError, match="expected one of"):
+        torch.ops.medconv.set_channel_transform("dft")
+
+
+def test_fused_above_256_channels_only_with_the_fft():
+    """Above 256 input channels the "spectral" backend runs the fused kernel where its channel FFT runs (up to
+    512), the composition elsewhere; both agree with the reference."""
+    def probe(c):
+        return fused.supports(torch.empty(1, c, 4, 4), torch.empty(1, c, 3, 3), False)
+    assert probe(256) is None and probe(512) is None and probe(300) is None
+    assert "514" in probe(514)  # C/2 = 257, a prime: GEMMs, so the composition
+    assert probe(1024) is not None
+    with fused.use_channel_transform("gemm"):
+        assert probe(512) is not None and probe(256) is None
+    gen = torch.Generator().manual_seed(12)
+    x, w, _ = _inputs(2, 1, 512, 1, 512, (3, 4), 3, False, torch.float32, gen)
+    want = _ref(x, w, None, False, 1, 1, 0, 1, 512)
+    for t in ("auto", "gemm"):
+        with fused.use_channel_transform(t):
+            y = medconv_ext.rolling_conv2d(x, w, padding=1, backend="spectral")
+        assert _rel(y, want) < TOL[torch.float32], t
+
+
+def test_channel_transform_environment_variable():
+    code = ("import medconv_ext, torch; from medconv_ext.ops import rolling_conv_spectral_cpu as f; "
+            "print(f.channel_transform(), f.transform_for(64))")
+    env = dict(os.environ, MEDCONV_CHANNEL_TRANSFORM="gemm")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "gemm gemm"
 
 
 def test_isa_selection():

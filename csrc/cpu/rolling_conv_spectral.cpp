@@ -5,13 +5,14 @@
 //
 // A rolling layer is block-circulant over channels: a DFT along the channel axis turns it into one
 // complex depthwise spatial convolution per channel frequency. Per output row (2D) or slice (3D):
-//   1. the channel DFT of the input rows the row needs (a GEMM with a precomputed real DFT matrix,
-//      any C), kept in a small per-thread ring of transformed rows ("slabs"), so every input row is
+//   1. the channel DFT of the input rows the row needs (a real FFT over channels, vectorized over pixels,
+//      for even C whose half has no prime factor above 13: channel_fft.h; else a folded GEMM with a
+//      precomputed real DFT matrix, any C), kept in a small per-thread ring of transformed rows ("slabs"), so every input row is
 //      transformed once per thread chunk and stays in cache while the k0 output rows that read it
 //      are computed;
 //   2. the per-frequency complex depthwise convolution over the slabs (SIMD over frequencies,
 //      a register tile of 4 output pixels);
-//   3. the inverse DFT restricted to the n_rolls rows that are kept (a GEMM), with the epilogue
+//   3. the inverse DFT restricted to the n_rolls rows that are kept (the inverse FFT, or a GEMM), with the epilogue
 //      (bias, per-channel scale and shift, ReLU) applied to the accumulators, stored directly into
 //      a channels-last float output, or through a small block buffer (NC(D)HW, bfloat16).
 // Spectra are stored "packed real": C values per pixel and base. Slot f < H = ceil(C/2) holds
@@ -36,6 +37,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -54,6 +56,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "cpu/channel_fft.h"
 #include "cpu/cpu_dispatch.h"
 #include "cpu/rolling_conv_geometry.h"
 
@@ -62,6 +65,10 @@ namespace {
 
 using i64 = int64_t;
 using cpu_geom::A3;
+using simd::lane_int_t;
+using simd::transpose_regs;
+using simd::transpose_tile;
+using simd::VecOf;
 
 i64 round_up(i64 v, i64 m) { return (v + m - 1) / m * m; }
 i64 ceil_div(i64 a, i64 b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
@@ -186,6 +193,10 @@ struct Plan {
   // The AVX-512 copy runs these two GEMMs with 32-byte tiles where that pads the C/2 + 1 columns
   // less (C = 64: 40 columns instead of 48).
   bool e_narrow = false;
+  // The channel FFT (channel_fft.h) in place of the folded forward GEMMs (fft_in) and/or of the inverse
+  // GEMMs (fft_out: all C outputs of a base, the first Rout kept); same C, Rn, Rout as the folded form.
+  const channel_fft::Tables<T>* fft = nullptr;
+  bool fft_in = false, fft_out = false;
   i64 SP() const { return NBi * 2 * Hp; }
 };
 
@@ -322,7 +333,18 @@ struct Ring {
   std::vector<i64> tag;  // (n * L0 + j0) held by each slot, -1 if none
   std::vector<T> fold;   // folded input of one row of pixels (fold_in)
   std::vector<T> xs;     // one row of a bfloat16 input, converted to float
+  std::vector<T> fftbuf;  // channel FFT scratch (fft_scratch: 64-byte aligned)
 };
+
+// The channel FFT's per-thread scratch: 4N + 2Hp vectors and an NL x NL staging tile, 64-byte aligned.
+template <typename T, int VB>
+MEDCONV_INLINE typename VecOf<T, VB>::type* fft_scratch(const Plan<T>& p, Ring<T>& ring) {
+  constexpr i64 NL = VB / sizeof(T);
+  const i64 need = (4 * p.fft->N + 2 * p.Hp + NL) * NL + 64 / (i64)sizeof(T);
+  if ((i64)ring.fftbuf.size() < need) ring.fftbuf.assign((size_t)need, T(0));
+  const uintptr_t a = (reinterpret_cast<uintptr_t>(ring.fftbuf.data()) + 63) & ~uintptr_t(63);
+  return reinterpret_cast<typename VecOf<T, VB>::type*>(a);
+}
 
 MEDCONV_INLINE float bf16_to_float(uint16_t h) {
   const uint32_t u = (uint32_t)h << 16;
@@ -488,6 +510,72 @@ MEDCONV_INLINE void gather_row(const S* s, i64 cs, i64 ps, i64 c0, i64 c1, i64 M
   }
 }
 
+// Channel FFT of one row of M pixels (element (m, ch) at a[m*ps + ch*cs]; per base b the Rn channels
+// r*NBi + b, zero beyond) into the spectra dst[m*dstride + b*2Hp + slot], NL pixels at a time: the
+// channels are loaded as vectors over pixels (channel-major rows directly, channels-last rows through
+// in-register NL x NL transposes), transformed, and the slot vectors transposed back into the slab.
+template <typename T, int VB>
+MEDCONV_INLINE void fft_row_in(const Plan<T>& p, Ring<T>& ring, const T* a, i64 ps, i64 cs, i64 M, T* dst,
+                               i64 dstride) {
+  typedef typename VecOf<T, VB>::type V;
+  constexpr i64 NL = VB / sizeof(T);
+  const channel_fft::Tables<T>& t = *p.fft;
+  const i64 N = t.N, Hp = p.Hp, C = p.C, nb = p.NBi, Rn = p.Rn;
+  V* zr = fft_scratch<T, VB>(p, ring);
+  V* zi = zr + N;
+  V* tr = zi + N;
+  V* ti = tr + N;
+  V* S = ti + N;
+  T* tile = reinterpret_cast<T*>(S + 2 * Hp);
+  const bool chmaj = cs != 1 && ps == 1;
+  const bool cl = !chmaj && cs == 1 && nb == 1;
+  auto put = [&](i64 c, const V& v) { (c & 1 ? zi : zr)[c >> 1] = v; };
+  for (i64 m0 = 0; m0 < M; m0 += NL) {
+    const i64 np = std::min<i64>(NL, M - m0);
+    for (i64 b = 0; b < nb; ++b) {
+      if (chmaj && np == NL) {
+        for (i64 c = 0; c < C; ++c) {
+          V v = V{};
+          if (c < Rn) std::memcpy(&v, a + (c * nb + b) * cs + m0, sizeof(V));
+          put(c, v);
+        }
+      } else if (cl) {  // NL pixels x NL channels at a time
+        for (i64 c0 = 0; c0 < C; c0 += NL) {
+          const i64 cc = std::max<i64>(0, std::min<i64>(NL, Rn - c0));
+          if (np == NL && cc == NL && c0 + NL <= C) {  // a full tile: transposed in registers
+            V r[NL];
+#pragma GCC unroll 16
+            for (i64 i = 0; i < NL; ++i) std::memcpy(&r[i], a + (m0 + i) * ps + c0, sizeof(V));
+            transpose_regs<T, VB>(r);
+#pragma GCC unroll 16
+            for (i64 j = 0; j < NL; ++j) put(c0 + j, r[j]);
+            continue;
+          }
+          if (np < NL || cc < NL) std::fill(tile, tile + NL * NL, T(0));
+          if (cc > 0) transpose_tile<T, VB>(a + m0 * ps + c0, ps, np, cc, tile, NL);
+          for (i64 c = c0; c < std::min(C, c0 + NL); ++c) {
+            V v;
+            std::memcpy(&v, tile + (c - c0) * NL, sizeof(V));
+            put(c, v);
+          }
+        }
+      } else {  // any other strides, several bases, a partial block: element by element
+        for (i64 c = 0; c < C; ++c) {
+          for (i64 i = 0; i < NL; ++i)
+            tile[i] = (i < np && c < Rn) ? a[(m0 + i) * ps + (c * nb + b) * cs] : T(0);
+          V v;
+          std::memcpy(&v, tile, sizeof(V));
+          put(c, v);
+        }
+      }
+      channel_fft::rfft<T, VB>(t, Hp, zr, zi, tr, ti, S);
+      T* d = dst + m0 * dstride + b * 2 * Hp;
+      for (i64 j0 = 0; j0 < 2 * Hp; j0 += NL)
+        transpose_tile<T, VB>(reinterpret_cast<const T*>(S + j0), NL, NL, np, d + j0, dstride);
+    }
+  }
+}
+
 // Only the buffer rows j1 in [j1lo, j1hi) of dim 1 are filled (the others are not read by the caller).
 template <typename T, int VB>
 MEDCONV_INLINE void fill_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 m0, T* slab, i64 j1lo, i64 j1hi) {
@@ -524,6 +612,10 @@ MEDCONV_INLINE void fill_slab(const Plan<T>& p, Ring<T>& ring, i64 n, i64 m0, T*
       a = xs;
     } else {
       a = p.src + base;
+    }
+    if (p.fft_in) {
+      fft_row_in<T, VB>(p, ring, a, ps, cs, M, dst, p.su[2] * SP);
+      continue;
     }
     if (!p.fold_in) {
       gemm<T, VB, false>(M, p.Csrc, a, ps, cs, p.Dm, SP, SP, dst, p.su[2] * SP, SP, nullptr, nullptr, false);
@@ -657,39 +749,6 @@ MEDCONV_INLINE To cvt_out(T v) {
   else return (To)v;
 }
 
-// Two-vector shuffles of the in-register transposition: lane l of "lo" takes a[l] where (l & h) == 0,
-// else b[l - h]; "hi" takes a[l + h], else b[l] (indices >= NL select from b).
-template <typename T>
-using lane_int_t = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-
-template <typename T, int VB, int H, bool HI, size_t... L>
-MEDCONV_INLINE auto transpose_mask(std::index_sequence<L...>) {
-  typedef lane_int_t<T> M __attribute__((vector_size(VB)));
-  constexpr int NL = sizeof...(L);
-  return M{(lane_int_t<T>)(HI ? (((int)L & H) ? NL + (int)L : (int)L + H)
-                              : (((int)L & H) ? NL + (int)L - H : (int)L))...};
-}
-
-template <typename T, int VB>
-struct VecOf {
-  typedef T type __attribute__((vector_size(VB)));
-};
-
-template <typename T, int VB, int H>
-MEDCONV_INLINE void transpose_stage(typename VecOf<T, VB>::type* r) {
-  constexpr int NL = VB / sizeof(T);
-  const auto lo = transpose_mask<T, VB, H, false>(std::make_index_sequence<NL>{});
-  const auto hi = transpose_mask<T, VB, H, true>(std::make_index_sequence<NL>{});
-#pragma GCC unroll 16
-  for (int i = 0; i < NL; ++i) {
-    if (i & H) continue;
-    const auto a = r[i], b = r[i + H];
-    r[i] = __builtin_shuffle(a, b, lo);
-    r[i + H] = __builtin_shuffle(a, b, hi);
-  }
-  if constexpr (H > 1) transpose_stage<T, VB, H / 2>(r);
-}
-
 // NC(D)HW float store of a block: NL x NL tiles (NL pixels x NL channels of Z) transposed in registers and
 // stored as NL contiguous pixels per channel; the edges element by element.
 template <typename T, int VB>
@@ -702,7 +761,7 @@ MEDCONV_INLINE void store_block_nchw(const T* Z, i64 ldz, i64 npx, i64 Co, i64 P
       V r[NL];
 #pragma GCC unroll 16
       for (int i = 0; i < NL; ++i) std::memcpy(&r[i], Z + (q0 + i) * ldz + c0, sizeof(V));
-      transpose_stage<T, VB, NL / 2>(r);
+      transpose_regs<T, VB>(r);
 #pragma GCC unroll 16
       for (int j = 0; j < NL; ++j) std::memcpy(dst + (c0 + j) * P + q0, &r[j], sizeof(V));
     }
@@ -801,6 +860,78 @@ MEDCONV_INLINE void combine_even_odd(const T* e, const T* o, i64 C, i64 r1, i64 
   combine_range<T, VB, true>(e, o, C, r1, Rout, sc, sh, relu, y);
 }
 
+// The inverse channel FFT of npx pixels' spectra (pixel q, base bo at Y[q*ystride + bo*2Hp + slot]) with
+// the epilogue, into out[q*ldo + r*NBo + bo] for r < Rout: NL pixels at a time, the slots transposed into
+// vectors over pixels, the output channels transposed back (NBo = 1) or scattered (NBo > 1). With nchw set
+// (an NC(D)HW output whose npx pixels are consecutive, channel stride P) the vectors over pixels are
+// stored there as they are, with no transposition.
+template <typename T, int VB>
+MEDCONV_INLINE void fft_rows_out(const Plan<T>& p, Ring<T>& ring, const T* Y, i64 ystride, i64 npx, T* out,
+                                 i64 ldo, T* nchw = nullptr, i64 P = 0) {
+  typedef typename VecOf<T, VB>::type V;
+  constexpr i64 NL = VB / sizeof(T);
+  const channel_fft::Tables<T>& t = *p.fft;
+  const i64 N = t.N, Hp = p.Hp, nbo = p.NBo, Rout = p.Rout;
+  V* S = fft_scratch<T, VB>(p, ring);
+  V* a = S + 2 * Hp;
+  V* b = a + N;
+  V* c = b + N;
+  V* d = c + N;
+  T* tile = reinterpret_cast<T*>(d + N);
+  for (i64 q0 = 0; q0 < npx; q0 += NL) {
+    const i64 np = std::min<i64>(NL, npx - q0);
+    for (i64 bo = 0; bo < nbo; ++bo) {
+      if (np < NL) std::fill(reinterpret_cast<T*>(S), reinterpret_cast<T*>(S + 2 * Hp), T(0));
+      const T* yb = Y + q0 * ystride + bo * 2 * Hp;
+      for (i64 j0 = 0; j0 < 2 * Hp; j0 += NL)
+        transpose_tile<T, VB>(yb + j0, ystride, np, NL, reinterpret_cast<T*>(S + j0), NL);
+      const V* xe;
+      const V* xo;
+      channel_fft::irfft<T, VB>(t, Hp, S, a, b, c, d, &xe, &xo);
+      auto epi = [&](i64 r) {
+        const V x = (r & 1) ? -xo[r >> 1] : xe[r >> 1];
+        V z = x * (V{} + p.sc[r * nbo + bo]) + (V{} + p.sh[r * nbo + bo]);
+        if (p.relu) z = z < V{} ? V{} : z;  // NaN stays NaN, as torch.relu
+        return z;
+      };
+      if (nchw) {
+        for (i64 r = 0; r < Rout; ++r) {
+          const V z = epi(r);
+          T* d = nchw + (r * nbo + bo) * P + q0;
+          if (np == NL) {
+            std::memcpy(d, &z, sizeof(V));
+          } else {
+            for (i64 q = 0; q < np; ++q) d[q] = z[q];
+          }
+        }
+        continue;
+      }
+      for (i64 r0 = 0; r0 < Rout; r0 += NL) {
+        const i64 cc = std::min<i64>(NL, Rout - r0);
+        if (nbo == 1 && np == NL && cc == NL) {  // a full tile: transposed in registers
+          V z[NL];
+#pragma GCC unroll 16
+          for (i64 r = 0; r < NL; ++r) z[r] = epi(r0 + r);
+          transpose_regs<T, VB>(z);
+#pragma GCC unroll 16
+          for (i64 q = 0; q < NL; ++q) std::memcpy(out + (q0 + q) * ldo + r0, &z[q], sizeof(V));
+          continue;
+        }
+        for (i64 r = r0; r < r0 + cc; ++r) {
+          const V z = epi(r);
+          std::memcpy(tile + (r - r0) * NL, &z, sizeof(V));
+        }
+        if (nbo == 1) {
+          transpose_tile<T, VB>(tile, NL, cc, np, out + q0 * ldo + r0, ldo);
+        } else {
+          for (i64 q = 0; q < np; ++q)
+            for (i64 r = 0; r < cc; ++r) out[(q0 + q) * ldo + (r0 + r) * nbo + bo] = tile[r * NL + q];
+        }
+      }
+    }
+  }
+}
+
 // One output row (n, o0): depthwise over the slabs, inverse GEMM with epilogue into the output.
 // Output rows [q1lo, q1hi) of dim 1 (part `part` of the row).
 template <typename T, int VB>
@@ -868,6 +999,17 @@ MEDCONV_INLINE void conv_row(const Plan<T>& p, Ring<T>& ring, i64 n, i64 o0, i64
       if ((i64)Z.size() < npx * p.Np) Z.resize(npx * p.Np);
       orow = Z.data();
       ldo = p.Np;
+    }
+    if (p.fft_out) {
+      if (!direct && !p.out_cl && !p.out_bf16) {  // NC(D)HW float: the block's pixels are consecutive there
+        const i64 P = p.O[0] * O1 * O2;
+        T* dst = static_cast<T*>(p.out_any) + n * p.Cout * P + (o0 * O1 + qb) * O2 + c2b;
+        fft_rows_out<T, VB>(p, ring, Y.data(), ystride, npx, nullptr, 0, dst, P);
+        continue;
+      }
+      fft_rows_out<T, VB>(p, ring, Y.data(), ystride, npx, orow, ldo);
+      if (!direct) store_block<T, VB>(p, orow, ldo, npx, n, (o0 * O1 + qb) * O2 + c2b);
+      continue;
     }
     if (!p.fold_out) {
       gemm<T, VB, true>(npx, ystride, Y.data(), ystride, 1, p.Gm, p.Np, p.Np, orow, ldo, p.Cout, p.sc, p.sh,
@@ -992,6 +1134,7 @@ struct GwPlan {
   A3 sS{0, 0, 0};
   i64 Cs = 0, NBs = 1, nb = 1;
   const T* Ds = nullptr;  // (Cs, NBs*2Hp)
+  Plan<T> sfft;           // the small operand's channel FFT tables (sfft.fft_in: used instead of Ds)
   bool conv = true;
 };
 
@@ -1047,9 +1190,14 @@ MEDCONV_INLINE void gw_row(const GwPlan<T>& g, Ring<T>& ring, i64 n, i64 p0, std
   const i64 SPs = g.NBs * 2 * p.Hp, P1 = p.O[1], P2 = p.O[2];
   const i64 need = P1 * P2 * SPs;
   if ((i64)srow.size() < need) srow.resize(need);
-  for (i64 q1 = 0; q1 < P1; ++q1)
-    gemm<T, VB, false>(P2, g.Cs, g.ssrc + n * g.sN + p0 * g.sS[0] + q1 * g.sS[1], g.sS[2], g.sC, g.Ds, SPs, SPs,
-                       srow.data() + q1 * P2 * SPs, SPs, SPs, nullptr, nullptr, false);
+  for (i64 q1 = 0; q1 < P1; ++q1) {
+    const T* a = g.ssrc + n * g.sN + p0 * g.sS[0] + q1 * g.sS[1];
+    if (g.sfft.fft_in)
+      fft_row_in<T, VB>(g.sfft, ring, a, g.sS[2], g.sC, P2, srow.data() + q1 * P2 * SPs, SPs);
+    else
+      gemm<T, VB, false>(P2, g.Cs, a, g.sS[2], g.sC, g.Ds, SPs, SPs, srow.data() + q1 * P2 * SPs, SPs, SPs, nullptr,
+                         nullptr, false);
+  }
   for (i64 t0 = 0; t0 < p.k[0]; ++t0) {
     const i64 j0 = p0 * p.ks[0] + t0 * p.d[0];
     const i64 m0 = src_index(j0, p.off[0], p.su[0], p.S[0]);
@@ -1144,6 +1292,34 @@ void check_vec(const std::optional<at::Tensor>& v, const at::Tensor& x, i64 Cq, 
               x.scalar_type());
   TORCH_CHECK(v->dim() == 1 && v->size(0) == Cq, op, ": ", name, " must have shape [n_rolls * n_base] = [", Cq,
               "], got ", shape_str(v->sizes()));
+}
+
+// How the channel transforms run: "auto" (the FFT where channel_fft::supported(C) and C >= kFftMinC, else
+// the folded GEMMs), "gemm" (always the folded GEMMs) or "fft" (the FFT wherever supported). One
+// process-wide value: the environment variable MEDCONV_CHANNEL_TRANSFORM at the first call, or
+// torch.ops.medconv.set_channel_transform (tests run both paths; benchmarks compare them).
+enum ChannelTransform : int { kTransformAuto = 0, kTransformGemm = 1, kTransformFft = 2 };
+const char* transform_name(int v) { return v == kTransformGemm ? "gemm" : v == kTransformFft ? "fft" : "auto"; }
+int transform_parse(const std::string& s) {
+  return s == "auto" ? kTransformAuto : s == "gemm" ? kTransformGemm : s == "fft" ? kTransformFft : -1;
+}
+std::atomic<int>& transform_state() {
+  static std::atomic<int> v{[] {
+    const char* e = std::getenv("MEDCONV_CHANNEL_TRANSFORM");
+    const int t = e ? transform_parse(e) : kTransformAuto;
+    return t < 0 ? (int)kTransformAuto : t;
+  }()};
+  return v;
+}
+
+// Smallest C_in whose channel transforms run as an FFT under "auto": every C the FFT supports (measured
+// faster than the folded GEMMs from C_in = 4 up, about even at 2D C=16 16^2: docs/rolling_conv_spectral.md).
+constexpr i64 kFftMinC = 2;
+
+bool use_fft(i64 C) {
+  const int mode = transform_state().load(std::memory_order_relaxed);
+  if (mode == kTransformGemm || !channel_fft::supported(C)) return false;
+  return mode == kTransformFft || C >= kFftMinC;
 }
 
 // MEDCONV_SPECTRAL_NO_FOLD=1 computes the channel transforms as plain GEMMs (a check and a baseline).
@@ -1324,16 +1500,18 @@ struct TableSet {
   Spec sp;
   std::vector<double> D;  // (C, 2Hp) forward DFT in double, for the spectral weights
   std::vector<T> Dm, Gm, Bu, Bv, Ge, Go;
+  channel_fft::Tables<T> fft;
   Plan<T> plan;
 };
 
 template <typename T>
 std::shared_ptr<const TableSet<T>> get_tables(i64 C, i64 nb, i64 n_rolls, bool adjoint, int isa) {
-  using Key = std::tuple<i64, i64, i64, bool, int, bool>;
+  using Key = std::tuple<i64, i64, i64, bool, int, bool, bool>;
   static std::mutex mu;
   static std::map<Key, std::shared_ptr<const TableSet<T>>> cache;
   const bool fold = fold_enabled();
-  const Key key{C, nb, n_rolls, adjoint, isa, fold};
+  const bool fft = fold && use_fft(C);
+  const Key key{C, nb, n_rolls, adjoint, isa, fold, fft};
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = cache.find(key);
@@ -1357,6 +1535,13 @@ std::shared_ptr<const TableSet<T>> get_tables(i64 C, i64 nb, i64 n_rolls, bool a
     set_fold_in<T>(p, sp, adjoint ? n_rolls : C, ts->Bu, ts->Bv);
     const i64 rout = adjoint ? C : n_rolls;
     if (rout > C / 2 + 1) set_fold_out<T>(p, sp, rout, ts->Ge, ts->Go);
+  }
+  if (fft) {
+    ts->fft = channel_fft::make_tables<T>(C);
+    p.fft = &ts->fft;
+    p.fft_in = p.fft_out = true;
+    p.C = C;
+    p.Rout = adjoint ? C : n_rolls;
   }
   p.Dm = ts->Dm.data();
   p.Gm = ts->Gm.data();
@@ -1681,6 +1866,10 @@ at::Tensor spectral_gw(const at::Tensor& small, const at::Tensor& big, const Geo
     p.Kv = tb->plan.Kv;
     p.Bu = tb->plan.Bu;
     p.Bv = tb->plan.Bv;
+    p.fft = tb->plan.fft;
+    p.fft_in = tb->plan.fft_in;
+    q.sfft = ts->plan;
+    q.sfft.NBi = conv ? g.nb : 1;
     const T* Ds = ts->plan.Dm;
     q.ssrc = small.data_ptr<T>();
     q.sN = small.stride(0);
@@ -1806,6 +1995,17 @@ std::string cpu_isa_for_op(int64_t c_in, int64_t elem_bytes) {
               "medconv::cpu_isa_for: expected c_in >= 1 and elem_bytes 2, 4 or 8, got ", c_in, ", ", elem_bytes);
   return cpu_isa_name(call_isa(c_in, elem_bytes == 8 ? 8 : 4));
 }
+std::string channel_transform_op() { return transform_name(transform_state().load()); }
+std::string channel_transform_for_op(int64_t c_in) {
+  TORCH_CHECK(c_in >= 1, "medconv::channel_transform_for: expected c_in >= 1, got ", c_in);
+  return use_fft(c_in) && fold_enabled() ? "fft" : "gemm";
+}
+std::string set_channel_transform_op(const std::string& name) {
+  const int v = transform_parse(name);
+  TORCH_CHECK(v >= 0, "medconv::set_channel_transform: expected one of 'auto', 'gemm', 'fft', got '", name, "'");
+  transform_state().store(v);
+  return channel_transform_op();
+}
 std::string set_cpu_isa_op(const std::string& name) {
   const int v = cpu_isa_parse(name.c_str());
   TORCH_CHECK(v >= 0, "medconv::set_cpu_isa: expected one of 'auto', 'avx512', 'avx2', 'generic' ('scalar'), got '",
@@ -1824,6 +2024,9 @@ TORCH_LIBRARY_FRAGMENT(medconv, m) {
   m.def("cpu_isa_max() -> str", &medconv::cpu_isa_max_op);
   m.def("cpu_isa_for(int c_in, int elem_bytes) -> str", &medconv::cpu_isa_for_op);
   m.def("set_cpu_isa(str isa) -> str", &medconv::set_cpu_isa_op);
+  m.def("channel_transform() -> str", &medconv::channel_transform_op);
+  m.def("set_channel_transform(str mode) -> str", &medconv::set_channel_transform_op);
+  m.def("channel_transform_for(int c_in) -> str", &medconv::channel_transform_for_op);
 }
 
 TORCH_LIBRARY_IMPL(medconv, CPU, m) {

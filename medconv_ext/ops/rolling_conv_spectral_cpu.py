@@ -28,11 +28,14 @@ from .rolling_conv_spectral import OP, OP_T, _grad_finite, rolling_conv_spectral
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 ISAS = ("avx512", "avx2", "generic")  # widest first; see csrc/cpu/cpu_dispatch.h
 _ISA_NAMES = ("auto",) + ISAS + ("scalar",)
-# The channel transforms are GEMMs (C^2/2 multiply-adds per pixel each way after folding); the
-# composition's rFFT costs C log C. Measured forward, 2 threads (lightly loaded machine): fused vs
-# composition 2D 3x3 C=256 at 48^2 29.9 vs 80.6 ms, 3D 5^3 C=256 at 8^3 28.0 vs 19.5 ms, 2D 3x3
-# C=512 at 32^2 26.6 vs 5.9 ms. Above this C_in the "spectral" backend runs the composition.
+# Above FUSED_MAX_C input channels the "spectral" backend runs the fused kernel only where its channel
+# transforms are an FFT (even C_in whose half is a product of 2, 4, 8 and odd primes <= 13; see
+# transform_for), up to FUSED_FFT_MAX_C, and the composition otherwise: the kernel's folded DFT GEMMs
+# cost C^2/2 multiply-adds per pixel each way, the composition's rFFT C log C. Measurements:
+# docs/rolling_conv_spectral.md ("The channel FFT").
 FUSED_MAX_C = 256
+FUSED_FFT_MAX_C = 512
+TRANSFORMS = ("auto", "gemm", "fft")
 _SUM_DIMS = {4: [0, 2, 3], 5: [0, 2, 3, 4]}
 
 
@@ -48,9 +51,49 @@ def supports(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> Optiona
         return "dtype %s (the fused CPU kernel has float32, float64 and bfloat16)" % x.dtype
     if x.dim() not in (4, 5):
         return "only 2D and 3D"
-    if x.shape[1] > FUSED_MAX_C:
-        return "C_in = %d > %d: the composition's rFFT (C log C) beats the DFT GEMM there" % (x.shape[1], FUSED_MAX_C)
+    c_in = x.shape[1]
+    if c_in > FUSED_MAX_C and (c_in > FUSED_FFT_MAX_C or transform_for(c_in) != "fft"):
+        return ("C_in = %d: above %d the fused kernel runs only with its channel FFT, up to %d (here: %s); the "
+                "composition's rFFT (C log C) beats the DFT GEMM" % (c_in, FUSED_MAX_C, FUSED_FFT_MAX_C,
+                                                                     transform_for(c_in)))
     return None
+
+
+def channel_transform() -> str:
+    """How the fused kernel computes its channel transforms: "auto" (the default: the channel FFT wherever
+    C_in allows it, else the folded DFT GEMMs), "gemm" or "fft" (forced, for checks and benchmarks)."""
+    return torch.ops.medconv.channel_transform()
+
+
+def transform_for(c_in: int) -> str:
+    """"fft" or "gemm": what the fused kernel runs for a layer with c_in input channels under the current
+    setting (the FFT needs an even c_in whose half is a product of 2, 4, 8 and odd primes <= 13)."""
+    return torch.ops.medconv.channel_transform_for(int(c_in))
+
+
+def set_channel_transform(name: str) -> str:
+    """Sets the channel transform for the whole process ("auto", "gemm" or "fft"; the environment variable
+    MEDCONV_CHANNEL_TRANSFORM sets it at start-up); returns the setting now in effect."""
+    if name not in TRANSFORMS:
+        raise ValueError("set_channel_transform: expected one of %s, got %r" % (", ".join(TRANSFORMS), name))
+    from ..backends import clear_dispatch_cache
+    clear_dispatch_cache()  # the fused-or-composition choice above FUSED_MAX_C depends on it
+    return torch.ops.medconv.set_channel_transform(name)
+
+
+class use_channel_transform:
+    """Context manager: run the fused kernel with channel transform `name`, then restore the previous one."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.prev = channel_transform()
+        return set_channel_transform(self.name)
+
+    def __exit__(self, *exc):
+        set_channel_transform(self.prev)
+        return False
 
 
 def _bshape(t: torch.Tensor, dim: int):
