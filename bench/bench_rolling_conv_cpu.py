@@ -1,7 +1,8 @@
 """The fused spectral CPU kernel (backend "spectral" on CPU tensors) and backend "auto" against
 torch's dense convolution (oneDNN) of the same shape, each in NCHW and channels-last memory, per
 instruction-set copy of the kernel (avx512 / avx2 / generic, the ones this CPU runs), forward and
-forward+backward. Every row names the ISA copy, the dtype and the machine's load average.
+forward+backward. Every row names the ISA copy and channel transform (fft or gemm) of the kernel, the dtype
+and the machine's load average.
 
     PYTHONPATH=. python bench/bench_rolling_conv_cpu.py --set fused --threads 2
     PYTHONPATH=. python bench/bench_rolling_conv_cpu.py --set small --isa avx512 --mode fwd
@@ -132,6 +133,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--isa", default="auto", help="comma list of auto,avx512,avx2,generic; 'all': auto and "
                     "every copy this CPU runs (auto: the default selection, the copy it picked is named)")
+    ap.add_argument("--transform", default="auto", help="comma list of the fused kernel's channel transforms: "
+                    "auto (the FFT where C_in allows it), fft, gemm (the folded DFT GEMMs); each row names the one run")
     ap.add_argument("--mode", default="fwd,fwdbwd")
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or both: float32,bfloat16")
     ap.add_argument("--timer", default="wall", choices=["wall", "cpu"])
@@ -150,6 +153,10 @@ def main():
         if d not in ("float32", "bfloat16"):
             ap.error("--dtype: float32 and/or bfloat16, got %r" % d)
     isas = ["auto"] + fused.supported_isas() if a.isa == "all" else a.isa.split(",")
+    transforms = a.transform.split(",")
+    for t in transforms:
+        if t not in fused.TRANSFORMS:
+            ap.error("--transform: a comma list of %s, got %r" % (", ".join(fused.TRANSFORMS), t))
     shapes = [tuple(int(v) for v in s.split(",")) for s in a.shape] if a.shape else SETS[a.set]
     load0 = os.getloadavg()[0]
     peak = gemm_gflops(a.budget, a.timer)
@@ -158,8 +165,8 @@ def main():
     hdr = ("shape", "dtype", "mode", "isa", "dense_ms", "dense_layout", "spectral_ms", "spectral_layout", "speedup",
            "auto", "auto_layout", "auto_nchw", "auto_cl", "auto_backend", "ref_nchw", "ref_cl", "spec_nchw", "spec_cl",
            "dense_gflops", "spectral_gflops", "gemm_gflops", "load")
-    fmt_h = "%-24s %-8s %-6s %-11s %9s %-5s %11s %-5s %7s %5s %-5s %9s %7s %-9s %8s %6s %9s %7s %8s %8s"
-    fmt_r = ("%-24s %-8s %-6s %-11s %9.3f %-5s %11.3f %-5s %7.2f %5.2f %-5s %9.2f %7.2f %-9s %8.2f %6.2f %9.2f %7.2f "
+    fmt_h = "%-24s %-8s %-6s %-16s %9s %-5s %11s %-5s %7s %5s %-5s %9s %7s %-9s %8s %6s %9s %7s %8s %8s"
+    fmt_r = ("%-24s %-8s %-6s %-16s %9.3f %-5s %11.3f %-5s %7.2f %5.2f %-5s %9.2f %7.2f %-9s %8.2f %6.2f %9.2f %7.2f "
              "%8.0f %8.0f")
     print(fmt_h % hdr[:20])
     rows = []
@@ -186,8 +193,8 @@ def main():
                                    a.timer) for lay in ("nchw", "cl")}
             dl = min(dense, key=dense.get)
             nan = float("nan")
-            for isa in isas:
-                with fused.use_isa(isa):
+            for isa, transform in [(i, t) for i in isas for t in transforms]:
+                with fused.use_isa(isa), fused.use_channel_transform(transform):
                     spec = {"nchw": nan, "cl": nan}
                     if not a.auto_only:
                         spec = {lay: timer_ms(runner(lambda lay=lay: rc(xs[lay], ws, None, 1, pad, n_rolls=nr,
@@ -208,7 +215,7 @@ def main():
                                                     a.budget, a.timer)
                             auto[lay] = dense[lay] / auto_ms[lay]
                     al = min(auto_ms, key=auto_ms.get) if auto_ms else "-"
-                    label = isa if isa != "auto" else "auto:" + fused.isa(C, dtype)
+                    label = (isa if isa != "auto" else "auto:" + fused.isa(C, dtype)) + "/" + fused.transform_for(C)
                 row = dict(shape=shape, dtype=dtype_name, mode=mode, isa=label, dense_ms=dense[dl], dense_layout=dl,
                            spectral_ms=spec[sl], spectral_layout=sl, speedup=dense[dl] / spec[sl],
                            auto=dense[dl] / auto_ms[al] if auto_ms else nan, auto_layout=al,
