@@ -6,6 +6,8 @@ Nyquist bin or not (even / odd C_in, C_in = 1, 2), several bases, partial rolls,
 dilation (the adjoint of the CPU depthwise path re-indexes for those), the transposed op,
 16-bit inputs computed in float32, gradients, and torch.compile(fullgraph=True).
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -225,6 +227,29 @@ def test_cpu_auto_rule():
     x2 = lambda c, dt=torch.float32, **kw: torch.randn(1, c, 4, 4, dtype=dt, **kw)  # noqa: E731
     assert rule(x2(512), w2(512), False) == ["spectral"]
     assert rule(x2(512), w2(512, 1), False) == ["reference"]  # 1x1: no gain
+    if fused.available():  # with the fused CPU kernel's channel FFT (the default for even C_in): lower 2D thresholds
+        xb = lambda c, dt=torch.float32, **kw: torch.empty(1, c, 64, 64, dtype=dt, **kw)  # noqa: E731
+        cl, bf = torch.channels_last, torch.bfloat16
+        x128 = torch.empty(1, 16, 128, 128)
+        assert rule(x128.contiguous(memory_format=cl), w2(16), False) == ["spectral"]  # any layout from C_in = 16
+        assert rule(xb(16, requires_grad=True), w2(16), False) == ["spectral"]  # training too, full roll
+        assert rule(xb(64, requires_grad=True), w2(64), False, 16) == ["reference"]  # partial: as with the GEMMs
+        assert rule(xb(15), w2(15), False) == ["reference"]  # odd C_in: the GEMMs' rule
+        assert rule(xb(16, bf), w2(16, 3, bf), False) == ["spectral"]  # bfloat16 NCHW from C_in = 16
+        assert rule(xb(32, bf, requires_grad=True), w2(32, 3, bf), False) == ["spectral"]
+        big_cl = torch.empty(1, 16, 128, 128, dtype=bf).contiguous(memory_format=cl)
+        assert rule(big_cl, w2(16, 3, bf), False) == ["reference"]  # bf16 channels-last C_in < 32 above 64^2
+        assert rule(xb(16, bf).contiguous(memory_format=cl), w2(16, 3, bf), False) == ["spectral"]
+        assert rule(torch.empty(1, 32, 128, 128, dtype=bf).contiguous(memory_format=cl), w2(32, 3, bf),
+                    False) == ["spectral"]
+        xcl = xb(32, bf).contiguous(memory_format=cl).requires_grad_(True)
+        assert rule(xcl, w2(32, 3, bf), False) == ["reference"]  # bf16 channels-last training: C_in >= 64
+    with fused.use_channel_transform("gemm") if fused.available() else contextlib.nullcontext():
+        _cpu_auto_rule_gemm(rule, fused, w2, x2)
+
+
+def _cpu_auto_rule_gemm(rule, fused, w2, x2):
+    """The rule with the folded DFT GEMMs (odd C_in, or MEDCONV_CHANNEL_TRANSFORM=gemm)."""
     if fused.available():  # with the fused CPU kernel (float32/float64/bfloat16, C_in <= 256)
         xb = lambda c, dt=torch.float32, **kw: torch.empty(1, c, 64, 64, dtype=dt, **kw)  # noqa: E731
         assert rule(xb(16), w2(16), False) == ["spectral"]  # 2D inference from C_in=16 ...

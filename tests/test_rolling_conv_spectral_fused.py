@@ -302,6 +302,10 @@ def test_channel_transform_setting_and_agreement():
     assert fused.channel_transform() == "auto"  # no MEDCONV_CHANNEL_TRANSFORM in the test environment
     assert [fused.transform_for(c) for c in (1, 2, 5, 16, 30, 34, 64, 300, 512)] == [
         "gemm", "fft", "gemm", "fft", "fft", "gemm", "fft", "fft", "fft"]
+    for t in ("auto", "gemm", "fft"):  # the Python mirror the dispatch rule reads agrees with the kernel's choice
+        with fused.use_channel_transform(t):
+            for c in range(1, 530):
+                assert fused.transform_for(c) == torch.ops.medconv.channel_transform_for(c), (t, c)
     gen = torch.Generator().manual_seed(11)
     x, w, b = _inputs(2, 1, 64, 1, 64, (5, 9), 3, False, torch.float32, gen)
     outs = {}

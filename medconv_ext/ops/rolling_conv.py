@@ -223,10 +223,16 @@ _FUSED_BF16_MIN_C_2D = 64  # bfloat16 2D: oneDNN's bf16 conv (AVX512-BF16) runs 
 _FUSED_BF16_MID_C_2D = 32  # ... in inference from C_in >= 32 up to this many pixels
 _FUSED_BF16_MID_PIXELS_2D = 64 * 64
 _FUSED_BF16_MIN_C_3D_27 = 16  # bfloat16 3D with 27 taps (3x3x3); 5x5x5 and up: any C_in
+# With the kernel's channel FFT (even C_in; transform_for) and C_out >= C_in the 2D thresholds are lower: from
+# C_in >= 16 in float32/64 (any layout, training too) and, in bfloat16, for NC(D)HW input; bfloat16
+# channels-last input from C_in >= 32 in inference, or C_in >= 16 up to 64^2 pixels (training: as without)
+_FFT_MIN_C_2D = 16
+_FFT_BF16_CL_MIN_C_2D = 32
+_FFT_BF16_CL_MAX_PIXELS_2D = 64 * 64
 
 
 def _cpu_auto_candidates_fused(dims: int, c_in: int, c_out: int, taps: int, training: bool, pixels: int = 1 << 30,
-                               bf16: bool = False, channels_last: bool = False) -> List[str]:
+                               bf16: bool = False, channels_last: bool = False, fft: bool = False) -> List[str]:
     if taps < _CPU_SPECTRAL_MIN_TAPS[dims] or c_out * _FUSED_MIN_C_OUT_FRACTION < c_in:
         return ["reference"]
     if dims == 3:
@@ -234,6 +240,11 @@ def _cpu_auto_candidates_fused(dims: int, c_in: int, c_out: int, taps: int, trai
             return ["reference"]
         return ["spectral"]
     small = c_in >= 8 and c_in * pixels <= _FUSED_SMALL_WORK_2D
+    if fft and c_in >= _FFT_MIN_C_2D and c_out >= c_in:  # measured with full rolls; partial ones: below
+        if not bf16 or not channels_last:
+            return ["spectral"]
+        if not training and (c_in >= _FFT_BF16_CL_MIN_C_2D or pixels <= _FFT_BF16_CL_MAX_PIXELS_2D):
+            return ["spectral"]
     if bf16:
         big = c_in >= _FUSED_BF16_MIN_C_2D and (not training or c_out >= _FUSED_BF16_MIN_C_2D)
         mid = not training and c_in >= _FUSED_BF16_MID_C_2D and pixels <= _FUSED_BF16_MID_PIXELS_2D
@@ -260,7 +271,10 @@ def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool
         for s in x.shape[2:]:
             pixels *= int(s)
         cl = dims == 2 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return _cpu_auto_candidates_fused(dims, c_in, c_out, taps, training, pixels, x.dtype == torch.bfloat16, cl)
+        from .rolling_conv_spectral_cpu import transform_for
+        fft = dims == 2 and transform_for(c_in) == "fft"
+        return _cpu_auto_candidates_fused(dims, c_in, c_out, taps, training, pixels, x.dtype == torch.bfloat16, cl,
+                                          fft)
     # without the fused kernel (float16, C_in > 256, no compiled extension): the composition
     min_c = _CPU_SPECTRAL_MIN_C.get((dims, training))
     if dims == 2 and not training and c_out < _CPU_SPECTRAL_MIN_C_OUT_2D:

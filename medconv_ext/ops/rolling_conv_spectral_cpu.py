@@ -59,16 +59,43 @@ def supports(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> Optiona
     return None
 
 
+# The process-wide setting, mirrored here (read once from the extension, which reads
+# MEDCONV_CHANNEL_TRANSFORM; kept in step by set_channel_transform) so that the dispatch rule can read it
+# without calling an operator, e.g. while torch.compile traces.
+_TRANSFORM_SETTING: List[str] = []
+_FFT_MAX_ODD_PRIME = 13  # csrc/cpu/channel_fft.h kMaxOddRadix
+
+
 def channel_transform() -> str:
     """How the fused kernel computes its channel transforms: "auto" (the default: the channel FFT wherever
     C_in allows it, else the folded DFT GEMMs), "gemm" or "fft" (forced, for checks and benchmarks)."""
-    return torch.ops.medconv.channel_transform()
+    if not _TRANSFORM_SETTING:
+        _TRANSFORM_SETTING.append(torch.ops.medconv.channel_transform())
+    return _TRANSFORM_SETTING[0]
+
+
+def fft_supported(c_in: int) -> bool:
+    """Whether the kernel has a channel FFT for c_in channels: c_in even and c_in / 2 a product of 2, 4, 8 and
+    odd primes <= 13 (channel_fft::supported)."""
+    if c_in < 2 or c_in % 2:
+        return False
+    n = c_in // 2
+    while n % 2 == 0:
+        n //= 2
+    p = 3
+    while n > 1:
+        if p > _FFT_MAX_ODD_PRIME:
+            return False
+        while n % p == 0:
+            n //= p
+        p += 2
+    return True
 
 
 def transform_for(c_in: int) -> str:
     """"fft" or "gemm": what the fused kernel runs for a layer with c_in input channels under the current
-    setting (the FFT needs an even c_in whose half is a product of 2, 4, 8 and odd primes <= 13)."""
-    return torch.ops.medconv.channel_transform_for(int(c_in))
+    setting (the same answer as torch.ops.medconv.channel_transform_for, without calling an operator)."""
+    return "fft" if channel_transform() != "gemm" and fft_supported(int(c_in)) else "gemm"
 
 
 def set_channel_transform(name: str) -> str:
@@ -77,8 +104,10 @@ def set_channel_transform(name: str) -> str:
     if name not in TRANSFORMS:
         raise ValueError("set_channel_transform: expected one of %s, got %r" % (", ".join(TRANSFORMS), name))
     from ..backends import clear_dispatch_cache
-    clear_dispatch_cache()  # the fused-or-composition choice above FUSED_MAX_C depends on it
-    return torch.ops.medconv.set_channel_transform(name)
+    clear_dispatch_cache()  # the backend choice depends on it (above FUSED_MAX_C; the 2D auto thresholds)
+    now = torch.ops.medconv.set_channel_transform(name)
+    _TRANSFORM_SETTING[:] = [now]
+    return now
 
 
 class use_channel_transform:
@@ -164,6 +193,8 @@ def out_memory_format(x: torch.Tensor):
 
 
 if available():
+    channel_transform()  # fills the mirror now: the dispatch rule may first read it while torch.compile traces
+
     @torch.library.register_fake("medconv::rolling_conv_spectral")
     def _(x, weight, bias, scale, shift, relu, stride, padding, dilation, n_rolls):
         out = [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
