@@ -296,6 +296,24 @@ def test_isa_copies_agree():
         assert _rel(_op(x, w, b, False, 1, 1, 0, 1, 12), _ref(x, w, b, False, 1, 1, 0, 1, 12)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_bfloat16_output_is_the_float32_result_rounded_by_torch(layout, isa):
+    """bfloat16 runs the float32 arithmetic and rounds once at the store (vectorized): bit for bit torch's
+    rounding of the float32 op's output on the same values, NaN and +-Inf (from the epilogue) included."""
+    gen = torch.Generator().manual_seed(13)
+    for dims, size, c in ((2, (5, 37), 32), (2, (3, 9), 5), (3, (3, 4, 11), 16)):
+        x, w, b = _inputs(dims, 1, c, 1, c, size, 3, False, torch.bfloat16, gen)
+        x = _layouts(x)[layout]
+        scale = torch.randn(c, generator=gen).to(torch.bfloat16)
+        shift = torch.randn(c, generator=gen).to(torch.bfloat16)
+        scale[1], shift[2], shift[3] = float("nan"), float("inf"), -float("inf")
+        y16 = _op(x, w, b, False, 1, 1, 0, 1, c, scale, shift, True)
+        y32 = _op(x.float(), w.float(), b.float(), False, 1, 1, 0, 1, c, scale.float(), shift.float(), True)
+        assert y16.dtype == torch.bfloat16 and _fmt(y16) == _fmt(y32)
+        torch.testing.assert_close(y16, y32.to(torch.bfloat16), rtol=0, atol=0, equal_nan=True)
+        assert torch.isnan(y16[:, 1]).all() and torch.isinf(y16[:, 2]).all()
+
+
 def test_channel_transform_setting_and_agreement():
     """The FFT runs for even C_in whose half has no prime factor above 13 (the GEMMs otherwise, and under
     "gemm"); both give the reference's result, by different sums (not bit-identical: the switch works)."""

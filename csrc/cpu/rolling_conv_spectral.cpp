@@ -771,19 +771,64 @@ MEDCONV_INLINE void store_block_nchw(const T* Z, i64 ldz, i64 npx, i64 Co, i64 P
     for (i64 q = qv; q < npx; ++q) dst[c * P + q] = Z[q * ldz + c];
 }
 
+// n floats rounded to bfloat16 (nearest even, NaN kept quiet: float_to_bf16), 2 * VB / 4 at a time: each
+// rounded in 32-bit lanes, then the low halves of two vectors packed into one (a two-source shuffle;
+// GCC 12 refuses __builtin_convertvector on these template-dependent vector types).
+template <size_t... L>
+MEDCONV_INLINE auto even_halves_mask(std::index_sequence<L...>) {
+  constexpr int NH = sizeof...(L);  // 16-bit lanes per vector
+  typedef int16_t M __attribute__((vector_size(NH * 2)));
+  return M{(int16_t)((int)L < NH / 2 ? 2 * (int)L : 2 * ((int)L - NH / 2) + NH)...};
+}
+
+template <int VB>
+MEDCONV_INLINE void floats_to_bf16(const float* s, uint16_t* d, i64 n) {
+  typedef uint32_t U __attribute__((vector_size(VB)));
+  typedef uint16_t H __attribute__((vector_size(VB)));
+  constexpr i64 NL = VB / 4;
+  const auto mask = even_halves_mask(std::make_index_sequence<2 * NL>{});
+  auto round = [](const float* p) {
+    U u;
+    std::memcpy(&u, p, sizeof(U));
+    const U r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const U m = (U)((u & 0x7fffffffu) > 0x7f800000u);
+    const U v = (r & ~m) | (((u >> 16) | 0x40u) & m);
+    H h;
+    std::memcpy(&h, &v, sizeof(H));
+    return h;
+  };
+  i64 i = 0;
+  for (; i + 2 * NL <= n; i += 2 * NL) {
+    const H h = __builtin_shuffle(round(s + i), round(s + i + NL), mask);
+    std::memcpy(d + i, &h, sizeof(H));
+  }
+  for (; i < n; ++i) d[i] = float_to_bf16(s[i]);
+}
+
 template <typename T, typename To, int VB>
 MEDCONV_INLINE void store_block_t(const Plan<T>& p, const T* Z, i64 ldz, i64 npx, i64 n, i64 pix0) {
   const i64 P = p.O[0] * p.O[1] * p.O[2], Co = p.Cout;
   To* o = (To*)p.out_any;
+  constexpr bool f2b = std::is_same<T, float>::value && std::is_same<To, uint16_t>::value;
   if (p.out_cl) {
     To* dst = o + (n * P + pix0) * Co;
-    for (i64 q = 0; q < npx; ++q)
-      for (i64 c = 0; c < Co; ++c) dst[q * Co + c] = cvt_out<T, To>(Z[q * ldz + c]);
+    for (i64 q = 0; q < npx; ++q) {
+      if constexpr (f2b) floats_to_bf16<VB>(Z + q * ldz, dst + q * Co, Co);
+      else
+        for (i64 c = 0; c < Co; ++c) dst[q * Co + c] = cvt_out<T, To>(Z[q * ldz + c]);
+    }
     return;
   }
   To* dst = o + n * Co * P + pix0;
   if constexpr (std::is_same<To, T>::value) {
     store_block_nchw<T, VB>(Z, ldz, npx, Co, P, dst);
+    return;
+  }
+  if constexpr (f2b) {  // transposed in float tiles (per thread), then each channel's pixels rounded in vectors
+    thread_local std::vector<float> tz;
+    if ((i64)tz.size() < Co * npx) tz.resize(Co * npx);
+    store_block_nchw<T, VB>(Z, ldz, npx, Co, npx, tz.data());
+    for (i64 c = 0; c < Co; ++c) floats_to_bf16<VB>(tz.data() + c * npx, dst + c * P, npx);
     return;
   }
   constexpr i64 QB = 16;  // 16 rows of Z stay in L1 while every channel's 16 pixels are written
