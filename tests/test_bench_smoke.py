@@ -209,3 +209,21 @@ def test_bench_rolling_conv_threads_quick():
         import math
         assert len(rows) == 2  # times > 0 and a finite speed-up (its value depends on the machine's load)
         assert all(float(r[-3]) > 0 and float(r[-2]) > 0 and math.isfinite(float(r[-1])) for r in rows)
+
+
+def test_bench_rolling_conv_transforms_quick():
+    """bench/bench_rolling_conv_transforms.py runs end to end on tiny shapes: both transforms timed where the
+    channel count has an FFT, the composition above 256 channels, the setting restored."""
+    import math
+    import subprocess
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_rolling_conv_transforms.py"), "--quick",
+                        "--reps", "1"], capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr
+    if "not built" in p.stdout:
+        return
+    rows = [l.split() for l in p.stdout.splitlines() if l[:2] in ("2d", "3d")]
+    assert len(rows) == 6  # 3 shapes x 2 layouts
+    for r in rows:
+        gemm, fft, comp = float(r[-4]), float(r[-3]), float(r[-1])
+        assert gemm > 0 and fft > 0
+        assert math.isfinite(comp) == (r[1] == "C=300")
