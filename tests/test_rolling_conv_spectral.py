@@ -244,6 +244,16 @@ def test_cpu_auto_rule():
                     False) == ["spectral"]
         xcl = xb(32, bf).contiguous(memory_format=cl).requires_grad_(True)
         assert rule(xcl, w2(32, 3, bf), False) == ["reference"]  # bf16 channels-last training: C_in >= 64
+        # the 2x2 transposed up-sampling (weight (C_in, n_base, 2, 2), half roll): fused from C_in = 128
+        # (training: 64); a 2x2 conv, 3D up-sampling and few-tap layers without the FFT stay on the bank
+        up = lambda c: torch.empty(c, 1, 2, 2)  # noqa: E731
+        assert rule(xb(128), up(128), True, 64) == ["spectral"]
+        assert rule(xb(64), up(64), True, 32) == ["reference"]
+        assert rule(xb(64, requires_grad=True), up(64), True, 32) == ["spectral"]
+        assert rule(xb(128), torch.empty(1, 128, 2, 2), False, 64) == ["reference"]
+        assert rule(torch.empty(1, 128, 4, 4, 4), torch.empty(128, 1, 2, 2, 2), True, 64) == ["reference"]
+        assert rule(xb(130), up(130), True, 65) == ["spectral"]  # 130 / 2 = 5 * 13 has an FFT ...
+        assert rule(xb(134), up(134), True, 67) == ["reference"]  # ... 67 is a prime above 13: none
     with fused.use_channel_transform("gemm") if fused.available() else contextlib.nullcontext():
         _cpu_auto_rule_gemm(rule, fused, w2, x2)
 

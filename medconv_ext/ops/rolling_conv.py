@@ -229,12 +229,20 @@ _FUSED_BF16_MIN_C_3D_27 = 16  # bfloat16 3D with 27 taps (3x3x3); 5x5x5 and up: 
 _FFT_MIN_C_2D = 16
 _FFT_BF16_CL_MIN_C_2D = 32
 _FFT_BF16_CL_MAX_PIXELS_2D = 64 * 64
+# The 2D transposed up-sampling (2x2, stride 2: 4 taps) with the channel FFT: the fused kernel from C_in >= 128
+# in inference, C_in >= 64 in training (the bank's transposed-conv backward is slow there)
+_FFT_UP_MIN_TAPS_2D = 4
+_FFT_UP_MIN_C_2D = {False: 128, True: 64}
 
 
 def _cpu_auto_candidates_fused(dims: int, c_in: int, c_out: int, taps: int, training: bool, pixels: int = 1 << 30,
-                               bf16: bool = False, channels_last: bool = False, fft: bool = False) -> List[str]:
-    if taps < _CPU_SPECTRAL_MIN_TAPS[dims] or c_out * _FUSED_MIN_C_OUT_FRACTION < c_in:
+                               bf16: bool = False, channels_last: bool = False, fft: bool = False,
+                               transposed: bool = False) -> List[str]:
+    if c_out * _FUSED_MIN_C_OUT_FRACTION < c_in:
         return ["reference"]
+    if taps < _CPU_SPECTRAL_MIN_TAPS[dims]:
+        up = transposed and dims == 2 and fft and taps >= _FFT_UP_MIN_TAPS_2D
+        return ["spectral"] if up and c_in >= _FFT_UP_MIN_C_2D[training] else ["reference"]
     if dims == 3:
         if bf16 and taps < 125 and c_in < _FUSED_BF16_MIN_C_3D_27:
             return ["reference"]
@@ -274,7 +282,7 @@ def _cpu_auto_candidates(x: torch.Tensor, weight: torch.Tensor, transposed: bool
         from .rolling_conv_spectral_cpu import transform_for
         fft = dims == 2 and transform_for(c_in) == "fft"
         return _cpu_auto_candidates_fused(dims, c_in, c_out, taps, training, pixels, x.dtype == torch.bfloat16, cl,
-                                          fft)
+                                          fft, transposed)
     # without the fused kernel (float16, C_in > 256, no compiled extension): the composition
     min_c = _CPU_SPECTRAL_MIN_C.get((dims, training))
     if dims == 2 and not training and c_out < _CPU_SPECTRAL_MIN_C_OUT_2D:
