@@ -344,12 +344,12 @@ def test_channel_transform_setting_and_agreement():
 
 def test_fused_above_256_channels_only_with_the_fft():
     """Above 256 input channels the "spectral" backend runs the fused kernel where its channel FFT runs (up to
-    512), the composition elsewhere; both agree with the reference."""
+    1024), the composition elsewhere; both agree with the reference."""
     def probe(c):
         return fused.supports(torch.empty(1, c, 4, 4), torch.empty(1, c, 3, 3), False)
     assert probe(256) is None and probe(512) is None and probe(300) is None
     assert "514" in probe(514)  # C/2 = 257, a prime: GEMMs, so the composition
-    assert probe(1024) is not None
+    assert probe(1024) is None and probe(2048) is not None
     with fused.use_channel_transform("gemm"):
         assert probe(512) is not None and probe(256) is None
     gen = torch.Generator().manual_seed(12)

@@ -34,7 +34,7 @@ _ISA_NAMES = ("auto",) + ISAS + ("scalar",)
 # cost C^2/2 multiply-adds per pixel each way, the composition's rFFT C log C. Measurements:
 # docs/rolling_conv_spectral.md ("The channel FFT").
 FUSED_MAX_C = 256
-FUSED_FFT_MAX_C = 512
+FUSED_FFT_MAX_C = 1024
 TRANSFORMS = ("auto", "gemm", "fft")
 _SUM_DIMS = {4: [0, 2, 3], 5: [0, 2, 3, 4]}
 
