@@ -25,11 +25,6 @@ SHAPES = [(2, 32, 512), (2, 64, 512), (2, 128, 256), (3, 32, 48)]  # dims, C of 
 QUICK = [(2, 8, 24), (3, 4, 8)]
 
 
-def _median_ms(fn, reps):
-    """Median wall time (ms) of reps calls after a warm-up (the shared harness's timer)."""
-    return harness.time_ms(fn, torch.device("cpu"), warmup=2, min_reps=reps, max_reps=reps, budget_s=0.0)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -52,8 +47,8 @@ def main(argv=None):
                 x, x2 = x.contiguous(memory_format=mf), x2.contiguous(memory_format=mf)
             w = torch.randn(1, 2 * c, *(3,) * dims)
             with torch.no_grad():
-                t_cat = _median_ms(lambda: conv(torch.cat([x, x2], 1), w, None, 1, 1, 1, c, "spectral"), a.reps)
-                t_in = _median_ms(lambda: rolling_conv_cat(x, x2, w, None, 1, 1, 1, c, "spectral"), a.reps)
+                t_cat = harness.median_ms(lambda: conv(torch.cat([x, x2], 1), w, None, 1, 1, 1, c, "spectral"), a.reps)
+                t_in = harness.median_ms(lambda: rolling_conv_cat(x, x2, w, None, 1, 1, 1, c, "spectral"), a.reps)
             print("%-22s %-6s %12.3f %12.3f %8.2f" % ("%dd C=%d+%d S=%d" % (dims, c, c, s), layout, t_cat, t_in,
                                                      t_cat / t_in))
     print("load average after: %.2f" % os.getloadavg()[0])

@@ -24,11 +24,6 @@ SHAPES = [(1, 64, 256, 3, 2), (1, 64, 512, 3, 2), (1, 128, 128, 3, 2), (1, 128, 
 QUICK = [(1, 16, 24, 3, 2), (1, 8, 8, 3, 3)]
 
 
-def _median_ms(fn, reps):
-    """Median wall time (ms) of reps calls after a warm-up (the shared harness's timer)."""
-    return harness.time_ms(fn, torch.device("cpu"), warmup=2, min_reps=reps, max_reps=reps, budget_s=0.0)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="the thread count compared with 1")
@@ -51,9 +46,9 @@ def main(argv=None):
         old = torch.get_num_threads()
         try:
             torch.set_num_threads(1)
-            t1 = _median_ms(run, a.reps)
+            t1 = harness.median_ms(run, a.reps)
             torch.set_num_threads(a.threads)
-            tn = _median_ms(run, a.reps)
+            tn = harness.median_ms(run, a.reps)
         finally:
             torch.set_num_threads(old)
         print("%-26s %10.3f %10.3f %8.2f" % ("%dd N=%d C=%d S=%d k=%d" % (dims, n, c, s, k), t1, tn, t1 / tn))

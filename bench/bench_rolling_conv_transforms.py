@@ -26,10 +26,6 @@ SHAPES = [(2, 16, 128, 3), (2, 32, 128, 3), (2, 64, 256, 3), (2, 128, 128, 3), (
 QUICK = [(2, 16, 12, 3), (3, 8, 6, 3), (2, 300, 4, 3)]
 
 
-def _median_ms(fn, reps):
-    return harness.time_ms(fn, torch.device("cpu"), warmup=2, min_reps=reps, max_reps=reps, budget_s=0.0)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -59,11 +55,11 @@ def main(argv=None):
                 t = {}
                 for name in ("gemm", "fft"):
                     fused.set_channel_transform(name)
-                    t[name] = _median_ms(fused_op, a.reps) if fused.transform_for(c) == name else float("nan")
+                    t[name] = harness.median_ms(fused_op, a.reps) if fused.transform_for(c) == name else float("nan")
                 comp = float("nan")
                 if c > fused.FUSED_MAX_C:
                     conv = fused.rolling_conv_spectral
-                    comp = _median_ms(lambda: conv(x, w, None, one, [k // 2] * dims, one, c), a.reps)
+                    comp = harness.median_ms(lambda: conv(x, w, None, one, [k // 2] * dims, one, c), a.reps)
                 print("%-22s %-5s %-6s %9.3f %9.3f %7.2f %12.3f" % ("%dd C=%d S=%d k=%d" % (dims, c, s, k), lay,
                                                                     fused.isa(c), t["gemm"], t["fft"],
                                                                     t["gemm"] / t["fft"], comp), flush=True)

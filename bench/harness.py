@@ -224,6 +224,11 @@ class Results:
         return path
 
 
+def median_ms(fn: Callable[[], object], reps: int, device: torch.device = torch.device("cpu")) -> float:
+    """Median wall time (ms) of exactly reps calls after 2 warm-up calls (the A/B benchmarks' timer)."""
+    return time_ms(fn, device, warmup=2, min_reps=reps, max_reps=reps, budget_s=0.0)
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         if math.isnan(v):

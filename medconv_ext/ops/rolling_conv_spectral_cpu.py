@@ -15,7 +15,7 @@ gradient, then the inverse transform to the base) ops.
 import functools
 import os
 import warnings
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch.autograd import forward_ad as _forward_ad
@@ -110,19 +110,27 @@ def set_channel_transform(name: str) -> str:
     return now
 
 
-class use_channel_transform:
-    """Context manager: run the fused kernel with channel transform `name`, then restore the previous one."""
+class _ProcessSetting:
+    """Context manager over a process-wide setting: set `name` on entry, restore the previous value on exit."""
+    get: Callable[[], str]
+    put: Callable[[str], str]
 
     def __init__(self, name: str):
         self.name = name
 
     def __enter__(self):
-        self.prev = channel_transform()
-        return set_channel_transform(self.name)
+        self.prev = type(self).get()
+        return type(self).put(self.name)
 
     def __exit__(self, *exc):
-        set_channel_transform(self.prev)
+        type(self).put(self.prev)
         return False
+
+
+class use_channel_transform(_ProcessSetting):
+    """Context manager: run the fused kernel with channel transform `name`, then restore the previous one."""
+    get = staticmethod(channel_transform)
+    put = staticmethod(set_channel_transform)
 
 
 def _bshape(t: torch.Tensor, dim: int):
@@ -163,19 +171,10 @@ def set_isa(name: str) -> str:
     return torch.ops.medconv.set_cpu_isa(name)
 
 
-class use_isa:
+class use_isa(_ProcessSetting):
     """Context manager: run the CPU kernels with ISA setting `name`, then restore the previous one."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        self.prev = isa_setting()
-        return set_isa(self.name)
-
-    def __exit__(self, *exc):
-        set_isa(self.prev)
-        return False
+    get = staticmethod(isa_setting)
+    put = staticmethod(set_isa)
 
 
 def _check_isa_env():
