@@ -1339,8 +1339,9 @@ void check_vec(const std::optional<at::Tensor>& v, const at::Tensor& x, i64 Cq, 
               "], got ", shape_str(v->sizes()));
 }
 
-// How the channel transforms run: "auto" (the FFT where channel_fft::supported(C) and C >= kFftMinC, else
-// the folded GEMMs), "gemm" (always the folded GEMMs) or "fft" (the FFT wherever supported). One
+// How the channel transforms run: "auto" and "fft" (the FFT wherever channel_fft::supported(C), else the
+// folded GEMMs; measured at least as fast on every benchmarked layer but the smallest, where the two are
+// within noise: docs/rolling_conv_spectral.md) or "gemm" (always the folded GEMMs). One
 // process-wide value: the environment variable MEDCONV_CHANNEL_TRANSFORM at the first call, or
 // torch.ops.medconv.set_channel_transform (tests run both paths; benchmarks compare them).
 enum ChannelTransform : int { kTransformAuto = 0, kTransformGemm = 1, kTransformFft = 2 };
@@ -1357,14 +1358,8 @@ std::atomic<int>& transform_state() {
   return v;
 }
 
-// Smallest C_in whose channel transforms run as an FFT under "auto": every C the FFT supports (measured
-// faster than the folded GEMMs from C_in = 4 up, about even at 2D C=16 16^2: docs/rolling_conv_spectral.md).
-constexpr i64 kFftMinC = 2;
-
 bool use_fft(i64 C) {
-  const int mode = transform_state().load(std::memory_order_relaxed);
-  if (mode == kTransformGemm || !channel_fft::supported(C)) return false;
-  return mode == kTransformFft || C >= kFftMinC;
+  return transform_state().load(std::memory_order_relaxed) != kTransformGemm && channel_fft::supported(C);
 }
 
 // MEDCONV_SPECTRAL_NO_FOLD=1 computes the channel transforms as plain GEMMs (a check and a baseline).
