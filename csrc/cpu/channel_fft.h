@@ -122,6 +122,42 @@ MEDCONV_INLINE void transpose_tile(const T* src, i64 lds, i64 rows, i64 cols, T*
     for (i64 i = 0; i < rows; ++i) dst[j * ldd + i] = src[i * lds + j];
 }
 
+// r[j] = column j of the rows x cols block at src (row i at src + i*lds), zero outside the block
+// (rows, cols <= NL): a full tile is loaded and transposed in registers, a partial one element by element.
+template <typename T, int VB>
+MEDCONV_INLINE void load_transposed(const T* src, i64 lds, i64 rows, i64 cols, typename VecOf<T, VB>::type* r) {
+  typedef typename VecOf<T, VB>::type V;
+  constexpr int NL = VB / sizeof(T);
+  if (rows == NL && cols == NL) {
+#pragma GCC unroll 16
+    for (int i = 0; i < NL; ++i) std::memcpy(&r[i], src + i * lds, sizeof(V));
+    transpose_regs<T, VB>(r);
+    return;
+  }
+  for (int j = 0; j < NL; ++j) {
+    r[j] = V{};
+    if (j < cols)
+      for (i64 i = 0; i < rows; ++i) r[j][i] = src[i * lds + j];
+  }
+}
+
+// The transpose of the vectors r[i], i < rows, stored: dst[j*ldd + i*ist] = r[i][j] for j < cols (rows,
+// cols <= NL; r is overwritten). A full tile with ist = 1 is transposed in registers.
+template <typename T, int VB>
+MEDCONV_INLINE void store_transposed(typename VecOf<T, VB>::type* r, i64 rows, i64 cols, T* dst, i64 ldd,
+                                     i64 ist = 1) {
+  typedef typename VecOf<T, VB>::type V;
+  constexpr int NL = VB / sizeof(T);
+  if (rows == NL && cols == NL && ist == 1) {
+    transpose_regs<T, VB>(r);
+#pragma GCC unroll 16
+    for (int j = 0; j < NL; ++j) std::memcpy(dst + j * ldd, &r[j], sizeof(V));
+    return;
+  }
+  for (i64 i = 0; i < rows; ++i)
+    for (i64 j = 0; j < cols; ++j) dst[j * ldd + i * ist] = r[i][j];
+}
+
 }  // namespace simd
 
 namespace channel_fft {

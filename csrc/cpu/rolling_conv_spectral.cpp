@@ -66,7 +66,8 @@ namespace {
 using i64 = int64_t;
 using cpu_geom::A3;
 using simd::lane_int_t;
-using simd::transpose_regs;
+using simd::load_transposed;
+using simd::store_transposed;
 using simd::transpose_tile;
 using simd::VecOf;
 
@@ -336,11 +337,11 @@ struct Ring {
   std::vector<T> fftbuf;  // channel FFT scratch (fft_scratch: 64-byte aligned)
 };
 
-// The channel FFT's per-thread scratch: 4N + 2Hp vectors and an NL x NL staging tile, 64-byte aligned.
+// The channel FFT's per-thread scratch: 4N + 2Hp vectors, 64-byte aligned.
 template <typename T, int VB>
 MEDCONV_INLINE typename VecOf<T, VB>::type* fft_scratch(const Plan<T>& p, Ring<T>& ring) {
   constexpr i64 NL = VB / sizeof(T);
-  const i64 need = (4 * p.fft->N + 2 * p.Hp + NL) * NL + 64 / (i64)sizeof(T);
+  const i64 need = (4 * p.fft->N + 2 * p.Hp) * NL + 64 / (i64)sizeof(T);
   if ((i64)ring.fftbuf.size() < need) ring.fftbuf.assign((size_t)need, T(0));
   const uintptr_t a = (reinterpret_cast<uintptr_t>(ring.fftbuf.data()) + 63) & ~uintptr_t(63);
   return reinterpret_cast<typename VecOf<T, VB>::type*>(a);
@@ -526,7 +527,6 @@ MEDCONV_INLINE void fft_row_in(const Plan<T>& p, Ring<T>& ring, const T* a, i64 
   V* tr = zi + N;
   V* ti = tr + N;
   V* S = ti + N;
-  T* tile = reinterpret_cast<T*>(S + 2 * Hp);
   const bool chmaj = cs != 1 && ps == 1;
   const bool cl = !chmaj && cs == 1 && nb == 1;
   auto put = [&](i64 c, const V& v) { (c & 1 ? zi : zr)[c >> 1] = v; };
@@ -541,30 +541,17 @@ MEDCONV_INLINE void fft_row_in(const Plan<T>& p, Ring<T>& ring, const T* a, i64 
         }
       } else if (cl) {  // NL pixels x NL channels at a time
         for (i64 c0 = 0; c0 < C; c0 += NL) {
-          const i64 cc = std::max<i64>(0, std::min<i64>(NL, Rn - c0));
-          if (np == NL && cc == NL && c0 + NL <= C) {  // a full tile: transposed in registers
-            V r[NL];
+          V r[NL];
+          load_transposed<T, VB>(a + m0 * ps + c0, ps, np, std::max<i64>(0, std::min<i64>(NL, Rn - c0)), r);
 #pragma GCC unroll 16
-            for (i64 i = 0; i < NL; ++i) std::memcpy(&r[i], a + (m0 + i) * ps + c0, sizeof(V));
-            transpose_regs<T, VB>(r);
-#pragma GCC unroll 16
-            for (i64 j = 0; j < NL; ++j) put(c0 + j, r[j]);
-            continue;
-          }
-          if (np < NL || cc < NL) std::fill(tile, tile + NL * NL, T(0));
-          if (cc > 0) transpose_tile<T, VB>(a + m0 * ps + c0, ps, np, cc, tile, NL);
-          for (i64 c = c0; c < std::min(C, c0 + NL); ++c) {
-            V v;
-            std::memcpy(&v, tile + (c - c0) * NL, sizeof(V));
-            put(c, v);
-          }
+          for (i64 j = 0; j < NL; ++j)  // constant indices: r stays in registers
+            if (c0 + j < C) put(c0 + j, r[j]);
         }
       } else {  // any other strides, several bases, a partial block: element by element
         for (i64 c = 0; c < C; ++c) {
-          for (i64 i = 0; i < NL; ++i)
-            tile[i] = (i < np && c < Rn) ? a[(m0 + i) * ps + (c * nb + b) * cs] : T(0);
-          V v;
-          std::memcpy(&v, tile, sizeof(V));
+          V v = V{};
+          if (c < Rn)
+            for (i64 i = 0; i < np; ++i) v[i] = a[(m0 + i) * ps + (c * nb + b) * cs];
           put(c, v);
         }
       }
@@ -749,26 +736,15 @@ MEDCONV_INLINE To cvt_out(T v) {
   else return (To)v;
 }
 
-// NC(D)HW float store of a block: NL x NL tiles (NL pixels x NL channels of Z) transposed in registers and
-// stored as NL contiguous pixels per channel; the edges element by element.
+// NC(D)HW float store of a block: NL x NL tiles (NL pixels x NL channels of Z) transposed (in registers where
+// full) and stored as NL contiguous pixels per channel.
 template <typename T, int VB>
 MEDCONV_INLINE void store_block_nchw(const T* Z, i64 ldz, i64 npx, i64 Co, i64 P, T* dst) {
-  typedef T V __attribute__((vector_size(VB)));
-  constexpr int NL = VB / sizeof(T);
-  const i64 qv = npx / NL * NL, cv = Co / NL * NL;
-  for (i64 q0 = 0; q0 < qv; q0 += NL)
-    for (i64 c0 = 0; c0 < cv; c0 += NL) {
-      V r[NL];
-#pragma GCC unroll 16
-      for (int i = 0; i < NL; ++i) std::memcpy(&r[i], Z + (q0 + i) * ldz + c0, sizeof(V));
-      transpose_regs<T, VB>(r);
-#pragma GCC unroll 16
-      for (int j = 0; j < NL; ++j) std::memcpy(dst + (c0 + j) * P + q0, &r[j], sizeof(V));
-    }
-  for (i64 c = cv; c < Co; ++c)
-    for (i64 q = 0; q < qv; ++q) dst[c * P + q] = Z[q * ldz + c];
-  for (i64 c = 0; c < Co; ++c)
-    for (i64 q = qv; q < npx; ++q) dst[c * P + q] = Z[q * ldz + c];
+  constexpr i64 NL = VB / sizeof(T);
+  for (i64 q0 = 0; q0 < npx; q0 += NL)
+    for (i64 c0 = 0; c0 < Co; c0 += NL)
+      transpose_tile<T, VB>(Z + q0 * ldz + c0, ldz, std::min(NL, npx - q0), std::min(NL, Co - c0), dst + c0 * P + q0,
+                            P);
 }
 
 // n floats rounded to bfloat16 (nearest even, NaN kept quiet: float_to_bf16), 2 * VB / 4 at a time: each
@@ -922,7 +898,6 @@ MEDCONV_INLINE void fft_rows_out(const Plan<T>& p, Ring<T>& ring, const T* Y, i6
   V* b = a + N;
   V* c = b + N;
   V* d = c + N;
-  T* tile = reinterpret_cast<T*>(d + N);
   for (i64 q0 = 0; q0 < npx; q0 += NL) {
     const i64 np = std::min<i64>(NL, npx - q0);
     for (i64 bo = 0; bo < nbo; ++bo) {
@@ -942,36 +917,22 @@ MEDCONV_INLINE void fft_rows_out(const Plan<T>& p, Ring<T>& ring, const T* Y, i6
       if (nchw) {
         for (i64 r = 0; r < Rout; ++r) {
           const V z = epi(r);
-          T* d = nchw + (r * nbo + bo) * P + q0;
+          T* dr = nchw + (r * nbo + bo) * P + q0;
           if (np == NL) {
-            std::memcpy(d, &z, sizeof(V));
+            std::memcpy(dr, &z, sizeof(V));
           } else {
-            for (i64 q = 0; q < np; ++q) d[q] = z[q];
+            for (i64 q = 0; q < np; ++q) dr[q] = z[q];
           }
         }
         continue;
       }
       for (i64 r0 = 0; r0 < Rout; r0 += NL) {
         const i64 cc = std::min<i64>(NL, Rout - r0);
-        if (nbo == 1 && np == NL && cc == NL) {  // a full tile: transposed in registers
-          V z[NL];
+        V z[NL];
 #pragma GCC unroll 16
-          for (i64 r = 0; r < NL; ++r) z[r] = epi(r0 + r);
-          transpose_regs<T, VB>(z);
-#pragma GCC unroll 16
-          for (i64 q = 0; q < NL; ++q) std::memcpy(out + (q0 + q) * ldo + r0, &z[q], sizeof(V));
-          continue;
-        }
-        for (i64 r = r0; r < r0 + cc; ++r) {
-          const V z = epi(r);
-          std::memcpy(tile + (r - r0) * NL, &z, sizeof(V));
-        }
-        if (nbo == 1) {
-          transpose_tile<T, VB>(tile, NL, cc, np, out + q0 * ldo + r0, ldo);
-        } else {
-          for (i64 q = 0; q < np; ++q)
-            for (i64 r = 0; r < cc; ++r) out[(q0 + q) * ldo + (r0 + r) * nbo + bo] = tile[r * NL + q];
-        }
+        for (i64 r = 0; r < NL; ++r)  // constant indices: z stays in registers
+          if (r < cc) z[r] = epi(r0 + r);
+        store_transposed<T, VB>(z, cc, np, out + q0 * ldo + r0 * nbo + bo, ldo, nbo);
       }
     }
   }
@@ -1178,8 +1139,7 @@ struct GwPlan {
   i64 sN = 0, sC = 0;
   A3 sS{0, 0, 0};
   i64 Cs = 0, NBs = 1, nb = 1;
-  const T* Ds = nullptr;  // (Cs, NBs*2Hp)
-  Plan<T> sfft;           // the small operand's channel FFT tables (sfft.fft_in: used instead of Ds)
+  Plan<T> sfft;  // the small operand's transform: its driver's tables (the FFT if fft_in, else Dm (Cs, NBs*2Hp))
   bool conv = true;
 };
 
@@ -1240,7 +1200,7 @@ MEDCONV_INLINE void gw_row(const GwPlan<T>& g, Ring<T>& ring, i64 n, i64 p0, std
     if (g.sfft.fft_in)
       fft_row_in<T, VB>(g.sfft, ring, a, g.sS[2], g.sC, P2, srow.data() + q1 * P2 * SPs, SPs);
     else
-      gemm<T, VB, false>(P2, g.Cs, a, g.sS[2], g.sC, g.Ds, SPs, SPs, srow.data() + q1 * P2 * SPs, SPs, SPs, nullptr,
+      gemm<T, VB, false>(P2, g.Cs, a, g.sS[2], g.sC, g.sfft.Dm, SPs, SPs, srow.data() + q1 * P2 * SPs, SPs, SPs, nullptr,
                          nullptr, false);
   }
   for (i64 t0 = 0; t0 < p.k[0]; ++t0) {
@@ -1569,22 +1529,24 @@ std::shared_ptr<const TableSet<T>> get_tables(i64 C, i64 nb, i64 n_rolls, bool a
   p.Hp = sp.Hp;
   p.Cout = adjoint ? C : n_rolls * nb;
   p.Np = round_up(p.Cout, isa_vbytes(isa) / (i64)sizeof(T));
-  ts->Dm = make_dm<T>(sp, adjoint, nb, n_rolls);
-  ts->Gm = make_gm<T>(sp, adjoint, nb, n_rolls, p.Np);
-  if (fold) {
-    set_fold_in<T>(p, sp, adjoint ? n_rolls : C, ts->Bu, ts->Bv);
-    const i64 rout = adjoint ? C : n_rolls;
-    if (rout > C / 2 + 1) set_fold_out<T>(p, sp, rout, ts->Ge, ts->Go);
-  }
-  if (fft) {
+  const i64 rn = adjoint ? n_rolls : C, rout = adjoint ? C : n_rolls;
+  if (fft) {  // the FFT does both transforms: no DFT matrices
     ts->fft = channel_fft::make_tables<T>(C);
     p.fft = &ts->fft;
     p.fft_in = p.fft_out = true;
     p.C = C;
-    p.Rout = adjoint ? C : n_rolls;
+    p.Rn = rn;
+    p.Rout = rout;
+  } else {
+    ts->Dm = make_dm<T>(sp, adjoint, nb, n_rolls);
+    ts->Gm = make_gm<T>(sp, adjoint, nb, n_rolls, p.Np);
+    p.Dm = ts->Dm.data();
+    p.Gm = ts->Gm.data();
+    if (fold) {
+      set_fold_in<T>(p, sp, rn, ts->Bu, ts->Bv);
+      if (rout > C / 2 + 1) set_fold_out<T>(p, sp, rout, ts->Ge, ts->Go);
+    }
   }
-  p.Dm = ts->Dm.data();
-  p.Gm = ts->Gm.data();
   std::lock_guard<std::mutex> lock(mu);
   if (cache.size() >= 64) cache.clear();  // bounded: layers of a model share a few entries
   cache.emplace(key, ts);
@@ -1869,10 +1831,16 @@ at::Tensor spectral_gw(const at::Tensor& small, const at::Tensor& big, const Geo
   const int isa = call_isa(g.C, small.element_size());
   AT_DISPATCH_FLOATING_TYPES(small.scalar_type(), "rolling_conv_spectral_grad_weight_cpu", [&] {
     using T = scalar_t;
-    const Spec sp = make_spec(g.C, sizeof(T), isa_vbytes(isa));
+    // the channel transforms of both operands: the cached tables of the forward / adjoint drivers (built per
+    // call, their ~C^2 entries were a fixed cost that small volumes felt); the big operand's plan starts as
+    // its driver's (transform tables and flags), the small one's transform is the other driver's
+    const auto tb = get_tables<T>(g.C, g.nb, g.n_rolls, !conv, isa);
+    const auto ts = get_tables<T>(g.C, g.nb, g.n_rolls, conv, isa);
+    const Spec& sp = tb->sp;
+    TORCH_INTERNAL_ASSERT(ts->sp.Hp == sp.Hp);
     GwPlan<T> q;
+    q.big = tb->plan;
     Plan<T>& p = q.big;
-    p.isa = isa;
     set_source<T>(p, big, g.dims);
     if (big2) set_source2<T>(p, *big2, g.dims);
     const A3 P = [&] {
@@ -1889,28 +1857,10 @@ at::Tensor spectral_gw(const at::Tensor& small, const at::Tensor& big, const Geo
     p.k = g.k;
     p.d = g.d;
     p.O = P;
-    p.Hp = sp.Hp;
     p.NBi = conv ? 1 : g.nb;
     p.taps = taps;
-    // the channel transforms of both operands: the cached tables of the forward / adjoint drivers (built per
-    // call, their ~C^2 entries were a fixed cost that small volumes felt)
-    const auto tb = get_tables<T>(g.C, g.nb, g.n_rolls, !conv, isa);
-    const auto ts = get_tables<T>(g.C, g.nb, g.n_rolls, conv, isa);
-    TORCH_INTERNAL_ASSERT(tb->sp.Hp == sp.Hp && ts->sp.Hp == sp.Hp);
-    p.Dm = tb->plan.Dm;
-    p.fold_in = tb->plan.fold_in;
-    p.C = tb->plan.C;
-    p.Rn = tb->plan.Rn;
-    p.h = tb->plan.h;
-    p.Ku = tb->plan.Ku;
-    p.Kv = tb->plan.Kv;
-    p.Bu = tb->plan.Bu;
-    p.Bv = tb->plan.Bv;
-    p.fft = tb->plan.fft;
-    p.fft_in = tb->plan.fft_in;
     q.sfft = ts->plan;
     q.sfft.NBi = conv ? g.nb : 1;
-    const T* Ds = ts->plan.Dm;
     q.ssrc = small.data_ptr<T>();
     q.sN = small.stride(0);
     q.sC = small.stride(1);
@@ -1918,7 +1868,6 @@ at::Tensor spectral_gw(const at::Tensor& small, const at::Tensor& big, const Geo
     q.Cs = small.size(1);
     q.NBs = conv ? g.nb : 1;
     q.nb = g.nb;
-    q.Ds = Ds;
     q.conv = conv;
     // fixed blocks of rows (independent of the thread count), summed in a fixed order
     const i64 rows = N * P[0];
