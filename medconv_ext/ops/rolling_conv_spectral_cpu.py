@@ -64,6 +64,9 @@ def supports(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> Optiona
 # without calling an operator, e.g. while torch.compile traces.
 _TRANSFORM_SETTING: List[str] = []
 _FFT_MAX_ODD_PRIME = 13  # csrc/cpu/channel_fft.h kMaxOddRadix
+# MEDCONV_SPECTRAL_NO_FOLD=1 (a debugging baseline: plain DFT GEMMs) turns the FFT off too; read once, as the
+# extension does
+_FOLD = os.environ.get("MEDCONV_SPECTRAL_NO_FOLD") != "1"
 
 
 def channel_transform() -> str:
@@ -95,7 +98,7 @@ def fft_supported(c_in: int) -> bool:
 def transform_for(c_in: int) -> str:
     """"fft" or "gemm": what the fused kernel runs for a layer with c_in input channels under the current
     setting (the same answer as torch.ops.medconv.channel_transform_for, without calling an operator)."""
-    return "fft" if channel_transform() != "gemm" and fft_supported(int(c_in)) else "gemm"
+    return "fft" if _FOLD and channel_transform() != "gemm" and fft_supported(int(c_in)) else "gemm"
 
 
 def set_channel_transform(name: str) -> str:
