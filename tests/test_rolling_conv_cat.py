@@ -242,3 +242,27 @@ def test_gradcheck():
     fn = lambda a, a2, w_, b_, s_, h_: rolling_conv_cat(a, a2, w_, b_, 2, 1, (1, 2), 3, "spectral", scale=s_,  # noqa: E731
                                                         shift=h_, relu=True)
     assert torch.autograd.gradcheck(fn, (x, x2, w, b, sc, sh))
+
+
+def test_eager_training_path_matches_the_registered_autograd():
+    """Eager training runs the op through a torch.autograd.Function (less Python per call than the
+    torch.library autograd layer that torch.compile uses): the same output and gradients, bit for bit."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 2, 5, 6, generator=gen)
+    x2 = torch.randn(2, 4, 5, 6, generator=gen)
+    w = torch.randn(1, 6, 3, 3, generator=gen)
+    b, sc, sh = (torch.randn(6, generator=gen) for _ in range(3))
+    gout = torch.randn(2, 6, 5, 6, generator=gen)
+    results = []
+    for eager in (True, False):
+        args = [t.clone().requires_grad_(True) for t in (x, x2, w, b, sc, sh)]
+        if eager:
+            y = rolling_conv_cat(args[0], args[1], args[2], args[3], 1, 1, 1, 6, "spectral", scale=args[4],
+                                 shift=args[5], relu=True)
+        else:
+            y = torch.ops.medconv.rolling_conv_spectral_cat(*args, True, [1, 1], [1, 1], [1, 1], 6)
+        assert ("CatFunctionBackward" in type(y.grad_fn).__name__) == eager, type(y.grad_fn).__name__
+        y.backward(gout)
+        results.append([y.detach()] + [a.grad for a in args])
+    for got, want in zip(*results):
+        assert got is not None and torch.equal(got, want)

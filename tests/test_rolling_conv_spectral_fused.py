@@ -184,6 +184,46 @@ def test_epilogue_gradcheck(transposed, isa):
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "epilogue"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "convT"])
+def test_eager_training_path_matches_the_registered_autograd(transposed, epilogue):
+    """Eager training runs the ops through a torch.autograd.Function (less Python per call than the
+    torch.library autograd layer that torch.compile uses): the same output and the same gradients, bit for bit,
+    and gradcheck through it."""
+    gen = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.float64):
+        x, w, b = _inputs(2, 2, 6, 1, 6, (7, 6), 3, transposed, dtype, gen)
+        scale = torch.randn(6, dtype=dtype, generator=gen) if epilogue else None
+        shift = torch.randn(6, dtype=dtype, generator=gen) if epilogue else None
+        s, p, op_, d, nr = 2, 1, 1 if transposed else 0, 1, 6
+        gout = torch.randn_like(_op(x, w, b, transposed, s, p, op_, d, nr, scale, shift, epilogue), memory_format=torch.contiguous_format)
+
+        def eager(*a):
+            if transposed:
+                return fused.rolling_conv_transpose_spectral_cpu(a[0], a[1], a[2], [s] * 2, [p] * 2, [op_] * 2, [d] * 2,
+                                                                 nr, scale=a[3], shift=a[4], relu=epilogue)
+            return fused.rolling_conv_spectral_cpu(a[0], a[1], a[2], [s] * 2, [p] * 2, [d] * 2, nr,
+                                                   scale=a[3], shift=a[4], relu=epilogue)
+
+        def registered(*a):
+            return _op(a[0], a[1], a[2], transposed, s, p, op_, d, nr, a[3], a[4], epilogue)
+
+        results = []
+        for fn in (eager, registered):
+            args = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b, scale, shift)]
+            y = fn(*args)
+            name = type(y.grad_fn).__name__
+            assert ("SpectralFunctionBackward" in name) == (fn is eager), name
+            y.backward(gout)
+            results.append([y.detach()] + [a.grad for a in args if a is not None])
+        for got, want in zip(*results):
+            assert torch.equal(got, want)
+        if dtype == torch.float64:
+            args = [t.detach().clone().requires_grad_(True) for t in (x, w, b, scale, shift) if t is not None]
+            f = eager if epilogue else (lambda x_, w_, b_: eager(x_, w_, b_, None, None))
+            assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6)
+
+
 def _layouts(x):
     """x as NC(D)HW, channels-last, a permuted (non-contiguous) view and a strided slice."""
     cl = torch.channels_last if x.dim() == 4 else torch.channels_last_3d

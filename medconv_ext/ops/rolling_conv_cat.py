@@ -64,7 +64,8 @@ if available():
         gx = gx2 = gw = None
         if nig[0] or nig[1]:
             size = [x.shape[0], x.shape[1] + x2.shape[1]] + list(x.shape[2:])
-            gxc = torch.ops.medconv.rolling_conv_spectral_grad_input(g, weight, size, stride, padding, dilation, n_rolls)
+            gxc = _fused._call(torch.ops.medconv.rolling_conv_spectral_grad_input.default,
+                               g, weight, size, stride, padding, dilation, n_rolls)
             gx, gx2 = gxc.split([ctx.c1, x2.shape[1]], dim=1)
         if nig[2]:
             if any(padding) and not _grad_finite(g):
@@ -75,11 +76,25 @@ if available():
                     gw = torch.autograd.grad(rolling_conv_spectral(xc.detach(), w_, None, stride, padding, dilation,
                                                                    n_rolls), w_, g)[0]
             else:  # x and x2 read in place
-                gw = torch.ops.medconv.rolling_conv_spectral_cat_grad_weight(g, x, x2, list(weight.shape), stride,
-                                                                             padding, dilation, n_rolls)
+                gw = _fused._call(torch.ops.medconv.rolling_conv_spectral_cat_grad_weight.default,
+                                  g, x, x2, list(weight.shape), stride, padding, dilation, n_rolls)
         return gx, gx2, gw, gbias, gscale, gshift, None, None, None, None, None
 
     torch.library.register_autograd(_OPNAME, _backward, setup_context=_setup)
+
+    class _RollingConvSpectralCatFunction(torch.autograd.Function):
+        """Eager training's path: the registered setup and backward without torch.library's per-call Python
+        layer (as rolling_conv_spectral_cpu's eager path)."""
+        @staticmethod
+        def forward(ctx, *args):
+            with torch._C._AutoDispatchBelowAutograd():
+                out = torch.ops.medconv.rolling_conv_spectral_cat.default(*args)
+            _setup(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            return _backward(ctx, grad)
 
 
 def _in_place_ok(x: torch.Tensor, x2: torch.Tensor) -> bool:
@@ -120,5 +135,10 @@ def rolling_conv_cat(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bi
             or not _fused._weight_finite(weight) or not _fused._kernel_epilogue_exact(bias, scale)):
         return fn(torch.cat([x, x2], 1), weight, bias, stride, padding, dilation, n_rolls, backend,
                   scale=scale, shift=shift, relu=relu)
-    return torch.ops.medconv.rolling_conv_spectral_cat(x, x2, weight, bias, scale, shift, bool(relu), list(stride),
-                                                       list(padding), list(dilation), n_rolls)
+    args = (x, x2, weight, bias, scale, shift, bool(relu), list(stride), list(padding), list(dilation), n_rolls)
+    if _fused._eager_no_grad(x, x2, weight, bias, scale, shift):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.medconv.rolling_conv_spectral_cat.default(*args)
+    if _fused._eager():
+        return _RollingConvSpectralCatFunction.apply(*args)
+    return torch.ops.medconv.rolling_conv_spectral_cat(*args)

@@ -104,7 +104,7 @@ def _grad_finite(g: torch.Tensor) -> bool:
     autograd: True (no data-dependent branch in the graph; the compiled backward keeps the finite border sum)."""
     if torch.compiler.is_compiling() or is_fake(g):
         return True
-    return bool(torch.isfinite(g.sum()))
+    return math.isfinite(g.sum().item())
 
 
 def _conv_weight_grad_padded(grad_out, inp, w, stride, padding, dilation):
