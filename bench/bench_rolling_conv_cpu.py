@@ -115,15 +115,40 @@ def overhead(threads, budget):
                          ("rolling_conv2d(x, w, padding=1)", lambda: mc.rolling_conv2d(x, w, padding=1)),
                          ("RollingConv2d module", lambda: m(x))):
             v = t_us(fn)
-            print("  %-42s %7.1f us   (+%.1f)" % (name, v, v - k))
+            print("  %-42s %7.1f us   (%+.1f)" % (name, v, v - k))
         bank = expand_bank(w, 16)
         d = t_us(lambda: F.conv2d(xl, bank, None, 1, 1))
         print("  dense conv alone, C=16 128^2 channels-last %7.1f us   (auto picks %s)"
               % (d, _auto_candidates(xl, w, False, 16)[0]))
         for name, fn in (("bank gather (expand_bank)", lambda: expand_bank(w, 16)),
-                         ("rolling_conv2d(x, w, padding=1)", lambda: mc.rolling_conv2d(xl, w, padding=1))):
+                         ("rolling_conv2d(..., backend=\"reference\")",
+                          lambda: mc.rolling_conv2d(xl, w, padding=1, backend="reference"))):
             v = t_us(fn)
-            print("  %-42s %7.1f us   (+%.1f)" % (name, v, v - (0 if "gather" in name else d)))
+            print("  %-42s %7.1f us   (%+.1f)" % (name, v, v - (0 if "gather" in name else d)))
+    # a training step (forward + backward, gradients of x and w) of the fused kernel: its kernels alone, through
+    # the eager path of rolling_conv2d, and through torch.library's registered autograd layer
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    gi = torch.ops.medconv.rolling_conv_spectral_grad_input.default
+    gw = torch.ops.medconv.rolling_conv_spectral_grad_weight.default
+    ones = torch.ones(1, 16, 16, 16)
+
+    def kernels():
+        with torch._C._AutoDispatchBelowAutograd():
+            op(x, w, None, None, None, False, one, one, one, 16)
+            gi(ones, w, [1, 16, 16, 16], one, one, one, 16)
+            gw(ones, x, [1, 16, 3, 3], one, one, one, 16)
+    k = t_us(kernels)
+    with torch.enable_grad():
+        picked = _auto_candidates(xg, wg, False, 16)[0]
+    print("  training step, C=16 16^2 (y.sum().backward(); auto picks %s):" % picked)
+    print("  %-42s %7.1f us" % ("its three kernels alone", k))
+    dense_w = expand_bank(w, 16).requires_grad_(True)
+    for name, fn in (("dense conv2d step", lambda: F.conv2d(xg, dense_w, None, 1, 1).sum().backward()),
+                     ("rolling_conv2d(x, w, padding=1) step", lambda: mc.rolling_conv2d(xg, wg, padding=1).sum().backward()),
+                     ("torch.ops.medconv.rolling_conv_spectral step", lambda: torch.ops.medconv.rolling_conv_spectral(
+                         xg, wg, None, None, None, False, one, one, one, 16).sum().backward())):
+        v = t_us(fn)
+        print("  %-42s %7.1f us   (%+.1f)" % (name, v, v - k))
 
 
 def main():

@@ -229,3 +229,20 @@ def test_bench_rolling_conv_transforms_quick():
         gemm, fft, comp = float(r[-4]), float(r[-3]), float(r[-1])
         assert gemm > 0 and fft > 0
         assert math.isfinite(comp) == (r[1] == "C=300")
+
+
+def test_bench_rolling_conv_cpu_overhead():
+    """bench/bench_rolling_conv_cpu.py --overhead runs end to end: every per-call and training-step row has a
+    positive time."""
+    import subprocess
+    from medconv_ext.ops import rolling_conv_spectral_cpu as fused
+    if not fused.available():
+        pytest.skip("compiled extension not built: the overhead rows time the fused op")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_rolling_conv_cpu.py"), "--overhead",
+                        "--threads", "1", "--budget", "0"], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr
+    rows = [l for l in p.stdout.splitlines() if " us" in l]
+    assert len(rows) == 11, p.stdout
+    assert all(float(l.split(" us")[0].split()[-1]) > 0 for l in rows)
+    assert "training step" in p.stdout and "step" in rows[-1]

@@ -102,7 +102,7 @@ def _grad_finite(g: torch.Tensor) -> bool:
     overflows only takes the exact path below needlessly): a vectorized reduction, ~1% of the backward
     (a check of the border bands alone, by strided slices, cost more). Under torch.compile, or traced by AOT
     autograd: True (no data-dependent branch in the graph; the compiled backward keeps the finite border sum)."""
-    if torch.compiler.is_compiling() or is_fake(g):
+    if torch.compiler.is_compiling() or (type(g) is not torch.Tensor and is_fake(g)):  # a plain tensor is not fake
         return True
     return math.isfinite(g.sum().item())
 
