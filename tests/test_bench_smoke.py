@@ -207,10 +207,11 @@ def test_bench_rolling_conv_threads_quick():
     rows = [l.split() for l in p.stdout.splitlines() if l[:2] in ("2d", "3d")]
     if "not built" not in p.stdout:
         import math
-        assert len(rows) == 2  # times > 0, a finite speed-up (its value depends on the machine's load), sys time
-        # and page faults per call for 1 / N threads
+        assert len(rows) == 2  # times > 0, a finite speed-up (its value depends on the machine's load), user and
+        # sys time and page faults per call for 1 / N threads
         assert all(float(r[5]) > 0 and float(r[6]) > 0 and math.isfinite(float(r[7])) for r in rows)
-        assert all(len(r) == 10 and all(float(v) >= 0 for v in r[8].split("/") + r[9].split("/")) for r in rows)
+        assert all(len(r) == 11 and all(float(v) >= 0 for v in r[8].split("/") + r[9].split("/") + r[10].split("/"))
+                   for r in rows)
 
 
 def test_bench_rolling_conv_transforms_quick():
