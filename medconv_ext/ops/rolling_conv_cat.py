@@ -44,9 +44,7 @@ if available():
         x, x2, weight, bias, scale, shift, relu, stride, padding, dilation, n_rolls = inputs
         ctx.has_bias, ctx.has_scale, ctx.has_shift, ctx.relu = bias is not None, scale is not None, shift is not None, relu
         ctx.c1 = x.shape[1]
-        empty = x.new_empty(0)
-        ctx.save_for_backward(x, x2, weight, bias if bias is not None else empty,
-                              scale if scale is not None else empty, output if relu else empty)
+        ctx.save_for_backward(x, x2, weight, bias, scale, output if relu else None)  # None: not needed
         ctx.params = (stride, padding, dilation, n_rolls)
 
     def _backward(ctx, grad):

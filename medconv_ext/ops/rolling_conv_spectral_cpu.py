@@ -246,11 +246,7 @@ if available():
         else:
             x, weight, bias, scale, shift, relu, stride, padding, dilation, n_rolls = inputs
         ctx.has_bias, ctx.has_scale, ctx.has_shift, ctx.relu = bias is not None, scale is not None, shift is not None, relu
-        saved = [x, weight]
-        saved.append(bias if bias is not None else x.new_empty(0))
-        saved.append(scale if scale is not None else x.new_empty(0))
-        saved.append(output if relu else x.new_empty(0))
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(x, weight, bias, scale, output if relu else None)  # None: not needed
         ctx.params = (stride, padding, dilation, n_rolls)
 
     def _backward(ctx, grad, transposed):
@@ -269,10 +265,9 @@ if available():
 
         g, gbias, gscale, gshift = _epilogue_backward(ctx, grad, y, recompute_z)
         gx = gw = None
-        pre = "rolling_conv_transpose_spectral" if transposed else "rolling_conv_spectral"
+        grad_input_op, grad_weight_op = _GRAD_OPS[transposed]
         if nig[0]:
-            gx = _call(getattr(torch.ops.medconv, pre + "_grad_input").default,
-                       g, weight, list(x.shape), stride, padding, dilation, n_rolls)
+            gx = _call(grad_input_op, g, weight, list(x.shape), stride, padding, dilation, n_rolls)
         if nig[1] and not transposed and any(padding) and not _grad_finite(g):
             # a NaN/Inf gradient at an output whose tap reads padding: the kernel skips the padding, torch multiplies
             # it (NaN * 0); the composition's weight gradient does too (rare: only such a gradient runs it)
@@ -281,10 +276,13 @@ if available():
                 gw = torch.autograd.grad(rolling_conv_spectral(x.detach(), w_, None, stride, padding, dilation, n_rolls),
                                          w_, g)[0]
         elif nig[1]:
-            gw = _call(getattr(torch.ops.medconv, pre + "_grad_weight").default,
-                       g, x, list(weight.shape), stride, padding, dilation, n_rolls)
+            gw = _call(grad_weight_op, g, x, list(weight.shape), stride, padding, dilation, n_rolls)
         rest = [None] * (6 if transposed else 5)  # relu, stride, padding, [output_padding,] dilation, n_rolls
         return (gx, gw, gbias, gscale, gshift, *rest)
+
+    _GRAD_OPS = {t: (getattr(torch.ops.medconv, pre + "_grad_input").default,
+                     getattr(torch.ops.medconv, pre + "_grad_weight").default)
+                 for t, pre in ((False, "rolling_conv_spectral"), (True, "rolling_conv_transpose_spectral"))}
 
     def _call(op, *args):
         """op(*args), below the autograd layer where nothing needs recording (the usual backward: no create_graph)."""
