@@ -179,3 +179,18 @@ def make_rolling_backward(grad_input_op, grad_weight_op, n_nondiff: int, backwar
             gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
         return (gx, gw, gb) + (None,) * n_nondiff
     return backward
+
+
+def make_eager_function(name: str, op, setup, backward):
+    """A torch.autograd.Function named `name` that runs op(*args) below the autograd layer and records
+    setup(ctx, args, output) / backward(ctx, grad): the functions a custom op registered with
+    torch.library.register_autograd, for eager-mode training without that layer's Python cost per call.
+    Only for eager mode: torch.compile, export and functorch need the registered op."""
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*args)
+        setup(ctx, args, out)
+        return out
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                    "backward": staticmethod(backward)})

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from . import rolling_conv_spectral_cpu as _fused
-from ._common import check_epilogue, check_kernel_fits, conv_out_size
+from ._common import check_epilogue, check_kernel_fits, conv_out_size, make_eager_function
 from .rolling_conv import OP, _check_common, _choose_kernel, rolling_conv2d, rolling_conv3d
 from .rolling_conv_spectral import _grad_finite, rolling_conv_spectral
 
@@ -80,19 +80,9 @@ if available():
 
     torch.library.register_autograd(_OPNAME, _backward, setup_context=_setup)
 
-    class _RollingConvSpectralCatFunction(torch.autograd.Function):
-        """Eager training's path: the registered setup and backward without torch.library's per-call Python
-        layer (as rolling_conv_spectral_cpu's eager path)."""
-        @staticmethod
-        def forward(ctx, *args):
-            with torch._C._AutoDispatchBelowAutograd():
-                out = torch.ops.medconv.rolling_conv_spectral_cat.default(*args)
-            _setup(ctx, args, out)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            return _backward(ctx, grad)
+    # eager training's path: the registered setup and backward without torch.library's per-call Python layer
+    _RollingConvSpectralCatFunction = make_eager_function(
+        "_RollingConvSpectralCatFunction", torch.ops.medconv.rolling_conv_spectral_cat.default, _setup, _backward)
 
 
 def _in_place_ok(x: torch.Tensor, x2: torch.Tensor) -> bool:

@@ -21,7 +21,7 @@ import torch
 from torch.autograd import forward_ad as _forward_ad
 
 from .. import _ext
-from ._common import all_finite, apply_epilogue, conv_out_size, conv_transpose_out_size
+from ._common import all_finite, apply_epilogue, conv_out_size, conv_transpose_out_size, make_eager_function
 from ..backends import register_fused
 from .rolling_conv_spectral import OP, OP_T, _grad_finite, rolling_conv_spectral, rolling_conv_transpose_spectral
 
@@ -293,31 +293,13 @@ if available():
 
     # Eager-mode training calls the ops through these autograd.Functions: the same setup and backward as the
     # torch.library registration below (which torch.compile, export and functorch use), without that layer's
-    # Python cost per call (about 100 us per forward+backward of a small layer: docs/rolling_conv_spectral.md,
-    # "Per-call cost").
-    class _RollingConvSpectralFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            with torch._C._AutoDispatchBelowAutograd():
-                out = _OP_FWD(*args)
-            _setup(ctx, args, out, False)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            return _backward(ctx, grad, False)
-
-    class _RollingConvTransposeSpectralFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            with torch._C._AutoDispatchBelowAutograd():
-                out = _OP_FWD_T(*args)
-            _setup(ctx, args, out, True)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            return _backward(ctx, grad, True)
+    # Python cost per call (docs/rolling_conv_spectral.md, "Per-call cost").
+    _RollingConvSpectralFunction = make_eager_function(
+        "_RollingConvSpectralFunction", torch.ops.medconv.rolling_conv_spectral.default,
+        lambda ctx, args, out: _setup(ctx, args, out, False), lambda ctx, grad: _backward(ctx, grad, False))
+    _RollingConvTransposeSpectralFunction = make_eager_function(
+        "_RollingConvTransposeSpectralFunction", torch.ops.medconv.rolling_conv_transpose_spectral.default,
+        lambda ctx, args, out: _setup(ctx, args, out, True), lambda ctx, grad: _backward(ctx, grad, True))
 
     torch.library.register_autograd(
         "medconv::rolling_conv_spectral", lambda ctx, g: _backward(ctx, g, False),
