@@ -76,6 +76,14 @@ def test_float64_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b: it.involution_triton(a, b, ks, st, pa, di), (x, w), fast_mode=True)
 
 
+def test_float64_gradgradcheck():
+    """Double backward through the Triton gradient ops (their own autograd: the three ops again)."""
+    x, w, ks, st, pa, di = make_inputs(2, 1, 2, 1, (4, 3), 3, 2, 1, 1, dtype=torch.float64, device=DEVICE,
+                                       requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: it.involution_triton(a, b, ks, st, pa, di), (x, w),
+                                        fast_mode=True)
+
+
 def test_empty_batch():
     x, w, ks, st, pa, di = make_inputs(2, 0, 4, 2, (5, 5), 3, 1, 1, 1, dtype=torch.float32, device=DEVICE,
                                        requires_grad=True)

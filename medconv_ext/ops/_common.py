@@ -1,6 +1,6 @@
 """Argument checks shared by the operators: once, in Python, with clear messages."""
 import math
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -194,3 +194,76 @@ def make_eager_function(name: str, op, setup, backward):
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
                                                     "backward": staticmethod(backward)})
+
+
+# --------------------------------------------------------------------------------------
+# double backward: the gradient ops of a rolling convolution are bilinear, so their own gradients are
+# the forward op and the other gradient op. With A_w the layer (x -> y, no bias; a transposed layer's
+# A_w included) and g the incoming gradient:
+#   grad_input(g, w)  = A_w^T g:  <v, A_w^T g> = <A_w v, g>   ->  d/dg = A_w v,  d/dw = grad_weight(g, v)
+#   grad_weight(g, x):            <u, grad_weight(g, x)> = <g, A_u x>  ->  d/dg = A_u x,  d/dx = grad_input(g, u)
+# Without this registration a gradient of a gradient (create_graph=True: gradient penalties) would treat
+# the gradient ops as constants, a silently wrong result.
+# --------------------------------------------------------------------------------------
+def _output_padding(y_shape, x_shape, w_shape, stride, padding, dilation):
+    """The output_padding with which a transposed layer maps x_shape to y_shape."""
+    return [ys - conv_transpose_out_size(xs, k, s, p, 0, d)
+            for ys, xs, k, s, p, d in zip(y_shape[2:], x_shape[2:], w_shape[2:], stride, padding, dilation)]
+
+
+def register_grad_op_autograd(grad_input_name: str, grad_weight_name: str, conv, grad_input_op, grad_weight_op,
+                              transposed: bool, backward_name: Optional[str] = None):
+    """Registers the autograd of the ops grad_input_name(grad_out, weight, input_size, stride, padding, dilation,
+    n_rolls) and grad_weight_name(grad_out, x, weight_size, ...) (qualified names), and of backward_name(grad_out,
+    x, weight, ...) -> (grad_input, grad_weight) if given, by the identities above. conv(x, w, stride, padding,
+    output_padding, dilation, n_rolls) is the layer without bias (output_padding: None unless transposed)."""
+    def layer(x, w, y_shape, stride, padding, dilation, n_rolls):
+        op = _output_padding(y_shape, x.shape, w.shape, stride, padding, dilation) if transposed else None
+        return conv(x, w, stride, padding, op, dilation, n_rolls)
+
+    def setup(ctx, inputs, output):  # inputs (g, w or x, size, stride, padding, dilation, n_rolls)
+        ctx.save_for_backward(*inputs[:2])
+        ctx.params = tuple(inputs[3:])
+
+    def backward_gi(ctx, v):  # inputs (g, w, input_size, ...)
+        g, w = ctx.saved_tensors
+        s, p, d, n = ctx.params
+        nig = ctx.needs_input_grad
+        dg = layer(v, w, g.shape, s, p, d, n) if nig[0] else None
+        dw = grad_weight_op(g, v, list(w.shape), s, p, d, n) if nig[1] else None
+        return dg, dw, None, None, None, None, None
+
+    def backward_gw(ctx, u):  # inputs (g, x, weight_size, ...)
+        g, x = ctx.saved_tensors
+        s, p, d, n = ctx.params
+        nig = ctx.needs_input_grad
+        dg = layer(x, u, g.shape, s, p, d, n) if nig[0] else None
+        dx = grad_input_op(g, u, list(x.shape), s, p, d, n) if nig[1] else None
+        return dg, dx, None, None, None, None, None
+
+    torch.library.register_autograd(grad_input_name, backward_gi, setup_context=setup)
+    torch.library.register_autograd(grad_weight_name, backward_gw, setup_context=setup)
+    if backward_name is None:
+        return
+
+    def setup_both(ctx, inputs, output):  # inputs (g, x, w, stride, padding, dilation, n_rolls)
+        ctx.save_for_backward(*inputs[:3])
+        ctx.params = tuple(inputs[3:])
+
+    def backward_both(ctx, v, u):  # v: cotangent of grad_input, u: of grad_weight (None where unused)
+        g, x, w = ctx.saved_tensors
+        s, p, d, n = ctx.params
+        nig = ctx.needs_input_grad
+        dg = dx = dw = None
+        if nig[0]:
+            if v is not None:
+                dg = layer(v, w, g.shape, s, p, d, n)
+            if u is not None:
+                dg = layer(x, u, g.shape, s, p, d, n) if dg is None else dg + layer(x, u, g.shape, s, p, d, n)
+        if nig[1] and u is not None:
+            dx = grad_input_op(g, u, list(x.shape), s, p, d, n)
+        if nig[2] and v is not None:
+            dw = grad_weight_op(g, v, list(w.shape), s, p, d, n)
+        return dg, dx, dw, None, None, None, None
+
+    torch.library.register_autograd(backward_name, backward_both, setup_context=setup_both)

@@ -27,6 +27,7 @@ from ._common import (
     make_rolling_backward,
     make_rolling_setup,
     ntuple,
+    register_grad_op_autograd,
     rolling_out_shape,
 )
 
@@ -558,3 +559,13 @@ if _ext.has_compiled_ops():
         make_rolling_backward(lambda *a: _ops.rolling_conv_transpose_grad_input(*a),
                               lambda *a: _ops.rolling_conv_transpose_grad_weight(*a), 5),
         setup_context=make_rolling_setup(3))
+    # double backward (gradients of the gradient ops: _common.register_grad_op_autograd)
+    register_grad_op_autograd(
+        "medconv::rolling_conv_grad_input", "medconv::rolling_conv_grad_weight",
+        lambda x, w, s, p, op, d, n: _ops.rolling_conv(x, w, None, s, p, d, n),
+        lambda *a: _ops.rolling_conv_grad_input(*a), lambda *a: _ops.rolling_conv_grad_weight(*a), False)
+    register_grad_op_autograd(
+        "medconv::rolling_conv_transpose_grad_input", "medconv::rolling_conv_transpose_grad_weight",
+        lambda x, w, s, p, op, d, n: _ops.rolling_conv_transpose(x, w, None, s, p, op, d, n),
+        lambda *a: _ops.rolling_conv_transpose_grad_input(*a), lambda *a: _ops.rolling_conv_transpose_grad_weight(*a),
+        True)

@@ -80,6 +80,26 @@ if available():
 
     torch.library.register_autograd(_OPNAME, _backward, setup_context=_setup)
 
+    # double backward: the weight gradient is bilinear in (grad_out, cat([x, x2])) (_common.register_grad_op_autograd)
+    def _setup_gw(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3])
+        ctx.params = tuple(inputs[4:])
+
+    def _backward_gw(ctx, u):
+        g, x, x2 = ctx.saved_tensors
+        s, p, d, n = ctx.params
+        nig = ctx.needs_input_grad
+        dg = dx = dx2 = None
+        if nig[0]:
+            dg = torch.ops.medconv.rolling_conv_spectral_cat(x, x2, u, None, None, None, False, s, p, d, n)
+        if nig[1] or nig[2]:
+            size = [x.shape[0], x.shape[1] + x2.shape[1]] + list(x.shape[2:])
+            dx, dx2 = torch.ops.medconv.rolling_conv_spectral_grad_input(g, u, size, s, p, d, n).split(
+                [x.shape[1], x2.shape[1]], dim=1)
+        return dg, dx, dx2, None, None, None, None, None
+
+    torch.library.register_autograd(_OPNAME + "_grad_weight", _backward_gw, setup_context=_setup_gw)
+
     # eager training's path: the registered setup and backward without torch.library's per-call Python layer
     _RollingConvSpectralCatFunction = make_eager_function(
         "_RollingConvSpectralCatFunction", torch.ops.medconv.rolling_conv_spectral_cat.default, _setup, _backward)

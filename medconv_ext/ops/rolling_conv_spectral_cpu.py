@@ -21,7 +21,8 @@ import torch
 from torch.autograd import forward_ad as _forward_ad
 
 from .. import _ext
-from ._common import all_finite, apply_epilogue, conv_out_size, conv_transpose_out_size, make_eager_function
+from ._common import (all_finite, apply_epilogue, conv_out_size, conv_transpose_out_size, make_eager_function,
+                      register_grad_op_autograd)
 from ..backends import register_fused
 from .rolling_conv_spectral import OP, OP_T, _grad_finite, rolling_conv_spectral, rolling_conv_transpose_spectral
 
@@ -307,6 +308,17 @@ if available():
     torch.library.register_autograd(
         "medconv::rolling_conv_transpose_spectral", lambda ctx, g: _backward(ctx, g, True),
         setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, True))
+    # double backward (gradients of the gradient ops: _common.register_grad_op_autograd)
+    register_grad_op_autograd(
+        "medconv::rolling_conv_spectral_grad_input", "medconv::rolling_conv_spectral_grad_weight",
+        lambda x, w, s, p, op, d, n: torch.ops.medconv.rolling_conv_spectral(x, w, None, None, None, False, s, p, d, n),
+        torch.ops.medconv.rolling_conv_spectral_grad_input, torch.ops.medconv.rolling_conv_spectral_grad_weight, False)
+    register_grad_op_autograd(
+        "medconv::rolling_conv_transpose_spectral_grad_input", "medconv::rolling_conv_transpose_spectral_grad_weight",
+        lambda x, w, s, p, op, d, n: torch.ops.medconv.rolling_conv_transpose_spectral(x, w, None, None, None, False, s,
+                                                                                     p, op, d, n),
+        torch.ops.medconv.rolling_conv_transpose_spectral_grad_input,
+        torch.ops.medconv.rolling_conv_transpose_spectral_grad_weight, True)
 
 
 def _kernel_epilogue_exact(bias, scale) -> bool:

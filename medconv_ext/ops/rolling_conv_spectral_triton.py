@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ._common import (apply_epilogue, conv_out_size, conv_transpose_out_size, make_rolling_backward,
-                      make_rolling_setup, rolling_out_shape)
+                      make_rolling_setup, register_grad_op_autograd, rolling_out_shape)
 from ..backends import register_fused
 from .rolling_conv_spectral import OP, OP_T
 from .rolling_conv_triton import device_guard
@@ -307,6 +307,18 @@ rolling_conv_transpose_spectral_triton.register_autograd(
                           rolling_conv_transpose_spectral_triton_grad_weight, 8,
                           rolling_conv_transpose_spectral_triton_backward, "rolling_conv_transpose_spectral_triton"),
     setup_context=make_rolling_setup(6, epilogue=True))
+# double backward (gradients of the gradient ops: _common.register_grad_op_autograd)
+register_grad_op_autograd(
+    "medconv::rolling_conv_spectral_triton_grad_input", "medconv::rolling_conv_spectral_triton_grad_weight",
+    lambda x, w, s, p, op, d, n: rolling_conv_spectral_triton(x, w, None, None, None, False, s, p, d, n),
+    rolling_conv_spectral_triton_grad_input, rolling_conv_spectral_triton_grad_weight, False,
+    "medconv::rolling_conv_spectral_triton_backward")
+register_grad_op_autograd(
+    "medconv::rolling_conv_transpose_spectral_triton_grad_input",
+    "medconv::rolling_conv_transpose_spectral_triton_grad_weight",
+    lambda x, w, s, p, op, d, n: rolling_conv_transpose_spectral_triton(x, w, None, None, None, False, s, p, op, d, n),
+    rolling_conv_transpose_spectral_triton_grad_input, rolling_conv_transpose_spectral_triton_grad_weight, True,
+    "medconv::rolling_conv_transpose_spectral_triton_backward")
 
 
 # ---- the entry points registered with the "spectral" backend ----

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from ..backends import register_impl
-from ._common import conv_out_size, conv_transpose_out_size, make_rolling_backward, make_rolling_setup, rolling_out_shape
+from ._common import (conv_out_size, conv_transpose_out_size, make_rolling_backward, make_rolling_setup,
+                      register_grad_op_autograd, rolling_out_shape)
 
 OP = "rolling_conv"
 OP_T = "rolling_conv_transpose"
@@ -172,6 +173,15 @@ rolling_conv_triton.register_autograd(
 rolling_conv_transpose_triton.register_autograd(
     make_rolling_backward(rolling_conv_transpose_triton_grad_input, rolling_conv_transpose_triton_grad_weight, 5),
     setup_context=make_rolling_setup(3))
+# double backward (gradients of the gradient ops: _common.register_grad_op_autograd)
+register_grad_op_autograd(
+    "medconv::rolling_conv_triton_grad_input", "medconv::rolling_conv_triton_grad_weight",
+    lambda x, w, s, p, op, d, n: rolling_conv_triton(x, w, None, s, p, d, n),
+    rolling_conv_triton_grad_input, rolling_conv_triton_grad_weight, False)
+register_grad_op_autograd(
+    "medconv::rolling_conv_transpose_triton_grad_input", "medconv::rolling_conv_transpose_triton_grad_weight",
+    lambda x, w, s, p, op, d, n: rolling_conv_transpose_triton(x, w, None, s, p, op, d, n),
+    rolling_conv_transpose_triton_grad_input, rolling_conv_transpose_triton_grad_weight, True)
 
 
 # --------------------------------------------------------------------------------------
