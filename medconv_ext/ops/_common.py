@@ -3,6 +3,7 @@ import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -267,3 +268,14 @@ def register_grad_op_autograd(grad_input_name: str, grad_weight_name: str, conv,
         return dg, dx, dw, None, None, None, None
 
     torch.library.register_autograd(backward_name, backward_both, setup_context=setup_both)
+
+
+def autodiff_transform_active() -> bool:
+    """True under forward-mode AD (a torch.autograd.forward_ad dual level) or a torch.func transform (grad, jvp,
+    vmap, jacrev, ...) in eager mode. The package's compiled and Triton ops have reverse-mode formulas only, and
+    torch.library's autograd layer does not run under torch.func, so there every layer computes with its
+    pure-PyTorch "reference" backend (the same function; these transforms support it). Without this, a tangent
+    through a compiled op came out zero or missing, silently."""
+    if torch.compiler.is_compiling():
+        return False
+    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()

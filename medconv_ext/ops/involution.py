@@ -16,7 +16,7 @@ from .. import _ext
 from ..backends import register_impl, resolve, supports_any, supports_device_dtypes
 from ..reference import involution as _ref
 from .rolling_conv import plain_onnx_export
-from ._common import autocast_inputs, check_kernel_fits, check_positive, check_rank, check_same_dtype_device, conv_out_size, ntuple
+from ._common import autocast_inputs, autodiff_transform_active, check_kernel_fits, check_positive, check_rank, check_same_dtype_device, conv_out_size, ntuple
 
 OP = "involution"
 _LAYOUT = {2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
@@ -86,7 +86,9 @@ def _involution_nd(dims, x, weight, kernel_size, stride, padding, dilation, back
     kernel_size, stride, padding, dilation = _check(name, dims, x, weight, kernel_size, stride, padding, dilation)
     _, fn = resolve(OP, backend, x.device, x.dtype, _auto_candidates(x),
                     ctx={"dims": dims, "x_shape": tuple(x.shape), "w_shape": tuple(weight.shape)})
-    if plain_onnx_export():  # torch.onnx.export without the package's translations (medconv_ext.export)
+    if plain_onnx_export() or autodiff_transform_active():
+        # torch.onnx.export without the package's translations (medconv_ext.export); forward-mode AD or a
+        # torch.func transform, which the compiled ops do not support (_common.autodiff_transform_active)
         _, fn = resolve(OP, "reference", x.device, x.dtype, [])
     return fn(x, weight, kernel_size, stride, padding, dilation)
 

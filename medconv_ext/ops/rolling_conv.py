@@ -17,6 +17,7 @@ from ..backends import (DISPATCH_CACHE, backend_override, forced_backend_name, r
                         supports_any, supports_device_dtypes)
 from ._common import (
     autocast_inputs,
+    autodiff_transform_active,
     check_epilogue,
     check_kernel_fits,
     check_positive,
@@ -89,6 +90,10 @@ def _choose(op, x, weight, backend, transposed, n_rolls):
 
 
 def _choose_uncached(op, x, weight, backend, transposed, n_rolls):
+    if autodiff_transform_active():
+        # forward-mode AD and torch.func transforms need torch ops (_common.autodiff_transform_active); decided
+        # before the auto rule, which queries memory formats that vmap does not support
+        return resolve(op, "reference", x.device, x.dtype, [])
     name, impl = resolve(op, backend, x.device, x.dtype, _auto_candidates(x, weight, transposed, n_rolls),
                          ctx={"transposed": transposed, "x_shape": tuple(x.shape), "w_shape": tuple(weight.shape)})
     if (name.startswith("spectral") and _bank_for_export()) or (name != "reference" and plain_onnx_export()):
@@ -117,7 +122,8 @@ def _auto_memo(op, x, weight, backend, transposed, n_rolls):
         return None
     if backend_override() is not None:
         return None
-    if torch.compiler.is_compiling() or _EXPORT_DEPTH[0] > 0 or torch.jit.is_tracing() or _onnx_exporting():
+    if (torch.compiler.is_compiling() or _EXPORT_DEPTH[0] > 0 or torch.jit.is_tracing() or _onnx_exporting()
+            or autodiff_transform_active()):
         return None
     training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     key = (op, backend, x.dtype, x.shape, x.stride(), weight.shape, n_rolls, training)
@@ -341,7 +347,7 @@ def _call_key(op, x, weight, bias, stride, padding, output_padding, dilation, n_
         return None
     if (forced_backend_name() is not None or torch.compiler.is_compiling() or _EXPORT_DEPTH[0] > 0
             or torch.is_autocast_enabled("cpu") or backend_override() is not None or torch.jit.is_tracing()
-            or _onnx_exporting()):
+            or _onnx_exporting() or autodiff_transform_active()):
         return None
     s, p, o, d = _int_key(stride), _int_key(padding), _int_key(output_padding), _int_key(dilation)
     if s is _NOKEY or p is _NOKEY or o is _NOKEY or d is _NOKEY:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from . import rolling_conv_spectral_cpu as _fused
-from ._common import check_epilogue, check_kernel_fits, conv_out_size, make_eager_function
+from ._common import autodiff_transform_active, check_epilogue, check_kernel_fits, conv_out_size, make_eager_function
 from .rolling_conv import OP, _check_common, _choose_kernel, rolling_conv2d, rolling_conv3d
 from .rolling_conv_spectral import _grad_finite, rolling_conv_spectral
 
@@ -122,7 +122,7 @@ def rolling_conv_cat(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bi
     (no concatenated copy); otherwise torch.cat runs first. The output has x's memory format."""
     dims = x.dim() - 2 if isinstance(x, torch.Tensor) else 0
     fn = rolling_conv3d if dims == 3 else rolling_conv2d
-    if not (available() and _in_place_ok(x, x2)):
+    if not (available() and _in_place_ok(x, x2)) or autodiff_transform_active():
         return fn(torch.cat([x, x2], 1), weight, bias, stride, padding, dilation, n_rolls, backend,
                   scale=scale, shift=shift, relu=relu)
     name = "rolling_conv_cat"
