@@ -242,6 +242,7 @@ def test_gradcheck():
     fn = lambda a, a2, w_, b_, s_, h_: rolling_conv_cat(a, a2, w_, b_, 2, 1, (1, 2), 3, "spectral", scale=s_,  # noqa: E731
                                                         shift=h_, relu=True)
     assert torch.autograd.gradcheck(fn, (x, x2, w, b, sc, sh))
+    assert torch.autograd.gradgradcheck(fn, (x, x2, w, b, sc, sh))  # the weight gradient op's own autograd
 
 
 def test_eager_training_path_matches_the_registered_autograd():

@@ -1,6 +1,6 @@
 """Gradients of gradients (create_graph=True: gradient penalties, second-order methods) through every
 backend's gradient ops: gradgradcheck in float64 where the backend runs float64 (the compiled "cpu" ops,
-the fused spectral CPU kernel, its concatenating form), and a gradient penalty against the reference
+the fused spectral CPU kernel; its concatenating form in test_rolling_conv_cat.py), and a gradient penalty against the reference
 backend's for the Triton kernels (interpreter mode on the CPU, float32). Without the gradient ops'
 own autograd, their outputs were treated as constants: the second-order terms came out zero, silently."""
 import pytest
@@ -9,7 +9,6 @@ import torch
 import medconv_ext as mc
 from medconv_ext import _ext
 from medconv_ext.ops import rolling_conv_spectral_cpu as fused
-from medconv_ext.ops.rolling_conv_cat import available as cat_available, rolling_conv_cat
 
 CONV = {2: mc.rolling_conv2d, 3: mc.rolling_conv3d}
 CONV_T = {2: mc.rolling_conv_transpose2d, 3: mc.rolling_conv_transpose3d}
@@ -64,17 +63,6 @@ def test_gradgradcheck_fused_epilogue(transposed):
         return fn(x, w, b, 2, 1, 2, 2, backend="spectral", scale=scale, shift=shift, relu=True)
     args = [t.requires_grad_(True) for t in (x, w, b, scale, shift)]
     assert torch.autograd.gradgradcheck(f, args)
-
-
-@pytest.mark.skipif(not cat_available(), reason="fused kernel not built")
-def test_gradgradcheck_cat():
-    gen = torch.Generator().manual_seed(9)
-    x = torch.randn(1, 2, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    x2 = torch.randn(1, 3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, 5, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda a, a2, w_, b_: rolling_conv_cat(a, a2, w_, b_, 1, 1, 1, 3, "spectral"),
-                                        (x, x2, w, b))
 
 
 def _penalty(layer, x, w):

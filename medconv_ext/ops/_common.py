@@ -226,24 +226,24 @@ def register_grad_op_autograd(grad_input_name: str, grad_weight_name: str, conv,
         ctx.save_for_backward(*inputs[:2])
         ctx.params = tuple(inputs[3:])
 
-    def backward_gi(ctx, v):  # inputs (g, w, input_size, ...)
-        g, w = ctx.saved_tensors
-        s, p, d, n = ctx.params
-        nig = ctx.needs_input_grad
-        dg = layer(v, w, g.shape, s, p, d, n) if nig[0] else None
-        dw = grad_weight_op(g, v, list(w.shape), s, p, d, n) if nig[1] else None
-        return dg, dw, None, None, None, None, None
+    def make_backward(of_grad_input: bool):
+        # grad_input's inputs (g, w, input_size, ...), cotangent v shaped like x; grad_weight's (g, x,
+        # weight_size, ...), cotangent u shaped like w: either way d/dg is the layer of (x, w)
+        def backward(ctx, cot):
+            g, t = ctx.saved_tensors
+            s, p, d, n = ctx.params
+            x, w = (cot, t) if of_grad_input else (t, cot)
+            nig = ctx.needs_input_grad
+            dg = layer(x, w, g.shape, s, p, d, n) if nig[0] else None
+            dt = None
+            if nig[1]:
+                dt = (grad_weight_op(g, x, list(w.shape), s, p, d, n) if of_grad_input
+                      else grad_input_op(g, w, list(x.shape), s, p, d, n))
+            return dg, dt, None, None, None, None, None
+        return backward
 
-    def backward_gw(ctx, u):  # inputs (g, x, weight_size, ...)
-        g, x = ctx.saved_tensors
-        s, p, d, n = ctx.params
-        nig = ctx.needs_input_grad
-        dg = layer(x, u, g.shape, s, p, d, n) if nig[0] else None
-        dx = grad_input_op(g, u, list(x.shape), s, p, d, n) if nig[1] else None
-        return dg, dx, None, None, None, None, None
-
-    torch.library.register_autograd(grad_input_name, backward_gi, setup_context=setup)
-    torch.library.register_autograd(grad_weight_name, backward_gw, setup_context=setup)
+    torch.library.register_autograd(grad_input_name, make_backward(True), setup_context=setup)
+    torch.library.register_autograd(grad_weight_name, make_backward(False), setup_context=setup)
     if backward_name is None:
         return
 
