@@ -16,7 +16,8 @@ from .. import _ext
 from ..backends import register_impl, resolve, supports_any, supports_device_dtypes
 from ..reference import involution as _ref
 from .rolling_conv import plain_onnx_export
-from ._common import autocast_inputs, autodiff_transform_active, check_kernel_fits, check_positive, check_rank, check_same_dtype_device, conv_out_size, ntuple
+from ._common import (autocast_inputs, autodiff_transform_active, check_kernel_fits, check_positive, check_rank,
+                      check_same_dtype_device, conv_out_size, ntuple)
 
 OP = "involution"
 _LAYOUT = {2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
@@ -127,6 +128,35 @@ def _out_sizes(spatial, kernel_size, stride, padding, dilation):
     return [conv_out_size(n, k, s, p, d) for n, k, s, p, d in zip(spatial, kernel_size, stride, padding, dilation)]
 
 
+def register_grad_op_autograd(grad_input_name: str, grad_weight_name: str, fwd, grad_input, grad_weight):
+    """The autograd of an involution's two gradient ops (qualified names), which are bilinear, so each
+    gradient is one of the three ops fwd(x, w, k, s, p, d), grad_input(gy, w, input_size, k, s, p, d),
+    grad_weight(gy, x, k, s, p, d, groups) again; this gives double backward (gradgradcheck):
+      gx = A(w)^T gy:  d<v, gx>/d gy = fwd(v, w),  d<v, gx>/d w = grad_weight(gy, v)
+      gw[g, t, p] = sum_c gy[c, p] x[c, p*s + t*d - pad]:  d<V, gw>/d gy = fwd(x, V),  d<V, gw>/d x = grad_input(gy, V)
+    Used for the compiled ops and the Triton ones."""
+    def make_setup(first):  # where (kernel_size, stride, padding, dilation) start among the inputs
+        def setup(ctx, inputs, output):
+            ctx.save_for_backward(*inputs[:2])  # (grad_out, weight) or (grad_out, x)
+            ctx.params = tuple(list(v) for v in inputs[first:first + 4])
+        return setup
+
+    def backward_gi(ctx, v):  # inputs (grad_out, weight, input_size, kernel_size, stride, padding, dilation)
+        grad_out, weight = ctx.saved_tensors
+        g_gy = fwd(v, weight, *ctx.params) if ctx.needs_input_grad[0] else None
+        g_w = grad_weight(grad_out, v, *ctx.params, weight.shape[1]) if ctx.needs_input_grad[1] else None
+        return g_gy, g_w, None, None, None, None, None
+
+    def backward_gw(ctx, v):  # inputs (grad_out, x, kernel_size, stride, padding, dilation, groups)
+        grad_out, x = ctx.saved_tensors
+        g_gy = fwd(x, v, *ctx.params) if ctx.needs_input_grad[0] else None
+        g_x = grad_input(grad_out, v, list(x.shape), *ctx.params) if ctx.needs_input_grad[1] else None
+        return g_gy, g_x, None, None, None, None, None
+
+    torch.library.register_autograd(grad_input_name, backward_gi, setup_context=make_setup(3))
+    torch.library.register_autograd(grad_weight_name, backward_gw, setup_context=make_setup(2))
+
+
 if _ext.has_compiled_ops():
     register_impl(OP, "cpu", _compiled, supports_device_dtypes("cpu", CPU_DTYPES))
     register_impl(OP, "cuda", _compiled, supports_device_dtypes("cuda", CUDA_DTYPES))
@@ -165,39 +195,6 @@ if _ext.has_compiled_ops():
 
     torch.library.register_autograd("medconv::involution", _backward_fwd, setup_context=_setup_fwd)
 
-    # gx = A(w)^T gy:  d<v, gx>/d gy = involution(v, w),  d<v, gx>/d w = grad_weight(gy, v)
-    def _setup_gi(ctx, inputs, output):
-        grad_out, weight, input_size, kernel_size, stride, padding, dilation = inputs
-        ctx.save_for_backward(grad_out, weight)
-        ctx.params = (kernel_size, stride, padding, dilation)
-
-    def _backward_gi(ctx, v):
-        grad_out, weight = ctx.saved_tensors
-        k, s, p, d = ctx.params
-        g_gy = g_w = None
-        if ctx.needs_input_grad[0]:
-            g_gy = torch.ops.medconv.involution(v, weight, k, s, p, d)
-        if ctx.needs_input_grad[1]:
-            g_w = torch.ops.medconv.involution_grad_weight(grad_out, v, k, s, p, d, weight.shape[1])
-        return g_gy, g_w, None, None, None, None, None
-
-    torch.library.register_autograd("medconv::involution_grad_input", _backward_gi, setup_context=_setup_gi)
-
-    # gw[g, t, p] = sum_c gy[c, p] x[c, p*s + t*d - pad]:
-    #   d<V, gw>/d gy = involution(x, V),  d<V, gw>/d x = grad_input(gy, V)
-    def _setup_gw(ctx, inputs, output):
-        grad_out, x, kernel_size, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(grad_out, x)
-        ctx.params = (kernel_size, stride, padding, dilation)
-
-    def _backward_gw(ctx, v):
-        grad_out, x = ctx.saved_tensors
-        k, s, p, d = ctx.params
-        g_gy = g_x = None
-        if ctx.needs_input_grad[0]:
-            g_gy = torch.ops.medconv.involution(x, v, k, s, p, d)
-        if ctx.needs_input_grad[1]:
-            g_x = torch.ops.medconv.involution_grad_input(grad_out, v, list(x.shape), k, s, p, d)
-        return g_gy, g_x, None, None, None, None, None
-
-    torch.library.register_autograd("medconv::involution_grad_weight", _backward_gw, setup_context=_setup_gw)
+    register_grad_op_autograd("medconv::involution_grad_input", "medconv::involution_grad_weight",
+                              torch.ops.medconv.involution, torch.ops.medconv.involution_grad_input,
+                              torch.ops.medconv.involution_grad_weight)

@@ -18,6 +18,7 @@ import torch
 
 from ..backends import register_impl
 from ._common import conv_out_size
+from .involution import register_grad_op_autograd
 
 OP = "involution"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -91,37 +92,9 @@ def _backward(ctx, grad):
 involution_triton.register_autograd(_backward, setup_context=_setup)
 
 
-# double backward: the gradient ops are bilinear, so their gradients are the three ops again (as for the
-# compiled ops in ops/involution.py); without this a gradient of a gradient would come out zero, silently
-def _setup_grad_op(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:2])  # (grad_out, weight) or (grad_out, x)
-    ctx.inputs_meta = inputs[2:]  # the non-tensor arguments
-
-
-def _backward_gi(ctx, v):  # inputs (grad_out, weight, input_size, kernel_size, stride, padding, dilation)
-    grad_out, weight = ctx.saved_tensors
-    k, s, p, d = ctx.inputs_meta[1:]
-    g_gy = g_w = None
-    if ctx.needs_input_grad[0]:
-        g_gy = involution_triton(v, weight, list(k), list(s), list(p), list(d))
-    if ctx.needs_input_grad[1]:
-        g_w = involution_triton_grad_weight(grad_out, v, list(k), list(s), list(p), list(d), weight.shape[1])
-    return g_gy, g_w, None, None, None, None, None
-
-
-def _backward_gw(ctx, v):  # inputs (grad_out, x, kernel_size, stride, padding, dilation, groups)
-    grad_out, x = ctx.saved_tensors
-    k, s, p, d = ctx.inputs_meta[:4]
-    g_gy = g_x = None
-    if ctx.needs_input_grad[0]:
-        g_gy = involution_triton(x, v, list(k), list(s), list(p), list(d))
-    if ctx.needs_input_grad[1]:
-        g_x = involution_triton_grad_input(grad_out, v, list(x.shape), list(k), list(s), list(p), list(d))
-    return g_gy, g_x, None, None, None, None, None
-
-
-involution_triton_grad_input.register_autograd(_backward_gi, setup_context=_setup_grad_op)
-involution_triton_grad_weight.register_autograd(_backward_gw, setup_context=_setup_grad_op)
+# double backward: the gradient ops' own autograd, as for the compiled ops (ops/involution.py)
+register_grad_op_autograd("medconv::involution_triton_grad_input", "medconv::involution_triton_grad_weight",
+                          involution_triton, involution_triton_grad_input, involution_triton_grad_weight)
 
 
 # ---- registry ----
