@@ -144,9 +144,5 @@ def rolling_conv_cat(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bi
         return fn(torch.cat([x, x2], 1), weight, bias, stride, padding, dilation, n_rolls, backend,
                   scale=scale, shift=shift, relu=relu)
     args = (x, x2, weight, bias, scale, shift, bool(relu), list(stride), list(padding), list(dilation), n_rolls)
-    if _fused._eager_no_grad(x, x2, weight, bias, scale, shift):
-        with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.medconv.rolling_conv_spectral_cat.default(*args)
-    if _fused._eager():
-        return _RollingConvSpectralCatFunction.apply(*args)
-    return torch.ops.medconv.rolling_conv_spectral_cat(*args)
+    return _fused.run_fused_op(torch.ops.medconv.rolling_conv_spectral_cat.default, _RollingConvSpectralCatFunction,
+                               args, (x, x2, weight, bias, scale, shift))

@@ -18,11 +18,10 @@ import warnings
 from typing import Callable, List, Optional
 
 import torch
-from torch.autograd import forward_ad as _forward_ad
 
 from .. import _ext
-from ._common import (all_finite, apply_epilogue, conv_out_size, conv_transpose_out_size, make_eager_function,
-                      register_grad_op_autograd)
+from ._common import (all_finite, apply_epilogue, autodiff_transform_active, conv_out_size, conv_transpose_out_size,
+                      make_eager_function, register_grad_op_autograd)
 from ..backends import register_fused
 from .rolling_conv_spectral import OP, OP_T, _grad_finite, rolling_conv_spectral, rolling_conv_transpose_spectral
 
@@ -195,7 +194,10 @@ def out_memory_format(x: torch.Tensor):
     return suggest_memory_format(x)
 
 
+_OP_FWD = _OP_FWD_T = None
 if available():
+    _OP_FWD = torch.ops.medconv.rolling_conv_spectral.default
+    _OP_FWD_T = torch.ops.medconv.rolling_conv_transpose_spectral.default
     channel_transform()  # fills the mirror now: the dispatch rule may first read it while torch.compile traces
 
     @torch.library.register_fake("medconv::rolling_conv_spectral")
@@ -296,10 +298,10 @@ if available():
     # torch.library registration below (which torch.compile, export and functorch use), without that layer's
     # Python cost per call (docs/rolling_conv_spectral.md, "Per-call cost").
     _RollingConvSpectralFunction = make_eager_function(
-        "_RollingConvSpectralFunction", torch.ops.medconv.rolling_conv_spectral.default,
+        "_RollingConvSpectralFunction", _OP_FWD,
         lambda ctx, args, out: _setup(ctx, args, out, False), lambda ctx, grad: _backward(ctx, grad, False))
     _RollingConvTransposeSpectralFunction = make_eager_function(
-        "_RollingConvTransposeSpectralFunction", torch.ops.medconv.rolling_conv_transpose_spectral.default,
+        "_RollingConvTransposeSpectralFunction", _OP_FWD_T,
         lambda ctx, args, out: _setup(ctx, args, out, True), lambda ctx, grad: _backward(ctx, grad, True))
 
     torch.library.register_autograd(
@@ -342,24 +344,35 @@ _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def _eager() -> bool:
-    """Eager mode: no torch.compile or torch.export, no jit trace, no functorch transform, no forward-mode AD
-    level (whose dual tensors the registered autograd layer must see)."""
+    """Eager mode: no torch.compile or torch.export, no jit trace, no functorch transform or forward-mode AD
+    level (_common.autodiff_transform_active: the registered autograd layer must see those)."""
     return not (torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing()
-                or torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0)
+                or autodiff_transform_active())
+
+
+def _records_grad(tensors) -> bool:
+    """Whether autograd records a call with these inputs: grad mode on and some input requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _eager_no_grad(*tensors) -> bool:
     """True where the op can be called below the autograd layer: eager mode and no input needs a gradient.
     torch.library's Python autograd wrapper then only redispatches below autograd itself; calling there
     directly saves its ~5 us per call and gives the same result."""
-    if not _eager():
-        return False
-    if not torch.is_grad_enabled():
-        return True
-    for t in tensors:
-        if t is not None and t.requires_grad:
-            return False
-    return True
+    return _eager() and not _records_grad(tensors)
+
+
+def run_fused_op(op, eager_function, args, tensors):
+    """op(*args) (an OpOverload of a fused op with registered autograd) the cheapest way that records the same
+    graph: in eager mode below the autograd layer when nothing needs a gradient, else through eager_function
+    (make_eager_function: the registered setup and backward); otherwise (compile, export, transforms) through
+    the registered op."""
+    if _eager():
+        if not _records_grad(tensors):
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args)
+        return eager_function.apply(*args)
+    return op(*args)
 
 
 def _ints(v):
@@ -376,12 +389,7 @@ def rolling_conv_spectral_cpu(x, weight, bias, stride, padding, dilation, n_roll
         return apply_epilogue(rolling_conv_spectral_cpu(x, weight, bias, stride, padding, dilation, n_rolls),
                               scale, shift, relu)
     args = (x, weight, bias, scale, shift, bool(relu), _ints(stride), _ints(padding), _ints(dilation), n_rolls)
-    if _eager_no_grad(x, weight, bias, scale, shift):
-        with torch._C._AutoDispatchBelowAutograd():
-            return _OP_FWD(*args)
-    if _eager():
-        return _RollingConvSpectralFunction.apply(*args)
-    return torch.ops.medconv.rolling_conv_spectral(*args)
+    return run_fused_op(_OP_FWD, _RollingConvSpectralFunction, args, (x, weight, bias, scale, shift))
 
 
 def rolling_conv_transpose_spectral_cpu(x, weight, bias, stride, padding, output_padding, dilation, n_rolls,
@@ -394,18 +402,7 @@ def rolling_conv_transpose_spectral_cpu(x, weight, bias, stride, padding, output
                                                                   dilation, n_rolls), scale, shift, relu)
     args = (x, weight, bias, scale, shift, bool(relu), _ints(stride), _ints(padding), _ints(output_padding),
             _ints(dilation), n_rolls)
-    if _eager_no_grad(x, weight, bias, scale, shift):
-        with torch._C._AutoDispatchBelowAutograd():
-            return _OP_FWD_T(*args)
-    if _eager():
-        return _RollingConvTransposeSpectralFunction.apply(*args)
-    return torch.ops.medconv.rolling_conv_transpose_spectral(*args)
-
-
-_OP_FWD = _OP_FWD_T = None
-if available():
-    _OP_FWD = torch.ops.medconv.rolling_conv_spectral.default
-    _OP_FWD_T = torch.ops.medconv.rolling_conv_transpose_spectral.default
+    return run_fused_op(_OP_FWD_T, _RollingConvTransposeSpectralFunction, args, (x, weight, bias, scale, shift))
 
 
 if available():
