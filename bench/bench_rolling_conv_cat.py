@@ -7,7 +7,6 @@ threads and the load average.
     PYTHONPATH=. python bench/bench_rolling_conv_cat.py [--threads 2] [--reps 7] [--quick]
     /work/shared/tools/quiet-run python bench/bench_rolling_conv_cat.py     # on a shared machine
 """
-import argparse
 import os
 import sys
 import time
@@ -26,10 +25,7 @@ QUICK = [(2, 8, 24), (3, 4, 8)]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
+    ap = harness.ab_parser(__doc__, threads=2, reps=7)
     a = ap.parse_args(argv)
     if not available():
         print("rolling_conv_cat: the compiled extension is not built; nothing to time")

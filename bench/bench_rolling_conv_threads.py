@@ -11,7 +11,6 @@ the operating system's page faults on it are time the kernel's own partition doe
     PYTHONPATH=. python bench/bench_rolling_conv_threads.py [--threads 2] [--reps 9] [--quick]
     /work/shared/tools/quiet-run python bench/bench_rolling_conv_threads.py     # on a shared machine
 """
-import argparse
 import os
 import resource
 import sys
@@ -53,11 +52,8 @@ def _timed(shape, threads, reps):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="the thread count compared with 1")
-    ap.add_argument("--reps", type=int, default=9)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating 1-thread / N-thread rounds per shape")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
+    ap = harness.ab_parser(__doc__, threads=2, reps=9, threads_help="the thread count compared with 1")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over the whole shape list (the fastest kept)")
     a = ap.parse_args(argv)
     if not fused.available():
         print("the compiled extension is not built; nothing to time")

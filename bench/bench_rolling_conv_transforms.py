@@ -8,7 +8,6 @@ and the load average.
     PYTHONPATH=. python bench/bench_rolling_conv_transforms.py [--threads 1] [--reps 15] [--quick]
     /work/shared/tools/quiet-run python bench/bench_rolling_conv_transforms.py     # on a shared machine
 """
-import argparse
 import os
 import sys
 
@@ -27,10 +26,7 @@ QUICK = [(2, 16, 12, 3), (3, 8, 6, 3), (2, 300, 4, 3)]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
+    ap = harness.ab_parser(__doc__, threads=1, reps=15)
     a = ap.parse_args(argv)
     if not fused.available():
         print("the compiled extension is not built; nothing to time")

@@ -6,6 +6,7 @@ written to <results root>/<device-slug>/<name>.csv, with plots beside it. The re
 bench/out/ (not tracked by git) unless MEDCONV_BENCH_RESULTS names another folder;
 `bench/run_all.py --update-results` sets it to bench/results/, the committed results.
 """
+import argparse
 import csv
 import gc
 import math
@@ -222,6 +223,16 @@ class Results:
                 w.writerow({k: (_fmt(v) if isinstance(v, float) else v) for k, v in r.items()})
         print("wrote %s" % os.path.relpath(path, ROOT))
         return path
+
+
+def ab_parser(doc: str, threads: int, reps: int, threads_help: Optional[str] = None) -> argparse.ArgumentParser:
+    """The A/B benchmarks' command line: --threads, --reps (calls per median_ms) and --quick (tiny shapes),
+    described by the first paragraph of the script's docstring."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=threads, help=threads_help)
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
+    return ap
 
 
 def median_ms(fn: Callable[[], object], reps: int, device: torch.device = torch.device("cpu")) -> float:
