@@ -401,15 +401,20 @@ def test_fused_above_256_channels_only_with_the_fft():
         assert _rel(y, want) < TOL[torch.float32], t
 
 
-def test_channel_transform_environment_variable():
-    code = ("import medconv_ext, torch; from medconv_ext.ops import rolling_conv_spectral_cpu as f; "
-            "print(f.channel_transform(), f.transform_for(64))")
-    env = dict(os.environ, MEDCONV_CHANNEL_TRANSFORM="gemm")
+def _last_line_with_env(code, **env_vars):
+    """The last line that `code` prints in a fresh interpreter with env_vars set (settings read at start-up)."""
+    env = dict(os.environ, **env_vars)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "gemm gemm"
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_channel_transform_environment_variable():
+    code = ("import medconv_ext, torch; from medconv_ext.ops import rolling_conv_spectral_cpu as f; "
+            "print(f.channel_transform(), f.transform_for(64))")
+    assert _last_line_with_env(code, MEDCONV_CHANNEL_TRANSFORM="gemm") == "gemm gemm"
 
 
 def test_isa_selection():
@@ -435,12 +440,7 @@ def test_isa_environment_variable():
     code = ("import medconv_ext, torch; from medconv_ext.ops import rolling_conv_spectral_cpu as f; "
             "x = torch.randn(1, 4, 5, 5); medconv_ext.rolling_conv2d(x, torch.randn(1, 4, 3, 3), padding=1, "
             "backend='spectral'); print(f.isa_setting(), f.isa(16))")
-    env = dict(os.environ, MEDCONV_CPU_ISA=want)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "%s %s" % (want, want)
+    assert _last_line_with_env(code, MEDCONV_CPU_ISA=want) == "%s %s" % (want, want)
 
 
 def test_spectral_backend_dispatches_to_fused():
