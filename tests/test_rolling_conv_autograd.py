@@ -127,3 +127,46 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out, eager, rtol=1e-12, atol=1e-12)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# 3D layers padded above "same" with stride 2 in depth and N = 2: torch's CPU conv3d / conv_transpose3d weight
+# gradient (oneDNN, torch 2.14) came out wrong there (up to 1e35) when it saw the padding; the bank + conv of
+# backend "reference" (and "auto" where it picks it) pads explicitly or crops instead.
+OVER_PADDED_3D = [  # (transposed, x shape, base shape, stride, padding, output_padding, n_rolls)
+    (False, (2, 2, 4, 8, 5), (1, 2, 4, 2, 4), (2, 2, 2), (3, 1, 1), None, 2),
+    (False, (2, 3, 3, 6, 6), (2, 3, 4, 5, 3), (2, 2, 1), (3, 1, 1), None, 3),
+    (False, (3, 5, 4, 5, 4), (1, 5, 5, 3, 3), (3, 3, 3), (4, 1, 1), None, 5),
+    (True, (2, 2, 3, 2, 8), (2, 1, 4, 5, 4), (2, 2, 2), (3, 1, 3), (1, 1, 1), 1),
+    (True, (2, 2, 3, 6, 6), (2, 2, 4, 5, 3), (2, 2, 1), (3, 1, 1), (1, 1, 0), 2),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto", "cpu", "spectral"])
+@pytest.mark.parametrize("case", range(len(OVER_PADDED_3D)))
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+def test_over_padded_3d_weight_gradient_on_cpu(backend, case, layout):
+    from medconv_ext.reference import rolling_conv as ref
+    if backend in ("cpu", "spectral") and not _ext.has_compiled_ops():
+        pytest.skip("compiled extension not built")
+    transposed, xs, ws, stride, padding, out_pad, n_rolls = OVER_PADDED_3D[case]
+    gen = torch.Generator().manual_seed(case)
+    for _ in range(3):  # the wrong values depended on memory contents: several draws
+        x = torch.randn(xs, generator=gen)
+        w = torch.randn(ws, generator=gen)
+        if layout == "cl":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+        if transposed:
+            y = mc.rolling_conv_transpose3d(xg, wg, None, stride, padding, out_pad, n_rolls, backend)
+            want = ref.rolling_conv_transpose(xd, wd, None, stride, padding, out_pad, (1, 1, 1), n_rolls)
+        else:
+            y = mc.rolling_conv3d(xg, wg, None, stride, padding, 1, n_rolls, backend)
+            want = ref.rolling_conv(xd, wd, None, stride, padding, (1, 1, 1), n_rolls)
+        assert y.shape == want.shape
+        g = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+        gx, gw = torch.autograd.grad(y, (xg, wg), g.float())
+        gxd, gwd = torch.autograd.grad(want, (xd, wd), g)
+        for got, exp in ((y, want), (gx, gxd), (gw, gwd)):
+            err = (got.double() - exp).abs().max() / exp.abs().max()
+            assert err < 1e-4, (backend, case, layout, float(err))

@@ -504,13 +504,36 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+def _over_padded_3d_cpu(x, weight, padding, dilation) -> bool:
+    """True where torch's CPU 3D convolution (oneDNN) must not see the padding: a 3D layer that needs a weight
+    gradient, with some padding above "same" ((k - 1) * dilation // 2). There, with stride >= 2 in depth and
+    N >= 2, torch 2.14's weight gradient of conv3d / conv_transpose3d came out wrong (up to 1e35), and some
+    calls hung or corrupted the heap (docs/rolling_conv_cpu.md, "Over-padded 3D layers"). The same
+    function without the padding does not reach that case: explicit zero padding before the convolution,
+    padding 0 and a crop after the transposed one."""
+    if weight.dim() != 5 or x.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
+    if not (x.requires_grad or weight.requires_grad):
+        return False
+    return any(p > (int(k) - 1) * d // 2 for p, k, d in zip(padding, weight.shape[2:], dilation))
+
+
 def _reference_conv(x, weight, bias, stride, padding, dilation, n_rolls):
-    return _CONV[weight.dim() - 2](x, expand_bank(weight, n_rolls), bias, stride, padding, dilation)
+    bank = expand_bank(weight, n_rolls)
+    if _over_padded_3d_cpu(x, weight, padding, dilation):
+        pads = [q for p in reversed(padding) for q in (p, p)]
+        return F.conv3d(F.pad(x, pads), bank, bias, stride, 0, dilation)
+    return _CONV[weight.dim() - 2](x, bank, bias, stride, padding, dilation)
 
 
 def _reference_conv_t(x, weight, bias, stride, padding, output_padding, dilation, n_rolls):
-    return _CONV_T[weight.dim() - 2](x, expand_bank(weight, n_rolls, True), bias, stride, padding, output_padding, 1,
-                                     dilation)
+    bank = expand_bank(weight, n_rolls, True)
+    if _over_padded_3d_cpu(x, weight, padding, dilation):
+        y = F.conv_transpose3d(x, bank, bias, stride, 0, output_padding, 1, dilation)
+        y = y[(slice(None), slice(None)) + tuple(slice(p, y.shape[2 + i] - p) for i, p in enumerate(padding))]
+        cl = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+        return y.contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+    return _CONV_T[weight.dim() - 2](x, bank, bias, stride, padding, output_padding, 1, dilation)
 
 
 register_impl(OP, "reference", _reference_conv, supports_any)
