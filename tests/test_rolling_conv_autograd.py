@@ -129,19 +129,22 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-# 3D layers padded above "same" with stride 2 in depth and N = 2: torch's CPU conv3d / conv_transpose3d weight
-# gradient (oneDNN, torch 2.14) came out wrong there (up to 1e35) when it saw the padding; the bank + conv of
-# backend "reference" (and "auto" where it picks it) pads explicitly or crops instead.
+# 3D layers padded above "same" with stride 2 in depth: torch's CPU conv3d / conv_transpose3d weight gradient
+# (oneDNN, torch 2.14) came out wrong there (up to 1e35) when it saw the padding; the bank + conv of backend
+# "reference" (and "auto" where it picks it) and the depthwise convs of "spectral_unfused" pad explicitly.
 OVER_PADDED_3D = [  # (transposed, x shape, base shape, stride, padding, output_padding, n_rolls)
     (False, (2, 2, 4, 8, 5), (1, 2, 4, 2, 4), (2, 2, 2), (3, 1, 1), None, 2),
     (False, (2, 3, 3, 6, 6), (2, 3, 4, 5, 3), (2, 2, 1), (3, 1, 1), None, 3),
     (False, (3, 5, 4, 5, 4), (1, 5, 5, 3, 3), (3, 3, 3), (4, 1, 1), None, 5),
     (True, (2, 2, 3, 2, 8), (2, 1, 4, 5, 4), (2, 2, 2), (3, 1, 3), (1, 1, 1), 1),
     (True, (2, 2, 3, 6, 6), (2, 2, 4, 5, 3), (2, 2, 1), (3, 1, 1), (1, 1, 0), 2),
+    (False, (1, 9, 4, 4, 1), (1, 9, 5, 3, 3), (3, 2, 1), (4, 0, 1), None, 9),
+    (True, (1, 2, 3, 1, 4), (2, 1, 5, 3, 3), (3, 1, 2), (4, 0, 1), (1, 0, 0), 2),
+    (False, (1, 6, 3, 4, 4), (1, 6, 3, 3, 3), (1, 1, 1), (1, 1, 1), None, 4),  # partial rolls: the composition's view
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto", "cpu", "spectral"])
+@pytest.mark.parametrize("backend", ["reference", "auto", "cpu", "spectral", "spectral_unfused"])
 @pytest.mark.parametrize("case", range(len(OVER_PADDED_3D)))
 @pytest.mark.parametrize("layout", ["ncdhw", "cl"])
 def test_over_padded_3d_weight_gradient_on_cpu(backend, case, layout):
@@ -164,6 +167,8 @@ def test_over_padded_3d_weight_gradient_on_cpu(backend, case, layout):
             y = mc.rolling_conv3d(xg, wg, None, stride, padding, 1, n_rolls, backend)
             want = ref.rolling_conv(xd, wd, None, stride, padding, (1, 1, 1), n_rolls)
         assert y.shape == want.shape
+        # a dense result (NCDHW or channels-last), not a view into a larger buffer
+        assert y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last_3d), y.stride()
         g = torch.randn(want.shape, generator=gen, dtype=torch.float64)
         gx, gw = torch.autograd.grad(y, (xg, wg), g.float())
         gxd, gwd = torch.autograd.grad(want, (xd, wd), g)

@@ -75,6 +75,18 @@ def conv_transpose_out_size(size: int, k: int, s: int, p: int, op_: int, d: int)
     return (size - 1) * s - 2 * p + d * (k - 1) + op_ + 1
 
 
+def over_padded_3d(ksize: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> bool:
+    """A 3D kernel padded above "same" ((k - 1) * dilation // 2) in some dimension. There torch's CPU
+    conv3d / conv_transpose3d weight gradient (oneDNN, torch 2.14) came out wrong, hung or corrupted the heap
+    (docs/rolling_conv_cpu.md, "Over-padded 3D layers"); callers pad explicitly instead (pad_explicitly)."""
+    return len(ksize) == 3 and any(p > (int(k) - 1) * d // 2 for k, p, d in zip(ksize, padding, dilation))
+
+
+def pad_explicitly(t: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
+    """t with `padding` zeros on both sides of each spatial dimension (what a convolution's padding reads)."""
+    return torch.nn.functional.pad(t, [q for p in reversed(padding) for q in (p, p)])
+
+
 def check_kernel_fits(spatial: Sequence[int], ksize: Sequence[int], padding: Sequence[int],
                       dilation: Sequence[int], op: str) -> None:
     for i, (n, k, p, d) in enumerate(zip(spatial, ksize, padding, dilation)):

@@ -28,6 +28,8 @@ from ._common import (
     make_rolling_backward,
     make_rolling_setup,
     ntuple,
+    over_padded_3d,
+    pad_explicitly,
     register_grad_op_autograd,
     rolling_out_shape,
 )
@@ -505,24 +507,18 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def _over_padded_3d_cpu(x, weight, padding, dilation) -> bool:
-    """True where torch's CPU 3D convolution (oneDNN) must not see the padding: a 3D layer that needs a weight
-    gradient, with some padding above "same" ((k - 1) * dilation // 2). There, with stride >= 2 in depth and
-    N >= 2, torch 2.14's weight gradient of conv3d / conv_transpose3d came out wrong (up to 1e35), and some
-    calls hung or corrupted the heap (docs/rolling_conv_cpu.md, "Over-padded 3D layers"). The same
-    function without the padding does not reach that case: explicit zero padding before the convolution,
-    padding 0 and a crop after the transposed one."""
-    if weight.dim() != 5 or x.device.type != "cpu" or not torch.is_grad_enabled():
+    """A 3D layer on the CPU that needs a weight gradient and is padded above "same" (over_padded_3d): torch's
+    conv3d / conv_transpose3d must not see that padding. Explicit zero padding before the convolution, or
+    padding 0 and a crop after the transposed one, is the same function without that case."""
+    if x.device.type != "cpu" or not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
         return False
-    if not (x.requires_grad or weight.requires_grad):
-        return False
-    return any(p > (int(k) - 1) * d // 2 for p, k, d in zip(padding, weight.shape[2:], dilation))
+    return over_padded_3d(weight.shape[2:], padding, dilation)
 
 
 def _reference_conv(x, weight, bias, stride, padding, dilation, n_rolls):
     bank = expand_bank(weight, n_rolls)
     if _over_padded_3d_cpu(x, weight, padding, dilation):
-        pads = [q for p in reversed(padding) for q in (p, p)]
-        return F.conv3d(F.pad(x, pads), bank, bias, stride, 0, dilation)
+        return F.conv3d(pad_explicitly(x, padding), bank, bias, stride, 0, dilation)
     return _CONV[weight.dim() - 2](x, bank, bias, stride, padding, dilation)
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from ..backends import _IMPLS, register_impl
-from ._common import all_finite, conv_transpose_out_size
+from ._common import all_finite, conv_transpose_out_size, over_padded_3d, pad_explicitly
 from ..reference import rolling_conv as _ref
 
 OP = "rolling_conv"
@@ -110,13 +110,12 @@ def _grad_finite(g: torch.Tensor) -> bool:
 def _conv_weight_grad_padded(grad_out, inp, w, stride, padding, dilation):
     """The weight gradient with torch's semantics at the border: oneDNN's depthwise weight gradient skips the
     zero padding, where torch's dense conv multiplies it (NaN * 0 = NaN for a NaN or Inf incoming gradient at
-    an output whose tap reads padding). Explicit zeros are multiplied; only used when such a gradient is there."""
-    if not any(padding) or _grad_finite(grad_out):
+    an output whose tap reads padding). Explicit zeros are multiplied; used when such a gradient is there, and
+    for 3D kernels padded above "same", where oneDNN's weight gradient with the padding was wrong
+    (over_padded_3d)."""
+    if not any(padding) or (not over_padded_3d(w.shape[2:], padding, dilation) and _grad_finite(grad_out)):
         return _conv_weight_grad(grad_out, inp, w, stride, padding, dilation)
-    pads = []
-    for p in reversed(padding):
-        pads.extend([p, p])
-    return _conv_weight_grad(grad_out, F.pad(inp, pads), w, stride, [0] * len(padding), dilation)
+    return _conv_weight_grad(grad_out, pad_explicitly(inp, padding), w, stride, [0] * len(padding), dilation)
 
 
 class _DepthwiseConvCPU(torch.autograd.Function):
@@ -156,7 +155,10 @@ class _DepthwiseConvCPU(torch.autograd.Function):
                 for n_conv, n_u in zip(reversed(conv_g.shape[2:]), reversed(u.shape[2:])):
                     extra.extend([0, n_conv - n_u])
                 u_full = F.pad(u, extra) if any(extra) else u
-                gw = _conv_weight_grad(u_full, g, w, stride, padding, dilation)
+                if over_padded_3d(w.shape[2:], padding, dilation):  # see _conv_weight_grad_padded
+                    gw = _conv_weight_grad(u_full, pad_explicitly(g, padding), w, stride, [0] * dims, dilation)
+                else:
+                    gw = _conv_weight_grad(u_full, g, w, stride, padding, dilation)
         else:
             if ctx.needs_input_grad[0]:
                 gu = _conv_adjoint(g, w, list(u.shape[2:]), stride, padding, dilation)
@@ -270,7 +272,9 @@ def _inverse(out: torch.Tensor, c_in: int, n_base: int, n_rolls: int) -> torch.T
         y = y[..., :n_rolls]
     # channel o = r*n_base + b
     y = y.transpose(-1, -2).reshape(n, *spatial, n_rolls * n_base)
-    return y.movedim(-1, 1)
+    # reshape may return a view into the larger FFT output (partial rolls): a dense channels-last tensor
+    y = y.movedim(-1, 1)
+    return y.contiguous(memory_format=_cl_format(y.dim() - 2)) if y.dim() in (4, 5) else y.contiguous()
 
 
 def _finish(y: torch.Tensor, bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
