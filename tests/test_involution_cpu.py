@@ -133,11 +133,12 @@ def test_noncontiguous_and_channels_last():
                                involution_loop(xs, ws, k, s, p, d), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference", "auto"])
 @pytest.mark.parametrize("dims", [2, 3])
-def test_empty_batch(dims):
+def test_empty_batch(dims, backend):
     sp = (5, 6) if dims == 2 else (3, 4, 5)
     x, w, k, s, p, d = make_case(0, 4, sp, 3, 2, 1, 1, 2, requires_grad=True)
-    y = _fn(dims)(x, w, k, s, p, d, backend="cpu")
+    y = _fn(dims)(x, w, k, s, p, d, backend=backend)
     assert y.shape == (0, 4) + tuple(w.shape[2 + dims:])
     y.sum().backward()
     assert x.grad.shape == x.shape and w.grad.shape == w.shape

@@ -19,9 +19,12 @@ def unfold_windows(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence
     2D uses F.unfold (as published); 3D the same windows built with Tensor.unfold."""
     n, c = x.shape[:2]
     dims = x.dim() - 2
+    taps = 1
+    for k in kernel_size:
+        taps *= k
     if dims == 2:
         cols = F.unfold(x, tuple(kernel_size), tuple(dilation), tuple(padding), tuple(stride))
-        return cols.view(n, c, kernel_size[0] * kernel_size[1], -1)
+        return cols.view(n, c, taps, cols.shape[-1])  # sizes named: an empty batch has no -1 to infer
     pad = []
     for p in reversed(padding):
         pad += [p, p]
@@ -32,7 +35,7 @@ def unfold_windows(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence
     # xp: (N, C, Do, Ho, Wo, kD, kH, kW) -> (N, C, kD*kH*kW, Do*Ho*Wo)
     out_sizes = xp.shape[2:2 + dims]
     xp = xp.permute(0, 1, 5, 6, 7, 2, 3, 4)
-    return xp.reshape(n, c, -1, int(torch.Size(out_sizes).numel()))
+    return xp.reshape(n, c, taps, int(torch.Size(out_sizes).numel()))
 
 
 def involution(x: torch.Tensor, weight: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Tensor:
@@ -45,6 +48,7 @@ def involution(x: torch.Tensor, weight: torch.Tensor, kernel_size, stride, paddi
     for k in kernel_size:
         taps *= k
     cols = unfold_windows(x, kernel_size, stride, padding, dilation)          # (N, C, T, L)
-    cols = cols.reshape(n, g, c // g, taps, -1)                               # (N, G, C/G, T, L)
-    w = weight.reshape(n, g, 1, taps, -1)                                     # (N, G, 1, T, L)
+    L = cols.shape[-1]  # named, not -1: an empty batch has nothing to infer it from
+    cols = cols.reshape(n, g, c // g, taps, L)                                # (N, G, C/G, T, L)
+    w = weight.reshape(n, g, 1, taps, L)                                      # (N, G, 1, T, L)
     return (w * cols).sum(dim=3).reshape(n, c, *out_sizes)
