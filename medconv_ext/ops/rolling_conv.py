@@ -510,7 +510,9 @@ def _over_padded_3d_cpu(x, weight, padding, dilation) -> bool:
     """A 3D layer on the CPU that needs a weight gradient and is padded above "same" (over_padded_3d): torch's
     conv3d / conv_transpose3d must not see that padding. Explicit zero padding before the convolution, or
     padding 0 and a crop after the transposed one, is the same function without that case."""
-    if x.device.type != "cpu" or not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+    if weight.dim() != 5 or x.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
+    if not (x.requires_grad or weight.requires_grad):
         return False
     return over_padded_3d(weight.shape[2:], padding, dilation)
 
