@@ -75,6 +75,13 @@ def conv_transpose_out_size(size: int, k: int, s: int, p: int, op_: int, d: int)
     return (size - 1) * s - 2 * p + d * (k - 1) + op_ + 1
 
 
+def out_memory_format(x: torch.Tensor):
+    """The output memory format for input x: channels-last when torch would call x channels-last
+    (torch.suggest_memory_format, as its convolutions do), else contiguous."""
+    from torch._prims_common import suggest_memory_format
+    return suggest_memory_format(x)
+
+
 def over_padded_3d(ksize: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> bool:
     """A 3D kernel padded above "same" ((k - 1) * dilation // 2) in some dimension. There torch's CPU
     conv3d / conv_transpose3d weight gradient (oneDNN, torch 2.14) came out wrong, hung or corrupted the heap

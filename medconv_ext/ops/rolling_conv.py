@@ -28,6 +28,7 @@ from ._common import (
     make_rolling_backward,
     make_rolling_setup,
     ntuple,
+    out_memory_format,
     over_padded_3d,
     pad_explicitly,
     register_grad_op_autograd,
@@ -529,8 +530,7 @@ def _reference_conv_t(x, weight, bias, stride, padding, output_padding, dilation
     if _over_padded_3d_cpu(x, weight, padding, dilation):
         y = F.conv_transpose3d(x, bank, bias, stride, 0, output_padding, 1, dilation)
         y = y[(slice(None), slice(None)) + tuple(slice(p, y.shape[2 + i] - p) for i, p in enumerate(padding))]
-        cl = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-        return y.contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+        return y.contiguous(memory_format=out_memory_format(x))
     return _CONV_T[weight.dim() - 2](x, bank, bias, stride, padding, output_padding, 1, dilation)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from .. import _ext
 from ._common import (all_finite, apply_epilogue, autodiff_transform_active, conv_out_size, conv_transpose_out_size,
-                      make_eager_function, register_grad_op_autograd)
+                      make_eager_function, out_memory_format, register_grad_op_autograd)
 from ..backends import register_fused
 from .rolling_conv_spectral import OP, OP_T, _grad_finite, rolling_conv_spectral, rolling_conv_transpose_spectral
 
@@ -185,13 +185,6 @@ def _check_isa_env():
     if v and v not in _ISA_NAMES:
         warnings.warn("MEDCONV_CPU_ISA=%r is not one of %s; using the automatic selection"
                       % (v, ", ".join(_ISA_NAMES)))
-
-
-def out_memory_format(x: torch.Tensor):
-    """The fused ops' output memory format for input x: channels-last when torch would call x
-    channels-last (torch.suggest_memory_format, as its convolutions do), else contiguous."""
-    from torch._prims_common import suggest_memory_format
-    return suggest_memory_format(x)
 
 
 _OP_FWD = _OP_FWD_T = None
