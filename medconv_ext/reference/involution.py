@@ -7,6 +7,7 @@ positions), exactly like the published unfold-based implementation; it is the "r
 backend and the `unfold` baseline of bench/bench_involution.py. Tests use it in float64 as the
 ground truth for every backend.
 """
+import math
 from typing import Sequence
 
 import torch
@@ -19,9 +20,7 @@ def unfold_windows(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence
     2D uses F.unfold (as published); 3D the same windows built with Tensor.unfold."""
     n, c = x.shape[:2]
     dims = x.dim() - 2
-    taps = 1
-    for k in kernel_size:
-        taps *= k
+    taps = math.prod(kernel_size)
     if dims == 2:
         cols = F.unfold(x, tuple(kernel_size), tuple(dilation), tuple(padding), tuple(stride))
         return cols.view(n, c, taps, cols.shape[-1])  # sizes named: an empty batch has no -1 to infer
@@ -44,9 +43,7 @@ def involution(x: torch.Tensor, weight: torch.Tensor, kernel_size, stride, paddi
     n, c = x.shape[:2]
     g = weight.shape[1]
     out_sizes = weight.shape[2 + dims:]
-    taps = 1
-    for k in kernel_size:
-        taps *= k
+    taps = math.prod(kernel_size)
     cols = unfold_windows(x, kernel_size, stride, padding, dilation)          # (N, C, T, L)
     L = cols.shape[-1]  # named, not -1: an empty batch has nothing to infer it from
     cols = cols.reshape(n, g, c // g, taps, L)                                # (N, G, C/G, T, L)
