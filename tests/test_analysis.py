@@ -239,3 +239,114 @@ def test_published_checkpoint_expands_rolling_bases():
         o, c = meta["out"][rows[j]], meta["in"][rows[j]]
         r, b = divmod(int(o), 2)
         np.testing.assert_array_equal(f[rows[j]], base[b, (c - r) % 64].reshape(-1).numpy())
+
+
+def test_state_dict_layers_told_apart_by_their_bias():
+    """A bare state dict does not say which layers roll or are transposed: the bias count decides where only
+    one kind fits, and a count that both fit is refused with a pointer to the module path."""
+    torch.manual_seed(5)
+    # rolling: 3 bases x 4 rolls over C_in = 5 (a transposed conv's bias count would be a multiple of 5)
+    sd = {"r.weight": torch.randn(3, 5, 3, 3), "r.bias": torch.randn(12)}
+    f_sd, _ = A.extract_filters(sd)
+    from medconv_ext.reference.rolling_conv import expand_rolling_weight
+    want = expand_rolling_weight(sd["r.weight"], 4).double().reshape(-1, 9).numpy()
+    np.testing.assert_array_equal(f_sd, want)
+    # a transposed conv found by its bias (C_in 8 > C_out 4: no rolling layer has fewer outputs than bases)
+    up = nn.ConvTranspose2d(8, 4, 3)
+    sd = {"up_conv.weight": up.weight.detach(), "up_conv.bias": up.bias.detach(),
+          "c.weight": torch.randn(4, 2, 3, 3), "c.bias": torch.randn(4)}
+    assert [r["layer"] for r in A.layer_stats(sd)] == ["c"]
+    assert [r["layer"] for r in A.layer_stats(sd, include_transposed=True)] == ["up_conv", "c"]
+    # the package's rolling model: its full-roll layers fit both kinds, so the state dict is refused
+    from medconv_ext import models
+    m = models.rolling_unet(features=4)
+    with pytest.raises(A.AnalysisError, match="--model NAME --weights PATH"):
+        A.extract_filters(m.state_dict())
+    # a dense UNet's state dict: its up-sampling (transposed, bias) is no longer read as a conv
+    u = models.unet(features=4)
+    names_sd = [r["layer"] for r in A.layer_stats(u.state_dict())]
+    names_mod = [r["layer"] for r in A.layer_stats(u)]
+    assert names_sd == names_mod
+
+
+def test_kl_of_coefficients_equal_up_to_rounding_is_zero():
+    """Kernels that are positive multiples of one kernel normalise to the same kernel up to rounding: their
+    coefficients spread over a few ulps, which numpy cannot cut into bins. KL 0, no numpy error."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(1, 1, 3, 3, dtype=torch.float64, generator=g)
+    p = (u * (torch.rand(16, 1, 1, 1, dtype=torch.float64, generator=g) + 0.5)).reshape(16, 9).numpy()
+    q = (u * (torch.rand(16, 1, 1, 1, dtype=torch.float64, generator=g) + 0.5)).reshape(16, 9).numpy()
+    other = torch.randn(64, 9, dtype=torch.float64, generator=g).numpy()
+    basis = A.FilterBasis.fit(np.concatenate([p, q, other]))
+    assert A.kl_shift(p, q, basis=basis) == 0.0
+    assert A.kl_shift(p, other, basis=basis) > 0
+
+
+def test_layer_statistics_are_scale_free():
+    """Orthogonality and variance entropy do not depend on the weights' scale, down to 1e-170 and up to 1e160."""
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ker = w.reshape(-1, 9).numpy()
+    o, e = A.orthogonality(w), A.variance_entropy(ker)
+    assert 0 < o < 1 and 0 < e < math.log10(9)
+    for s in (1e-170, 1e160):
+        assert A.orthogonality(w * s) == pytest.approx(o, rel=1e-12)
+        assert A.variance_entropy(ker * s) == pytest.approx(e, rel=1e-9)
+
+
+def test_argument_errors_are_clear():
+    f = np.random.default_rng(0).normal(size=(20, 9))
+    for bad in (0, -1, 3.5, True):
+        with pytest.raises(A.AnalysisError, match="n_components must be a positive int"):
+            A.FilterBasis.fit(f, n_components=bad)
+    assert A.FilterBasis.fit(f, n_components=np.int64(4)).components.shape == (4, 9)
+    assert A.kl_shift(f, f[::-1], bins=np.int64(70)) == 0.0
+    for rng in ((1, -1), (0, float("inf")), (float("nan"), 1), (1,), "ab"):
+        with pytest.raises(A.AnalysisError, match="range must be"):
+            A.kl_shift(f, f[:10], range=rng)
+    for w in ([-1.0] * 9, [float("nan")] * 9):
+        with pytest.raises(A.AnalysisError, match="finite and non-negative"):
+            A.kl_shift(f, f[:10], weights=w)
+    with pytest.raises(A.AnalysisError, match="must be a positive int"):
+        A.extract_filters(_conv_with(torch.randn(2, 2, 3, 3)), kernel_size=0)
+    # int keys (not a torch state dict): read as names, so no layer is named '*weight*'; a clear error
+    with pytest.raises(A.AnalysisError, match="no 2D convolution"):
+        A.extract_filters({0: torch.randn(2, 2, 3, 3)})
+
+
+def test_explained_variance_ratio_is_a_share_of_all_variance():
+    """With 5x5 kernels only 9 of 25 components are kept: their ratios are shares of the whole variance."""
+    f = np.random.default_rng(2).normal(size=(500, 25))
+    b = A.FilterBasis.fit(f)
+    assert b.components.shape == (9, 25)
+    assert 0.3 < b.explained_variance_ratio.sum() < 0.8
+    full = A.FilterBasis.fit(f, n_components=25)
+    np.testing.assert_allclose(full.explained_variance_ratio.sum(), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(b.explained_variance_ratio, full.explained_variance_ratio[:9], rtol=1e-12)
+
+
+def test_cli_refuses_colliding_labels_and_non_models(tmp_path, capsys):
+    torch.manual_seed(4)
+    os.makedirs(tmp_path / "d1")
+    a = _save(nn.Sequential(nn.Conv2d(1, 4, 3)), tmp_path / "x y.pt")
+    b = _save(nn.Sequential(nn.Conv2d(1, 4, 3)), tmp_path / "x_y.pt")
+    c = _save(nn.Sequential(nn.Conv2d(1, 4, 3)), tmp_path / "d1" / "x_y.pt")
+    for args, msg in [([a, b], "same figure files"), ([b, c], "same file name"),
+                      ([a, "--model", "from_published"], "unknown model 'from_published'"),
+                      ([a, "--model", "rollify"], "unknown model 'rollify'")]:
+        out = tmp_path / "out"
+        assert cli_main(["report", *args, "--out", str(out)]) == 2
+        assert msg in capsys.readouterr().err
+        assert not out.exists()
+    for opt in ("--bins", "--kernel-size"):
+        with pytest.raises(SystemExit):
+            cli_main(["report", a, opt, "0", "--out", str(tmp_path / "o")])
+        assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_density_of_one_distinct_value_is_finite():
+    """A model with a single kernel (or only zero kernels) has one coefficient value per component and a
+    zero-width plot range: the density is a spike, not 0 / 0."""
+    from medconv_ext.analysis.report import _kde
+
+    d = _kde(np.array([0.5, 0.5]), np.array([0.5, 0.5]))
+    assert np.isfinite(d).all() and (d > 0).all()

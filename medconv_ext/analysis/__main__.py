@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     r.add_argument("--bins", type=int, default=70)
     r.add_argument("--seed", type=int, default=0, help="seed of randomly initialised --model entries")
     args = p.parse_args(argv)
+    for opt in ("kernel_size", "bins"):
+        if getattr(args, opt) < 1:
+            p.error("--%s must be a positive integer, got %d" % (opt.replace("_", "-"), getattr(args, opt)))
     try:
         entries = [load_entry(c) for c in args.checkpoints]
         entries += [model_entry(name, weights, args.seed) for name, weights in args.models]

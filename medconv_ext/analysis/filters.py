@@ -23,12 +23,19 @@ def _is_published_rolling_layout(sd: Dict[str, torch.Tensor]) -> bool:
     return any(k.startswith("weight_") for k in sd) and any(k.startswith("biases_") for k in sd)
 
 
+def _positive_int(value, name: str) -> int:
+    """value as an int (Python or NumPy integer, not bool) >= 1, else AnalysisError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise AnalysisError("%s must be a positive int, got %r" % (name, value))
+    return int(value)
+
+
 def _unwrap_state_dict(obj) -> Dict[str, torch.Tensor]:
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):
                 return _unwrap_state_dict(obj[key])
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
     raise AnalysisError("unknown checkpoint layout: expected a state dict (name -> tensor), or a dict holding one "
@@ -41,7 +48,12 @@ def conv_weights(model_or_state_dict, include_transposed: bool = False) -> List[
     A module: every nn.Conv{2,3}d (and ConvTranspose if asked) and every rolling layer of
     medconv_ext.nn, rolling layers expanded to their full bank (`expanded_weight()`).
     A state dict: every floating tensor named '*weight*' with 4 or 5 dims; the published
-    Rolling-Filters layout is rebuilt as its model first, so its rolling bases are expanded.
+    Rolling-Filters layout is rebuilt as its model first, so its rolling bases are expanded. Other
+    state dicts do not say which layers roll or are transposed: a weight is transposed when its name
+    says so ('transpose', or a parent named 'up'); otherwise its bias decides (_state_dict_kind): one
+    bias per weight row is a conv, and a bias count that only a rolling layer fits (n_base rows x
+    n_rolls) is expanded as one, one that only a transposed conv fits is transposed; a count both fit
+    raises AnalysisError (analyse the model instead). Without a bias a weight counts as a conv.
     Transposed weights are returned in (C_in, C_out, *k) layout and flagged."""
     from ..nn.rolling_conv import _RollingConvNd
 
@@ -69,11 +81,40 @@ def conv_weights(model_or_state_dict, include_transposed: bool = False) -> List[
     for name, t in sd.items():
         if not (t.is_floating_point() and t.dim() in (4, 5) and "weight" in name.split(".")[-1]):
             continue
-        is_t = "transpose" in name.lower() or name.split(".")[-2:-1] == ["up"]
-        if is_t and not include_transposed:
+        kind, n_rolls = _state_dict_kind(name, t, sd)
+        if kind == "transposed" and not include_transposed:
             continue
-        out.append((name.rsplit(".weight", 1)[0] if name.endswith(".weight") else name, t.detach(), is_t))
+        w = t.detach()
+        if kind == "rolling":
+            from ..reference.rolling_conv import expand_rolling_weight
+
+            w = expand_rolling_weight(w, n_rolls)
+        out.append((name.rsplit(".weight", 1)[0] if name.endswith(".weight") else name, w, kind == "transposed"))
     return out
+
+
+def _state_dict_kind(name: str, w: torch.Tensor, sd: Dict[str, torch.Tensor]) -> Tuple[str, int]:
+    """("conv" | "transposed" | "rolling", n_rolls) of a state dict's weight, from its name and its bias.
+    A conv has one bias per weight row (w.shape[0]); a transposed conv (C_in, C_out/groups, *k) one per
+    column, times the groups; a rolling base (n_base, C_in, *k) n_base * n_rolls with 2 <= n_rolls <= C_in."""
+    if "transpose" in name.lower() or name.split(".")[-2:-1] == ["up"]:
+        return "transposed", 0
+    bias = sd.get(name[: -len("weight")] + "bias") if name.endswith("weight") else None
+    if bias is None or bias.dim() != 1 or bias.shape[0] == w.shape[0]:
+        return "conv", 0
+    nb, c_in, nbias = w.shape[0], w.shape[1], bias.shape[0]
+    rolling = nbias % nb == 0 and 2 <= nbias // nb <= c_in
+    transposed = nbias % w.shape[1] == 0 and nb % (nbias // w.shape[1]) == 0
+    if rolling and not transposed:
+        return "rolling", nbias // nb
+    if transposed and not rolling:
+        return "transposed", 0
+    raise AnalysisError(
+        "layer %r: weight %s with %d bias values is not a plain conv; it fits %s, and a state dict does not say "
+        "which. Analyse the model instead (Python: the nn.Module; command line: --model NAME --weights PATH)"
+        % (name[: -len(".weight")] if name.endswith(".weight") else name, tuple(w.shape), nbias,
+           "both a rolling layer (%d base(s) x %d rolls) and a transposed conv" % (nb, nbias // nb) if rolling
+           else "neither a rolling layer nor a transposed conv"))
 
 
 def _check_finite(name: str, w: torch.Tensor) -> None:
@@ -90,15 +131,13 @@ def extract_filters(model_or_state_dict, kernel_size: int = 3, include_transpose
     Returns (filters, meta): filters is a float64 array (n, k*k); meta is a NumPy record array
     with one record per slice: `layer` (name), `depth` (normalised depth in [0, 1] of the layer
     among the conv layers that have k x k kernels: 0 first, 1 last), `out` and `in` (channels)."""
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
-        raise AnalysisError("kernel_size must be a positive int, got %r" % (kernel_size,))
-    k = kernel_size
+    k = kernel_size = _positive_int(kernel_size, "kernel_size")
     layers = [(n, w, t) for n, w, t in conv_weights(model_or_state_dict, include_transposed)
               if w.dim() == 4 and tuple(w.shape[-2:]) == (k, k)]
     if not layers:
         raise AnalysisError("no 2D convolution with %dx%d kernels found (%s)" % (
-            k, k, "transposed convs excluded; pass include_transposed=True" if not include_transposed else
-            "transposed convs included"))
+            k, k, "transposed convs excluded (include_transposed=True includes them)" if not include_transposed
+            else "transposed convs included"))
     mats, metas = [], []
     n_layers = len(layers)
     for i, (name, w, transposed) in enumerate(layers):
@@ -136,11 +175,14 @@ def _as_filters(filters, name="filters") -> np.ndarray:
 class FilterBasis:
     """PCA (9 components, or k*k if fewer) of max-abs-normalised kernels."""
 
-    def __init__(self, mean: np.ndarray, components: np.ndarray, explained_variance: np.ndarray):
+    def __init__(self, mean: np.ndarray, components: np.ndarray, explained_variance: np.ndarray,
+                 total_variance: Optional[float] = None):
+        """total_variance: the variance of all k*k components (default: of the kept ones); the ratios are
+        shares of it, so with fewer components than k*k (5x5 kernels) they sum to less than 1."""
         self.mean = mean
         self.components = components  # (n_components, k*k), rows orthonormal
         self.explained_variance = explained_variance
-        total = explained_variance.sum()
+        total = explained_variance.sum() if total_variance is None else total_variance
         self.explained_variance_ratio = explained_variance / total if total > 0 else np.full_like(
             explained_variance, 1.0 / len(explained_variance))
 
@@ -151,6 +193,7 @@ class FilterBasis:
 
     @classmethod
     def _fit_normalised(cls, parts: Sequence[np.ndarray], n_components: int = N_COMPONENTS) -> "FilterBasis":
+        n_components = _positive_int(n_components, "n_components")
         # Mean and scatter as sums over the parts: the same bits whatever the order of the parts,
         # so that a basis fitted on (a, b) equals one fitted on (b, a) exactly.
         n = sum(p.shape[0] for p in parts)
@@ -164,7 +207,7 @@ class FilterBasis:
         signs = np.sign(evecs[np.abs(evecs).argmax(axis=0), np.arange(evecs.shape[1])])
         evecs = evecs * np.where(signs == 0, 1, signs)
         m = min(n_components, evecs.shape[1])
-        return cls(mean, evecs[:, :m].T.copy(), evals[:m].copy())
+        return cls(mean, evecs[:, :m].T.copy(), evals[:m].copy(), float(evals.sum()))
 
     @property
     def kernel_size(self) -> int:
@@ -206,8 +249,14 @@ def kl_shift(a, b, basis: Optional[FilterBasis] = None, bins: int = 70,
     fa, fb = _as_filters(a, "a"), _as_filters(b, "b")
     if fa.shape[1] != fb.shape[1]:
         raise AnalysisError("a and b have different kernel sizes (%d vs %d values)" % (fa.shape[1], fb.shape[1]))
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise AnalysisError("bins must be a positive int, got %r" % (bins,))
+    bins = _positive_int(bins, "bins")
+    if range is not None:
+        try:
+            lo_r, hi_r = (float(v) for v in range)
+        except (TypeError, ValueError):
+            raise AnalysisError("range must be two numbers (lo, hi), got %r" % (range,)) from None
+        if not (math.isfinite(lo_r) and math.isfinite(hi_r) and hi_r > lo_r):
+            raise AnalysisError("range must be two finite numbers lo < hi, got %r" % (range,))
     if basis is None:
         basis = FilterBasis._fit_normalised([normalize_maxabs(fa), normalize_maxabs(fb)])
     ca, cb = basis.coefficients(fa), basis.coefficients(fb)
@@ -221,18 +270,27 @@ def kl_shift(a, b, basis: Optional[FilterBasis] = None, bins: int = 70,
             raise AnalysisError("weights must be 'variance', 'uniform' or a sequence of %d numbers, got %r"
                                 % (n_comp, weights))
     else:
-        w = np.asarray(weights, dtype=np.float64)
+        try:
+            w = np.asarray(weights, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise AnalysisError("weights must be 'variance', 'uniform' or %d numbers, got %r" % (n_comp, weights)) \
+                from None
         if w.shape != (n_comp,):
             raise AnalysisError("weights must have %d values, got %s" % (n_comp, w.shape))
+        if not (np.isfinite(w).all() and (w >= 0).all()):
+            raise AnalysisError("weights must be finite and non-negative, got %s" % (w,))
     total = 0.0
     for i in np.arange(n_comp):
         if range is not None:
-            lo, hi = float(range[0]), float(range[1])
+            lo, hi = lo_r, hi_r
         else:
             lo = min(ca[:, i].min(), cb[:, i].min())
             hi = max(ca[:, i].max(), cb[:, i].max())
-        if not hi > lo:
-            hi = lo + 1.0  # all coefficients equal: one occupied bin in both, divergence 0
+            # Coefficients of max-abs-normalised kernels are O(1): a spread of 1e-9 or less is rounding (equal
+            # kernels, or multiples of one kernel), not a distribution; numpy cannot cut a few ulps into `bins`
+            # bins either. One occupied bin in both: divergence 0.
+            if not hi - lo > 1e-9:
+                lo, hi = lo - 0.5 / bins, lo + 1.0 - 0.5 / bins
         p = _hist_density(ca[:, i], bins, lo, hi)
         q = _hist_density(cb[:, i], bins, lo, hi)
         # Summed as one expression of p and q: swapping a and b gives the same value exactly.

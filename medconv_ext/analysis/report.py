@@ -28,6 +28,8 @@ def _kde(x: np.ndarray, grid: np.ndarray, max_points: int = 20000) -> np.ndarray
         x = x[np.linspace(0, x.size - 1, max_points).astype(np.int64)]
     sd = x.std()
     bw = 1.06 * sd * x.size ** (-1 / 5) if sd > 0 else (grid[1] - grid[0])
+    if not bw > 0:  # one distinct value on a zero-width grid: a spike, not 0 / 0
+        return np.ones_like(grid)
     z = (grid[:, None] - x[None, :]) / bw
     return np.exp(-0.5 * z * z).sum(axis=1) / (x.size * bw * np.sqrt(2 * np.pi))
 
@@ -128,7 +130,12 @@ def build_report(entries: List[ModelEntry], kernel_size: int = 3, bins: int = 70
         raise AnalysisError("nothing to analyse: give at least one checkpoint or --model")
     labels = [e.label for e in entries]
     if len(set(labels)) != len(labels):
-        raise AnalysisError("model labels must be unique, got %s" % labels)
+        raise AnalysisError("model labels must be unique, got %s (two checkpoints with the same file name: copy "
+                            "or link one under another name)" % labels)
+    slugs = [_slug(label) for label in labels]
+    if len(set(slugs)) != len(slugs):
+        raise AnalysisError("model labels %s would write the same figure files (%s); rename a checkpoint"
+                            % (labels, ", ".join("ridge_%s.png" % x for x in slugs)))
     filters, stats = [], []
     for e in entries:
         try:
@@ -232,10 +239,9 @@ def model_entry(name: str, weights: Optional[str] = None, seed: int = 0, label: 
 
     from .. import models
 
-    builder = getattr(models, name, None)
-    if builder is None or not callable(builder) or name.startswith("_"):
-        avail = sorted(n for n in dir(models) if not n.startswith("_") and callable(getattr(models, n)))
-        raise AnalysisError("unknown model %r; the package's models are: %s" % (name, ", ".join(avail)))
+    builder = getattr(models, name, None) if name in models.BUILDERS else None
+    if builder is None:
+        raise AnalysisError("unknown model %r; the package's models are: %s" % (name, ", ".join(sorted(models.BUILDERS))))
     torch.manual_seed(seed)
     model = builder()
     if weights:

@@ -6,12 +6,11 @@ import numpy as np
 
 from .filters import AnalysisError, _check_finite, conv_weights
 
-SPARSITY_THRESHOLD = 1e-2  # a kernel is sparse when every |w| < max|W| / 100 (W: the layer)
 
 
 def _layer_kernels(w) -> np.ndarray:
     """(out, in, *k) -> (out * in, prod(k)) kernels as float64."""
-    return w.reshape(w.shape[0] * w.shape[1], -1).to("cpu").double().numpy()
+    return w.detach().reshape(w.shape[0] * w.shape[1], -1).to("cpu").double().numpy()
 
 
 def sparsity(kernels: np.ndarray) -> float:
@@ -20,7 +19,7 @@ def sparsity(kernels: np.ndarray) -> float:
     top = a.max() if a.size else 0.0
     if top == 0:
         return 1.0
-    return float((a.max(axis=1) < top * SPARSITY_THRESHOLD).mean())
+    return float((a.max(axis=1) < top / 100).mean())
 
 
 def variance_entropy(kernels: np.ndarray) -> float:
@@ -29,6 +28,9 @@ def variance_entropy(kernels: np.ndarray) -> float:
     n, dim = kernels.shape
     if n < 2:
         return 0.0
+    top = np.abs(kernels).max()
+    if top > 0:  # a scale-free statistic: scaled first, so that |w| ~ 1e-170 or 1e160 neither under- nor overflows
+        kernels = kernels / top
     centered = kernels - kernels.mean(axis=0)
     var = np.clip(np.linalg.eigvalsh(centered.T @ centered / (n - 1)), 0, None)
     total = var.sum()
@@ -43,15 +45,17 @@ def orthogonality(weight) -> float:
     """1 - sum_{i != j} |G_ij| / (n (n - 1)), G the Gram matrix of the L2-normalised flattened
     filters (one per output channel). 1 for orthonormal filters; a single filter counts as 1.
     All-zero filters stay zero vectors (they are orthogonal to everything)."""
-    f = weight.reshape(weight.shape[0], -1).to("cpu").double().numpy()
+    f = weight.detach().reshape(weight.shape[0], -1).to("cpu").double().numpy()
     n = f.shape[0]
     if n < 2:
         return 1.0
+    top = np.abs(f).max(axis=1, keepdims=True)  # each filter scaled first: its norm neither under- nor overflows
+    f = np.divide(f, top, out=np.zeros_like(f), where=top > 0)
     norms = np.linalg.norm(f, axis=1, keepdims=True)
     f = np.divide(f, norms, out=np.zeros_like(f), where=norms > 0)
     g = np.abs(f @ f.T)
     off = g.sum() - np.trace(g)
-    return float(1.0 - off / (n * (n - 1)))
+    return float(max(0.0, 1.0 - off / (n * (n - 1))))
 
 
 def layer_stats(model_or_state_dict, include_transposed: bool = False) -> List[Dict]:
