@@ -308,6 +308,8 @@ def test_argument_errors_are_clear():
             A.kl_shift(f, f[:10], weights=w)
     with pytest.raises(A.AnalysisError, match="must be a positive int"):
         A.extract_filters(_conv_with(torch.randn(2, 2, 3, 3)), kernel_size=0)
+    with pytest.raises(A.AnalysisError, match="not a square"):
+        A.FilterBasis.fit(np.random.default_rng(1).normal(size=(30, 10))).basis_images()
     # int keys (not a torch state dict): read as names, so no layer is named '*weight*'; a clear error
     with pytest.raises(A.AnalysisError, match="no 2D convolution"):
         A.extract_filters({0: torch.randn(2, 2, 3, 3)})

@@ -216,6 +216,9 @@ class FilterBasis:
     def basis_images(self) -> np.ndarray:
         """(n_components, k, k) images of the principal components."""
         k = self.kernel_size
+        if k * k != self.components.shape[1]:
+            raise AnalysisError("the basis has %d values per kernel, not a square k x k kernel: no images"
+                                % self.components.shape[1])
         return self.components.reshape(-1, k, k)
 
     def coefficients(self, filters) -> np.ndarray:
