@@ -57,6 +57,14 @@ CONV_CASES = [
      r"output_padding must be smaller than stride or dilation"),
     ("t-empty-output", lambda: mc.rolling_conv_transpose2d(_x(1, 4, 1, 1), _x(4, 1, 1, 1), padding=1), ValueError,
      r"output would be empty"),
+    # an empty spatial dim: refused on every backend (torch's conv refuses it; the kernels returned the bias)
+    *[("empty-spatial-%s" % be, lambda be=be: mc.rolling_conv2d(_x(1, 4, 0, 6), _x(1, 4, 1, 1), padding=1, backend=be),
+       ValueError, r"x must have non-empty spatial dims, got shape \(1, 4, 0, 6\)")
+      for be in ("auto", "reference", "cpu", "spectral", "spectral_unfused")],
+    ("t-empty-spatial", lambda: mc.rolling_conv_transpose3d(_x(1, 4, 2, 0, 3), _x(4, 2, 3, 3, 3), backend="spectral"),
+     ValueError, r"x must have non-empty spatial dims"),
+    ("cat-empty-spatial", lambda: mc.rolling_conv_cat(_x(1, 2, 5, 0), _x(1, 2, 5, 0), _x(1, 4, 3, 3), padding=1),
+     ValueError, r"non-empty spatial dims"),
     ("unknown-backend", lambda: mc.rolling_conv2d(_x(1, 4, 6, 6), _x(1, 4, 3, 3), backend="fast"), ValueError,
      r"unknown backend 'fast'"),
 ]

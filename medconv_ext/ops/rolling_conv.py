@@ -69,6 +69,9 @@ def _check_common(name, x, weight, bias, dims, stride, padding, dilation, n_roll
     if c_in < 1 or n_base < 1 or any(k < 1 for k in weight.shape[2:]):
         raise ValueError("%s: weight must have C_in >= 1, n_base >= 1 and kernel sizes >= 1, got shape %s"
                          % (name, tuple(weight.shape)))
+    if any(s < 1 for s in x.shape[2:]):
+        # torch's convolutions (the reference backend) refuse it; the compiled kernels would return the bias
+        raise ValueError("%s: x must have non-empty spatial dims, got shape %s" % (name, tuple(x.shape)))
     if n_rolls is None:
         n_rolls = int(c_in)  # int(): under torch.jit.trace sizes are 0-dim tensors
     if isinstance(n_rolls, bool) or not isinstance(n_rolls, int):
