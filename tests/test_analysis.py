@@ -257,6 +257,9 @@ def test_state_dict_layers_told_apart_by_their_bias():
           "c.weight": torch.randn(4, 2, 3, 3), "c.bias": torch.randn(4)}
     assert [r["layer"] for r in A.layer_stats(sd)] == ["c"]
     assert [r["layer"] for r in A.layer_stats(sd, include_transposed=True)] == ["up_conv", "c"]
+    for nbias in (7, 0):  # a bias count no convolution has
+        with pytest.raises(A.AnalysisError, match="fits no convolution"):
+            A.extract_filters({"a.weight": torch.randn(3, 5, 3, 3), "a.bias": torch.randn(nbias)})
     # the package's rolling model: its full-roll layers fit both kinds, so the state dict is refused
     from medconv_ext import models
     m = models.rolling_unet(features=4)

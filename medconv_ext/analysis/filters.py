@@ -104,17 +104,22 @@ def _state_dict_kind(name: str, w: torch.Tensor, sd: Dict[str, torch.Tensor]) ->
         return "conv", 0
     nb, c_in, nbias = w.shape[0], w.shape[1], bias.shape[0]
     rolling = nbias % nb == 0 and 2 <= nbias // nb <= c_in
-    transposed = nbias % w.shape[1] == 0 and nb % (nbias // w.shape[1]) == 0
+    transposed = nbias >= c_in and nbias % c_in == 0 and nb % (nbias // c_in) == 0
     if rolling and not transposed:
         return "rolling", nbias // nb
     if transposed and not rolling:
         return "transposed", 0
+    layer = name[: -len(".weight")] if name.endswith(".weight") else name
+    if rolling:
+        raise AnalysisError(
+            "layer %r: weight %s with %d bias values fits both a rolling layer (%d base(s) x %d rolls) and a "
+            "transposed conv, and a state dict does not say which. Analyse the model instead (Python: the "
+            "nn.Module; command line: --model NAME --weights PATH)"
+            % (layer, tuple(w.shape), nbias, nb, nbias // nb))
     raise AnalysisError(
-        "layer %r: weight %s with %d bias values is not a plain conv; it fits %s, and a state dict does not say "
-        "which. Analyse the model instead (Python: the nn.Module; command line: --model NAME --weights PATH)"
-        % (name[: -len(".weight")] if name.endswith(".weight") else name, tuple(w.shape), nbias,
-           "both a rolling layer (%d base(s) x %d rolls) and a transposed conv" % (nb, nbias // nb) if rolling
-           else "neither a rolling layer nor a transposed conv"))
+        "layer %r: weight %s with %d bias values fits no convolution (a conv has one bias per weight row, a rolling "
+        "base n_base x n_rolls, a transposed conv a multiple of the weight's second dim)"
+        % (layer, tuple(w.shape), nbias))
 
 
 def _check_finite(name: str, w: torch.Tensor) -> None:
