@@ -89,8 +89,13 @@ def conv_weights(model_or_state_dict, include_transposed: bool = False) -> List[
             from ..reference.rolling_conv import expand_rolling_weight
 
             w = expand_rolling_weight(w, n_rolls)
-        out.append((name.rsplit(".weight", 1)[0] if name.endswith(".weight") else name, w, kind == "transposed"))
+        out.append((_layer_name(name), w, kind == "transposed"))
     return out
+
+
+def _layer_name(weight_key: str) -> str:
+    """'enc.0.conv.weight' -> 'enc.0.conv' (other keys as they are)."""
+    return weight_key[: -len(".weight")] if weight_key.endswith(".weight") else weight_key
 
 
 def _state_dict_kind(name: str, w: torch.Tensor, sd: Dict[str, torch.Tensor]) -> Tuple[str, int]:
@@ -102,20 +107,20 @@ def _state_dict_kind(name: str, w: torch.Tensor, sd: Dict[str, torch.Tensor]) ->
     bias = sd.get(name[: -len("weight")] + "bias") if name.endswith("weight") else None
     if bias is None or bias.dim() != 1 or bias.shape[0] == w.shape[0]:
         return "conv", 0
-    nb, c_in, nbias = w.shape[0], w.shape[1], bias.shape[0]
-    rolling = nbias % nb == 0 and 2 <= nbias // nb <= c_in
-    transposed = nbias >= c_in and nbias % c_in == 0 and nb % (nbias // c_in) == 0
+    d0, d1, nbias = w.shape[0], w.shape[1], bias.shape[0]
+    rolling = nbias % d0 == 0 and 2 <= nbias // d0 <= d1  # d0 = n_base, d1 = C_in
+    transposed = nbias >= d1 and nbias % d1 == 0 and d0 % (nbias // d1) == 0  # d0 = C_in, d1 = C_out / groups
     if rolling and not transposed:
-        return "rolling", nbias // nb
+        return "rolling", nbias // d0
     if transposed and not rolling:
         return "transposed", 0
-    layer = name[: -len(".weight")] if name.endswith(".weight") else name
+    layer = _layer_name(name)
     if rolling:
         raise AnalysisError(
             "layer %r: weight %s with %d bias values fits both a rolling layer (%d base(s) x %d rolls) and a "
             "transposed conv, and a state dict does not say which. Analyse the model instead (Python: the "
             "nn.Module; command line: --model NAME --weights PATH)"
-            % (layer, tuple(w.shape), nbias, nb, nbias // nb))
+            % (layer, tuple(w.shape), nbias, d0, nbias // d0))
     raise AnalysisError(
         "layer %r: weight %s with %d bias values fits no convolution (a conv has one bias per weight row, a rolling "
         "base n_base x n_rolls, a transposed conv a multiple of the weight's second dim)"

@@ -241,7 +241,8 @@ def model_entry(name: str, weights: Optional[str] = None, seed: int = 0, label: 
 
     builder = getattr(models, name, None) if name in models.BUILDERS else None
     if builder is None:
-        raise AnalysisError("unknown model %r; the package's models are: %s" % (name, ", ".join(sorted(models.BUILDERS))))
+        raise AnalysisError("unknown model %r; the package's models are: %s"
+                            % (name, ", ".join(sorted(models.BUILDERS))))
     torch.manual_seed(seed)
     model = builder()
     if weights:

@@ -4,8 +4,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from .filters import AnalysisError, _check_finite, conv_weights
-
+from .filters import AnalysisError, _check_finite, conv_weights, normalize_maxabs
 
 
 def _layer_kernels(w) -> np.ndarray:
@@ -49,8 +48,7 @@ def orthogonality(weight) -> float:
     n = f.shape[0]
     if n < 2:
         return 1.0
-    top = np.abs(f).max(axis=1, keepdims=True)  # each filter scaled first: its norm neither under- nor overflows
-    f = np.divide(f, top, out=np.zeros_like(f), where=top > 0)
+    f = normalize_maxabs(f)  # each filter scaled first: its norm neither under- nor overflows
     norms = np.linalg.norm(f, axis=1, keepdims=True)
     f = np.divide(f, norms, out=np.zeros_like(f), where=norms > 0)
     g = np.abs(f @ f.T)
